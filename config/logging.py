@@ -1,0 +1,22 @@
+"""Structured logs: every line carries the call uuid and tenant when it has them."""
+
+from __future__ import annotations
+
+import sys
+
+from loguru import logger
+
+_FORMAT = (
+    "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+    "<cyan>{extra[call]}</cyan> <magenta>{extra[tenant]}</magenta> {message}"
+)
+
+
+def configure_logging(level: str = "INFO", json: bool = False) -> None:
+    """Replace loguru's default sink; ``json=True`` emits one JSON object per line."""
+    logger.remove()
+    logger.configure(extra={"call": "-", "tenant": "-"})
+    if json:
+        logger.add(sys.stderr, level=level.upper(), serialize=True, enqueue=False)
+    else:
+        logger.add(sys.stderr, level=level.upper(), format=_FORMAT, enqueue=False)

@@ -1,0 +1,102 @@
+"""Tenant (FusionPBX domain) and agent configuration: plain data, validated.
+
+A tenant is what a FusionPBX ``domain_uuid`` owns: how its calls are answered
+(pipeline kind and providers), what the agent says, and how audio goes back to
+FreeSWITCH (the playback dialect, which depends on the mod_audio_stream build).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PlaybackDialect = Literal["json-stream", "binary", "file"]
+PipelineKind = Literal["cascade", "openai-realtime", "gemini-live", "elevenlabs-agent"]
+
+DEFAULT_TENANT_NAME = "default"
+_DOMAIN_RE = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
+
+
+class TurnSettings(BaseModel):
+    """Turn-taking knobs (seconds). Defaults are the measured 8 kHz choice (README)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vad_confidence: float = 0.7
+    vad_start_secs: float = 0.2
+    vad_stop_secs: float = 0.2
+    vad_min_volume: float = 0.6
+    # Extra wait after the VAD stop when the transcript looks complete / incomplete.
+    complete_wait_secs: float = 0.0
+    incomplete_wait_secs: float = 0.6
+    # Give up waiting for a final transcript after this long past the VAD stop.
+    stt_timeout_secs: float = 0.8
+    # Caller speech shorter than this while the bot talks is not a barge-in.
+    barge_in_min_secs: float = 0.2
+
+
+class ProviderSettings(BaseModel):
+    """Provider choices for the cascade and speech-to-speech pipelines."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stt: Literal["deepgram", "whisper-local"] = "deepgram"
+    stt_model: str = "nova-3-general"
+    llm: Literal["groq", "openai", "local"] = "groq"
+    llm_model: str = "llama-3.3-70b-versatile"
+    llm_temperature: float | None = 0.6
+    llm_max_tokens: int | None = 200
+    tts: Literal["piper", "elevenlabs"] = "piper"
+    realtime_model: str | None = None
+
+
+class Tenant(BaseModel):
+    """One tenant's agent. Immutable once loaded; reloads build a new object."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="FusionPBX domain name, e.g. pbx.example.com")
+    domain_uuid: str | None = None
+    agent_name: str = "Receptionist"
+    system_prompt: str = (
+        "You are a friendly telephone receptionist. Answer in one or two short spoken "
+        "sentences. No lists, no markdown, no emojis."
+    )
+    first_message: str | None = "Hello, thanks for calling. How can I help you today?"
+    language: str = "en"
+    voice: str = "en_US-joe-medium"
+    pipeline: PipelineKind = "cascade"
+    providers: ProviderSettings = Field(default_factory=ProviderSettings)
+    turns: TurnSettings = Field(default_factory=TurnSettings)
+    playback: PlaybackDialect = "json-stream"
+    audio_rate: int = 8000
+    audio_mix: Literal["mono", "mixed", "stereo"] = "mono"
+    max_call_secs: float = 3600.0
+    enabled: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not _DOMAIN_RE.match(v):
+            raise ValueError(f"invalid domain name {v!r}")
+        return v.lower()
+
+    @field_validator("domain_uuid")
+    @classmethod
+    def _check_uuid(cls, v: str | None) -> str | None:
+        return None if v is None else str(uuidlib.UUID(v))
+
+    @field_validator("audio_rate")
+    @classmethod
+    def _check_rate(cls, v: int) -> int:
+        if v <= 0 or v % 8000:
+            raise ValueError("audio_rate must be a positive multiple of 8000 (mod_audio_stream)")
+        return v
+
+
+def builtin_default_tenant() -> Tenant:
+    """The tenant that answers when no configuration exists (domain ``default``)."""
+    return Tenant(name=DEFAULT_TENANT_NAME)

@@ -1,0 +1,172 @@
+"""Assemble and run the whole server: tenants, model processes, providers, sockets.
+
+:class:`Pipeswitch` is what ``pipeswitch serve``, the demo, the tests and the
+bench all start, so they exercise the same wiring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import signal
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from loguru import logger
+
+from config.loaders import (
+    StaticTenantLoader,
+    TenantLoader,
+    TenantResolver,
+    builtin_loader,
+    load_tenant_file,
+)
+from config.settings import Settings
+from pipelines.local.supervisor import LocalModelServers
+from pipelines.services import ProviderEndpoints
+from pipelines.session import CallSessions
+from transports.server import CallServer
+
+
+def load_tenants(settings: Settings) -> tuple[TenantLoader, str | None]:
+    """The tenant loader for this deployment and its default tenant, if any."""
+    if settings.config_file is None:
+        loader = builtin_loader()
+        return loader, loader.default
+    static = load_tenant_file(settings.config_file)
+    return static, static.default
+
+
+class Pipeswitch:
+    """One server process: start(), then calls are answered until stop()."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        loader: TenantLoader | None = None,
+        default_tenant: str | None = None,
+        endpoints: ProviderEndpoints | None = None,
+        local_servers: LocalModelServers | None = None,
+    ) -> None:
+        self.settings = settings
+        if loader is None:
+            loader, default_tenant = load_tenants(settings)
+        self.loader = loader
+        self.resolver = TenantResolver(loader, default=default_tenant)
+        self._endpoints = endpoints
+        self._local = local_servers
+        self._own_local = local_servers is None
+        self._http: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.sessions: CallSessions | None = None
+        self.server: CallServer | None = None
+        self.port: int = settings.port
+
+    @property
+    def endpoints(self) -> ProviderEndpoints:
+        """Where the providers are (valid after start())."""
+        assert self._endpoints is not None, "start() first"
+        return self._endpoints
+
+    def _greetings(self) -> list[str]:
+        if isinstance(self.loader, StaticTenantLoader):
+            return sorted({t.first_message for t in self.loader.all() if t.first_message})
+        return []
+
+    async def start(self) -> None:
+        """Start model processes, then listen. Returns once calls can be taken."""
+        s = self.settings
+        if self._local is None:
+            local_models = s.providers == "local"
+            self._local = LocalModelServers(
+                piper=True,
+                whisper=local_models,
+                llm=local_models,
+                piper_warm=self._greetings(),
+                piper_warm_rate=8000,
+            )
+        if self._own_local:
+            await self._local.start()
+        ep = self._endpoints or ProviderEndpoints(
+            mode=s.providers,
+            piper_url="",
+            deepgram_url=s.deepgram_url,
+            deepgram_api_key=s.deepgram_api_key,
+            groq_base_url=s.groq_base_url,
+            groq_api_key=s.groq_api_key,
+        )
+        children = self._local.children
+        self._endpoints = replace(
+            ep,
+            piper_url=ep.piper_url or self._local.piper_url(None),
+            local_stt_base_url=ep.local_stt_base_url
+            or (self._local.whisper_base_url if "whisper" in children else ""),
+            local_llm_base_url=ep.local_llm_base_url
+            or (self._local.llm_base_url if "llm" in children else ""),
+            local_api_key=ep.local_api_key or self._local.api_key,
+        )
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
+        )
+        self.sessions = CallSessions(s, self._endpoints, self._http)
+        self.server = CallServer(s, self.resolver, self.sessions)
+        self._runner = web.AppRunner(self.server.app(), handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.host, s.port, reuse_port=True)
+        await site.start()
+        if self._runner.addresses:
+            self.port = int(self._runner.addresses[0][1])
+        # Start-up garbage (imports, model servers' handles) never needs collecting again;
+        # freezing it keeps gen-2 pauses short while calls run (capacity baseline).
+        gc.collect()
+        gc.freeze()
+        logger.info(
+            "pipeswitch listening on {}:{} (providers={}, models: {})",
+            s.host,
+            self.port,
+            s.providers,
+            ", ".join(children),
+        )
+
+    async def stop(self, drain_secs: float = 0.0) -> None:
+        """Stop taking calls, let active ones finish up to ``drain_secs``, then shut down."""
+        if self.server is not None:
+            self.server.draining = True
+            deadline = asyncio.get_running_loop().time() + drain_secs
+            while self.server.stats.calls_active and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)  # bounded drain poll
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        if self._local is not None and self._own_local:
+            await self._local.stop()
+
+    async def __aenter__(self) -> Pipeswitch:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+
+async def serve_forever(app: Pipeswitch, drain_secs: float = 30.0) -> None:
+    """Run until SIGINT/SIGTERM, then drain active calls."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    try:
+        await stop.wait()
+        logger.info(
+            "shutting down: draining {} active calls",
+            app.server.stats.calls_active if app.server else 0,
+        )
+    finally:
+        await app.stop(drain_secs=drain_secs)

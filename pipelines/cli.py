@@ -1,0 +1,89 @@
+"""``pipeswitch`` command line: serve, call, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from config.logging import configure_logging
+from config.settings import Settings
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=None, help="listen address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default 8080)")
+    p.add_argument("--config", type=Path, default=None, help="tenant file (TOML or YAML)")
+    p.add_argument(
+        "--providers",
+        choices=["real", "emulated", "local"],
+        default=None,
+        help="real: cloud providers; emulated: loopback emulators (no keys); "
+        "local: the embedded offline models (default)",
+    )
+    p.add_argument("--log-level", default=None)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "config_file": args.config,
+            "providers": args.providers,
+            "log_level": args.log_level,
+        }.items()
+        if v is not None
+    }
+    return Settings(**overrides)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from pipelines.app import Pipeswitch, serve_forever
+    from pipelines.emulated import emulated_endpoints
+
+    settings = _settings(args)
+    if settings.providers == "emulated":
+        async with emulated_endpoints(settings) as ep:
+            await serve_forever(Pipeswitch(settings, endpoints=ep))
+    else:
+        await serve_forever(Pipeswitch(settings))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pipeswitch`` console script."""
+    parser = argparse.ArgumentParser(prog="pipeswitch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_args(sub.add_parser("serve", help="run the media server"))
+
+    from bench.fakeswitch.cli import add_call_arguments, run_call
+
+    add_call_arguments(sub.add_parser("call", help="place one emulated FreeSWITCH call"))
+
+    from pipelines.demo import add_demo_arguments, run_demo
+
+    add_demo_arguments(sub.add_parser("demo", help="offline demo: server + one spoken call"))
+
+    from bench.cli import add_bench_arguments, run_bench
+
+    add_bench_arguments(sub.add_parser("bench", help="latency and capacity benchmarks"))
+
+    args = parser.parse_args(argv)
+    configure_logging(getattr(args, "log_level", None) or Settings().log_level)
+    if args.command == "serve":
+        return asyncio.run(_serve(args))
+    if args.command == "call":
+        return asyncio.run(run_call(args))
+    if args.command == "demo":
+        return asyncio.run(run_demo(args))
+    if args.command == "bench":
+        return asyncio.run(run_bench(args))
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Service factory: tenant provider settings -> Pipecat service instances.
+
+The only module that imports provider services. Emulated and local modes swap
+base URLs, never classes: the same unmodified Pipecat services talk to Deepgram
+or to the Deepgram emulator, to Groq or to the local llama.cpp server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+from pipecat.services.deepgram.stt import DeepgramSTTService
+from pipecat.services.groq.llm import GroqLLMService
+from pipecat.services.openai.base_llm import BaseOpenAILLMService
+from pipecat.services.openai.llm import OpenAILLMService
+from pipecat.services.openai.stt import OpenAISTTService
+from pipecat.services.piper.tts import PiperHttpTTSService
+from pipecat.services.stt_service import STTService
+from pipecat.services.tts_service import TTSService
+from pipecat.transcriptions.language import Language
+
+from config.settings import ProviderMode
+from config.tenants import Tenant
+
+LOCAL_LLM_MODEL = "qwen2.5-0.5b-instruct"
+LOCAL_STT_MODEL = "whisper-tiny.en"
+
+
+class ProviderUnavailable(RuntimeError):
+    """A tenant asks for a provider this deployment cannot reach (no key, no server)."""
+
+
+@dataclass
+class ProviderEndpoints:
+    """Where each provider lives in this deployment (cloud, emulator or loopback)."""
+
+    mode: ProviderMode
+    piper_url: str  # Piper HTTP server base, without query
+    deepgram_url: str = ""  # "" = Deepgram cloud
+    deepgram_api_key: str = ""
+    groq_base_url: str = "https://api.groq.com/openai/v1"
+    groq_api_key: str = ""
+    local_stt_base_url: str = ""
+    local_llm_base_url: str = ""
+    local_api_key: str = ""
+
+    def piper_for_rate(self, rate: int) -> str:
+        """Piper resamples in its own process when told the telephone rate."""
+        return f"{self.piper_url}?rate={rate}"
+
+
+def _language(code: str) -> Language:
+    try:
+        return Language(code)
+    except ValueError:
+        return Language.EN
+
+
+def make_stt(tenant: Tenant, ep: ProviderEndpoints, sample_rate: int) -> STTService:
+    """Speech-to-text for a cascade call."""
+    if ep.mode == "local" or tenant.providers.stt == "whisper-local":
+        if not ep.local_stt_base_url:
+            raise ProviderUnavailable("local Whisper server is not running")
+        return OpenAISTTService(
+            api_key=ep.local_api_key,
+            base_url=ep.local_stt_base_url,
+            settings=OpenAISTTService.Settings(
+                model=LOCAL_STT_MODEL, language=_language(tenant.language)
+            ),
+        )
+    if not ep.deepgram_api_key:
+        raise ProviderUnavailable("Deepgram needs PIPESWITCH_DEEPGRAM_API_KEY")
+    return DeepgramSTTService(
+        api_key=ep.deepgram_api_key,
+        base_url=ep.deepgram_url,
+        sample_rate=sample_rate,
+        settings=DeepgramSTTService.Settings(
+            model=tenant.providers.stt_model,
+            language=tenant.language,
+            interim_results=True,
+            punctuate=True,
+            smart_format=True,
+        ),
+    )
+
+
+def make_llm(tenant: Tenant, ep: ProviderEndpoints) -> BaseOpenAILLMService:
+    """The text LLM for a cascade call; the system prompt goes in its settings."""
+    p = tenant.providers
+    if ep.mode == "local" or p.llm == "local":
+        if not ep.local_llm_base_url:
+            raise ProviderUnavailable("local LLM server is not running")
+        return OpenAILLMService(
+            api_key=ep.local_api_key,
+            base_url=ep.local_llm_base_url,
+            settings=OpenAILLMService.Settings(
+                model=LOCAL_LLM_MODEL,
+                system_instruction=tenant.system_prompt,
+                temperature=p.llm_temperature,
+                max_tokens=min(p.llm_max_tokens or 80, 80),
+            ),
+        )
+    if not ep.groq_api_key:
+        raise ProviderUnavailable("Groq needs PIPESWITCH_GROQ_API_KEY")
+    return GroqLLMService(
+        api_key=ep.groq_api_key,
+        base_url=ep.groq_base_url,
+        settings=GroqLLMService.Settings(
+            model=p.llm_model,
+            system_instruction=tenant.system_prompt,
+            temperature=p.llm_temperature,
+            max_tokens=p.llm_max_tokens,
+        ),
+    )
+
+
+def make_tts(
+    tenant: Tenant, ep: ProviderEndpoints, session: aiohttp.ClientSession, sample_rate: int
+) -> TTSService:
+    """Piper (in its own GPL process, reached over loopback HTTP)."""
+    return PiperHttpTTSService(
+        base_url=ep.piper_for_rate(sample_rate),
+        aiohttp_session=session,
+        sample_rate=sample_rate,
+        settings=PiperHttpTTSService.Settings(voice=tenant.voice),
+    )

@@ -1,0 +1,138 @@
+"""The call controller: owns one call's pipeline worker from connect to hangup.
+
+It builds the tenant's pipeline after the upgrade, speaks the first message when
+the call connects, ends the call when the caller hangs up (or goes idle, or the
+call runs past its limit), and reports what happened. Every failure stays inside
+the call: an exception here is logged and ends this call only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from loguru import logger
+from pipecat.frames.frames import TTSSpeakFrame
+from pipecat.observers.user_bot_latency_observer import UserBotLatencyObserver
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.workers.runner import WorkerRunner
+
+from config.settings import Settings
+from config.tenants import Tenant
+from pipelines.cascade import CallPipeline, build_cascade
+from pipelines.services import ProviderEndpoints
+from transports.call_info import CallInfo
+from transports.frames import CallMetadataFrame
+from transports.transport import FreeSwitchCallTransport
+
+
+@dataclass
+class CallRecord:
+    """What one call did: kept for tests, the bench and the closing log line."""
+
+    call: CallInfo
+    tenant: str
+    started_at: float = field(default_factory=time.monotonic)
+    ended_at: float | None = None
+    metadata: dict[str, Any] | None = None
+    turn_latencies: list[float] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    end_reason: str = ""
+
+
+CallFinishedHook = Callable[[CallRecord, CallPipeline], Awaitable[None]]
+
+
+class CallSessions:
+    """Runs calls for the server (implements :class:`transports.server.CallHandler`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        endpoints: ProviderEndpoints,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        self.settings = settings
+        self.endpoints = endpoints
+        self.http = http
+        self.active: dict[str, CallRecord] = {}
+        self.finished_hooks: list[CallFinishedHook] = []
+
+    async def run_call(
+        self, call: CallInfo, tenant: Tenant, transport: FreeSwitchCallTransport
+    ) -> None:
+        """Build and run the call's pipeline until the call ends."""
+        log = logger.bind(call=call.call_uuid, tenant=tenant.name)
+        record = CallRecord(call=call, tenant=tenant.name)
+        if tenant.pipeline != "cascade":
+            log.error("pipeline kind {!r} is not available in this build", tenant.pipeline)
+            await transport.close(1011, f"pipeline {tenant.pipeline} unavailable")
+            return
+        rate = transport.params.audio_in_sample_rate or 8000
+        cp = await build_cascade(tenant, transport, self.endpoints, self.http, rate)
+        latency = UserBotLatencyObserver()
+        worker = PipelineWorker(
+            cp.pipeline,
+            params=PipelineParams(
+                audio_in_sample_rate=rate,
+                audio_out_sample_rate=rate,
+                enable_metrics=True,
+                send_initial_empty_metrics=False,
+            ),
+            observers=[latency],
+            enable_rtvi=False,
+            idle_timeout_secs=self.settings.idle_timeout_secs,
+            name=f"call-{call.call_uuid}",
+        )
+
+        @latency.event_handler("on_latency_measured")
+        async def _on_latency(_: Any, secs: float) -> None:
+            record.turn_latencies.append(secs)
+            log.info("turn latency {:.0f} ms (end of speech -> first bot audio)", secs * 1000)
+
+        @transport.event_handler("on_client_connected")
+        async def _on_connected(_: Any) -> None:
+            if tenant.first_message:
+                await worker.queue_frame(TTSSpeakFrame(tenant.first_message))
+
+        @transport.event_handler("on_call_metadata")
+        async def _on_metadata(_: Any, frame: CallMetadataFrame) -> None:
+            record.metadata = frame.data
+            log.info("metadata: {}", frame.text[:200])
+
+        @transport.event_handler("on_client_disconnected")
+        async def _on_disconnected(_: Any, code: int | None, reason: str) -> None:
+            record.end_reason = record.end_reason or f"caller closed ({code})"
+            await worker.cancel(reason=f"caller hung up: {reason}")
+
+        runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
+        await runner.add_workers(worker)
+        limit = asyncio.get_running_loop().call_later(
+            tenant.max_call_secs,
+            lambda: asyncio.ensure_future(worker.end(reason="call time limit")),
+        )
+        self.active[call.call_uuid] = record
+        try:
+            await runner.run()
+        finally:
+            limit.cancel()
+            self.active.pop(call.call_uuid, None)
+            record.ended_at = time.monotonic()
+            record.messages = [
+                dict(m.items()) for m in cp.context.get_messages() if isinstance(m, dict)
+            ]
+            log.info(
+                "call finished: {:.1f}s, {} turns, reason={}",
+                record.ended_at - record.started_at,
+                len(record.turn_latencies),
+                record.end_reason or "pipeline ended",
+            )
+            for hook in self.finished_hooks:
+                try:
+                    await hook(record, cp)
+                except Exception as exc:
+                    log.warning("call-finished hook failed: {}", exc)

@@ -1,0 +1,168 @@
+"""Playback dialects: how bot audio and "stop playing" go back to FreeSWITCH.
+
+Which one fits depends on the mod_audio_stream build (see README):
+
+* ``json-stream`` - ``streamAudio`` JSON with base64 raw PCM, played directly by
+  playback-capable builds (voxcom fork, commercial build). No clear command
+  exists there, so barge-in means "stop sending"; keep the playout lead small.
+* ``binary`` - raw s16le frames at the stream rate; ``{"type":"clearAudio"}``
+  flushes the module's buffer on barge-in (cloudfieldcz fork).
+* ``file`` - the community build writes each ``streamAudio`` message to a file
+  and fires ``mod_audio_stream::play``; something on the ESL side plays it.
+  Audio is coalesced per sentence (each file costs a playback start), and
+  barge-in is ``uuid_break <uuid> all`` through the :class:`PlaybackControl` seam.
+
+Dialects are sans-I/O: they turn PCM into wire messages and nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Protocol
+
+from config.tenants import PlaybackDialect as DialectName
+
+CLEAR_AUDIO = '{"type":"clearAudio"}'
+
+
+class Dialect(Protocol):
+    """Encodes outbound audio for one mod_audio_stream build."""
+
+    name: DialectName
+    # How far ahead of real time audio may be sent (the far end's playout buffer).
+    lead_secs: float
+    # Whether audio is sent as it comes (True) or coalesced into larger messages.
+    streaming: bool
+
+    def encode_audio(self, pcm: bytes, rate: int) -> str | bytes | None:
+        """Wire message for ``pcm`` (mono s16le at ``rate``), or None if buffered."""
+        ...
+
+    def flush(self, rate: int) -> list[str]:
+        """Messages for any buffered audio (coalescing dialects)."""
+        ...
+
+    def encode_clear(self) -> str | None:
+        """In-band "stop playback" message, or None when the build has none."""
+        ...
+
+    def discard(self) -> None:
+        """Drop buffered audio (barge-in)."""
+        ...
+
+
+def stream_audio_message(pcm: bytes, rate: int, extra: str = "") -> str:
+    """``streamAudio`` JSON. Built by formatting: base64 is ASCII, so always valid UTF-8."""
+    b64 = base64.b64encode(pcm).decode("ascii")
+    return (
+        f'{{"type":"streamAudio","data":{{"audioDataType":"raw","sampleRate":{rate:d}{extra},'
+        f'"audioData":"{b64}"}}}}'
+    )
+
+
+class JsonStreamDialect:
+    """Paced ``streamAudio`` chunks for builds that play them directly."""
+
+    name: DialectName = "json-stream"
+    streaming = True
+
+    def __init__(self, lead_secs: float = 0.04) -> None:
+        self.lead_secs = lead_secs
+
+    def encode_audio(self, pcm: bytes, rate: int) -> str | bytes | None:
+        return stream_audio_message(pcm, rate)
+
+    def flush(self, rate: int) -> list[str]:
+        return []
+
+    def encode_clear(self) -> str | None:
+        return None
+
+    def discard(self) -> None:
+        return None
+
+
+class BinaryDialect:
+    """Raw PCM frames; ``clearAudio`` flushes the module's playout buffer."""
+
+    name: DialectName = "binary"
+    streaming = True
+
+    def __init__(self, lead_secs: float = 0.06) -> None:
+        self.lead_secs = lead_secs
+
+    def encode_audio(self, pcm: bytes, rate: int) -> str | bytes | None:
+        return pcm
+
+    def flush(self, rate: int) -> list[str]:
+        return []
+
+    def encode_clear(self) -> str | None:
+        return CLEAR_AUDIO
+
+    def discard(self) -> None:
+        return None
+
+
+class FileDialect:
+    """Coalesces audio into one ``streamAudio`` message per burst (a TTS sentence).
+
+    Messages are capped (``max_chunk_bytes``) because old libwsc builds dropped
+    ~120 KB messages. Each message carries a ``seq`` that comes back in the
+    ``mod_audio_stream::play`` event so the ESL side can play files in order.
+    """
+
+    name: DialectName = "file"
+    streaming = False
+
+    def __init__(self, lead_secs: float = 3.0, max_chunk_bytes: int = 64000) -> None:
+        self.lead_secs = lead_secs
+        self.max_chunk_bytes = max_chunk_bytes
+        self._buf = bytearray()
+        self._seq = 0
+
+    def encode_audio(self, pcm: bytes, rate: int) -> str | bytes | None:
+        self._buf += pcm
+        if len(self._buf) < self.max_chunk_bytes:
+            return None
+        # One full-size message now; the remainder waits for more audio or flush().
+        chunk = bytes(self._buf[: self.max_chunk_bytes])
+        del self._buf[: self.max_chunk_bytes]
+        return self._message(chunk, rate)
+
+    def _message(self, chunk: bytes, rate: int) -> str:
+        msg = stream_audio_message(chunk, rate, f',"seq":{self._seq:d}')
+        self._seq += 1
+        return msg
+
+    def flush(self, rate: int) -> list[str]:
+        out: list[str] = []
+        while self._buf:
+            chunk = bytes(self._buf[: self.max_chunk_bytes])
+            del self._buf[: self.max_chunk_bytes]
+            out.append(self._message(chunk, rate))
+        return out
+
+    def encode_clear(self) -> str | None:
+        # The community module turns any other text into mod_audio_stream::json,
+        # so an ESL/Lua listener can map this to uuid_break as well.
+        return CLEAR_AUDIO
+
+    def discard(self) -> None:
+        self._buf.clear()
+
+
+def make_dialect(name: DialectName, lead_secs: float | None = None) -> Dialect:
+    """The dialect object for a tenant's ``playback`` setting."""
+    d: Dialect
+    if name == "json-stream":
+        d = JsonStreamDialect()
+    elif name == "binary":
+        d = BinaryDialect()
+    elif name == "file":
+        d = FileDialect()
+    else:  # pragma: no cover - validated by the tenant model
+        raise ValueError(f"unknown playback dialect {name!r}")
+    if lead_secs is not None:
+        d.lead_secs = lead_secs
+    return d

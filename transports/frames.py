@@ -1,0 +1,20 @@
+"""Frames the FreeSWITCH transport adds to Pipecat's vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipecat.frames.frames import SystemFrame
+
+
+@dataclass
+class CallMetadataFrame(SystemFrame):
+    """The mod_audio_stream metadata TEXT frame (the ``start`` command's tail).
+
+    ``data`` is the parsed JSON object, or None when the text is not JSON; the
+    raw text is kept either way because the module passes arbitrary text.
+    """
+
+    text: str = ""
+    data: dict[str, Any] | None = field(default=None)

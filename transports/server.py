@@ -1,0 +1,225 @@
+"""The mod_audio_stream WebSocket server (aiohttp).
+
+FreeSWITCH's libwsc gives the upgrade 1 s, so nothing slow happens before the
+101: the handler upgrades first, then parses the call identity from the URL,
+resolves the tenant, builds the per-call transport and hands it to the call
+handler (which lives in :mod:`pipelines`; this module knows no providers).
+
+``GET /health`` - the process is alive. ``GET /ready`` - accepting calls.
+``GET /metrics`` - JSON counters. Any other path with an upgrade is a call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from aiohttp import web
+from loguru import logger
+from pipecat.transports.base_transport import TransportParams
+
+from config.loaders import TenantNotFound, TenantResolver
+from config.settings import Settings
+from config.tenants import Tenant
+from transports.call_info import BadCallRequest, CallInfo, parse_call_request
+from transports.dialects import make_dialect
+from transports.serializer import ModAudioStreamSerializer, pipeline_rate_for
+from transports.transport import FreeSwitchCallTransport, PlaybackControl
+
+if TYPE_CHECKING:
+    from loguru import Logger
+
+# WebSocket close codes we use (sent to FreeSWITCH, which echoes them and fires
+# mod_audio_stream::disconnect with the reason).
+CLOSE_POLICY = 1008  # unknown tenant / bad URL
+CLOSE_TRY_AGAIN = 1013  # over capacity or draining
+CLOSE_INTERNAL = 1011
+
+
+class CallHandler(Protocol):
+    """Runs one call to completion on an upgraded, identified transport."""
+
+    async def run_call(
+        self, call: CallInfo, tenant: Tenant, transport: FreeSwitchCallTransport
+    ) -> None:
+        """Return when the call is over (the transport is closed afterwards)."""
+        ...
+
+
+@dataclass
+class ServerStats:
+    """Process-level counters for /metrics and the bench."""
+
+    calls_total: int = 0
+    calls_active: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    upgrade_ms: list[float] = field(default_factory=list)
+
+    def record_upgrade(self, ms: float) -> None:
+        self.upgrade_ms.append(ms)
+        if len(self.upgrade_ms) > 10000:  # bounded: keep the recent half
+            del self.upgrade_ms[:5000]
+
+
+class CallServer:
+    """Accepts mod_audio_stream connections and supervises their calls."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        resolver: TenantResolver,
+        handler: CallHandler,
+        *,
+        playback_control: PlaybackControl | None = None,
+    ) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.handler = handler
+        self.playback_control = playback_control
+        self.stats = ServerStats()
+        self.draining = False
+        self.ready = True
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def app(self) -> web.Application:
+        """The aiohttp application (routes for health, readiness, metrics, calls)."""
+        app = web.Application(client_max_size=self.settings.max_message_bytes)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/{tail:.*}", self._call)
+        return app
+
+    async def _health(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "calls_active": self.stats.calls_active})
+
+    def accepting(self) -> bool:
+        """Whether a new call would be taken right now."""
+        return (
+            self.ready and not self.draining and self.stats.calls_active < self.settings.max_calls
+        )
+
+    async def _ready(self, _: web.Request) -> web.Response:
+        ok = self.accepting()
+        return web.json_response(
+            {"ready": ok, "calls_active": self.stats.calls_active}, status=200 if ok else 503
+        )
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        ups = sorted(self.stats.upgrade_ms)
+        p99 = ups[min(len(ups) - 1, int(len(ups) * 0.99))] if ups else None
+        return web.json_response(
+            {
+                "calls_total": self.stats.calls_total,
+                "calls_active": self.stats.calls_active,
+                "refused": dict(self.stats.refused),
+                "upgrade_ms_p99": p99,
+            }
+        )
+
+    async def _call(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.monotonic()
+        ws = web.WebSocketResponse(
+            autoclose=True,
+            autoping=True,
+            compress=False,  # decline permessage-deflate: deterministic wire format
+            max_msg_size=self.settings.max_message_bytes,
+            heartbeat=None,
+        )
+        if not ws.can_prepare(request).ok:
+            return web.json_response({"error": "WebSocket upgrade expected"}, status=426)
+        await ws.prepare(request)  # the 101 goes out here, before any slow work
+        self.stats.record_upgrade((time.monotonic() - t0) * 1000.0)
+        log = logger.bind(call="-", tenant="-")
+        try:
+            call = parse_call_request(request.path, request.query_string)
+        except BadCallRequest as exc:
+            return await self._refuse(ws, log, "bad_url", str(exc))
+        log = logger.bind(call=call.call_uuid, tenant=call.domain or "-")
+        if not self.accepting():
+            reason = "draining" if self.draining else "over capacity"
+            return await self._refuse(ws, log, "capacity", reason, CLOSE_TRY_AGAIN)
+        try:
+            tenant = await self.resolver.resolve(call.domain)
+        except TenantNotFound as exc:
+            return await self._refuse(ws, log, "unknown_tenant", str(exc))
+        except Exception as exc:  # the tenant store is down: refuse this call, keep serving
+            return await self._refuse(
+                ws, log, "tenant_error", f"tenant lookup failed: {exc}", CLOSE_INTERNAL
+            )
+        log = logger.bind(call=call.call_uuid, tenant=tenant.name)
+        self.stats.calls_total += 1
+        self.stats.calls_active += 1
+        transport: FreeSwitchCallTransport | None = None
+        try:
+            transport = self._transport(ws, call, tenant, log)
+            log.info(
+                "call up: rate={} mix={} dialect={} caller={} upgrade={:.1f}ms",
+                transport.serializer.stream_rate,
+                call.mix or tenant.audio_mix,
+                tenant.playback,
+                call.caller or "-",
+                (time.monotonic() - t0) * 1000.0,
+            )
+            await self.handler.run_call(call, tenant, transport)
+        except Exception as exc:
+            log.exception("call failed: {}", exc)
+            if transport is not None:
+                await transport.close(CLOSE_INTERNAL, "internal error")
+        finally:
+            self.stats.calls_active -= 1
+            if transport is not None and not ws.closed:
+                await transport.close(1000, "call ended")
+            elif not ws.closed:
+                await ws.close(code=1000, message=b"call ended")
+            log.info("call down after {:.1f}s", time.monotonic() - t0)
+        return ws
+
+    def _transport(
+        self, ws: web.WebSocketResponse, call: CallInfo, tenant: Tenant, log: Logger
+    ) -> FreeSwitchCallTransport:
+        rate = call.rate or tenant.audio_rate
+        mix = call.mix or tenant.audio_mix
+        channels = 2 if mix == "stereo" else 1
+        ctx = {"call": call.call_uuid, "tenant": tenant.name}
+        serializer = ModAudioStreamSerializer(
+            stream_rate=rate,
+            channels=channels,
+            dialect=make_dialect(tenant.playback),
+            max_text_bytes=self.settings.max_text_bytes,
+            log_context=ctx,
+        )
+        prate = pipeline_rate_for(rate)
+        params = TransportParams(
+            audio_in_enabled=True,
+            audio_in_sample_rate=prate,
+            audio_out_enabled=True,
+            audio_out_sample_rate=prate,
+            audio_out_10ms_chunks=2,  # 20 ms frames, as FreeSWITCH plays them
+            audio_out_end_silence_secs=0,
+        )
+        return FreeSwitchCallTransport(
+            ws,
+            serializer,
+            params,
+            call,
+            playback_control=self.playback_control,
+            log_context=ctx,
+        )
+
+    async def _refuse(
+        self,
+        ws: web.WebSocketResponse,
+        log: Logger,
+        kind: str,
+        reason: str,
+        code: int = CLOSE_POLICY,
+    ) -> web.WebSocketResponse:
+        self.stats.refused[kind] += 1
+        log.warning("call refused ({}): {}", kind, reason)
+        # Close reasons are limited to 123 bytes by RFC 6455.
+        await ws.close(code=code, message=reason.encode("utf-8")[:120])
+        return ws

@@ -1,0 +1,342 @@
+"""A Pipecat transport over one aiohttp WebSocket from mod_audio_stream.
+
+One instance per call. The input side reads the socket and feeds frames into
+the pipeline; the output side sends bot audio in the tenant's dialect, paced in
+real time with a small playout lead (so a loop hiccup shorter than the lead is
+not heard as a gap), and stops playback on barge-in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Protocol
+
+from aiohttp import WSMsgType, web
+from loguru import logger
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InputAudioRawFrame,
+    InputTransportMessageFrame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    OutputTransportMessageFrame,
+    OutputTransportMessageUrgentFrame,
+    StartFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
+from pipecat.transports.base_input import BaseInputTransport
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import BaseTransport, TransportParams
+
+from transports.call_info import CallInfo
+from transports.frames import CallMetadataFrame
+from transports.serializer import ModAudioStreamSerializer
+
+# How long a closing call waits for queued audio to finish playing at the far end.
+MAX_DRAIN_SECS = 5.0
+# Coalescing dialects flush when no new audio arrived for this long (end of a TTS burst).
+FLUSH_IDLE_SECS = 0.03
+
+
+class PlaybackControl(Protocol):
+    """Out-of-band playback control (ESL), the seam the ``file`` dialect needs.
+
+    The community module cannot stop playback itself; an ESL client implements
+    this with ``uuid_break <uuid> all``. The transport calls it on barge-in.
+    """
+
+    async def break_playback(self, call_uuid: str) -> None:
+        """Stop whatever FreeSWITCH is playing to the caller, queued files included."""
+        ...
+
+
+class CallStats:
+    """Per-call wire counters, read by metrics and the call's closing log line."""
+
+    __slots__ = ("audio_out_bytes", "audio_out_secs", "clears", "messages_out", "started_at")
+
+    def __init__(self) -> None:
+        self.started_at = time.monotonic()
+        self.messages_out = 0
+        self.audio_out_bytes = 0
+        self.audio_out_secs = 0.0
+        self.clears = 0
+
+
+class FreeSwitchCallTransport(BaseTransport):
+    """Transport for one mod_audio_stream WebSocket (already upgraded).
+
+    Events: ``on_client_connected(transport)``, ``on_client_disconnected(transport,
+    code, reason)``, ``on_call_metadata(transport, frame)``.
+    """
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        serializer: ModAudioStreamSerializer,
+        params: TransportParams,
+        call: CallInfo,
+        *,
+        playback_control: PlaybackControl | None = None,
+        log_context: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(name=f"FreeSwitchCallTransport#{call.call_uuid}")
+        self.ws = ws
+        self.serializer = serializer
+        self.params = params
+        self.call = call
+        self.playback_control = playback_control
+        self.stats = CallStats()
+        self.log = logger.bind(**(log_context or {"call": call.call_uuid}))
+        self.closed = asyncio.Event()
+        self.close_code: int | None = None
+        self._input = FreeSwitchInputTransport(self, params, name=f"{self.name}.input")
+        self._output = FreeSwitchOutputTransport(self, params, name=f"{self.name}.output")
+        self._register_event_handler("on_client_connected")
+        self._register_event_handler("on_client_disconnected")
+        self._register_event_handler("on_call_metadata")
+
+    def input(self) -> FreeSwitchInputTransport:
+        """The caller-audio side."""
+        return self._input
+
+    def output(self) -> FreeSwitchOutputTransport:
+        """The bot-audio side."""
+        return self._output
+
+    @property
+    def is_open(self) -> bool:
+        """Whether we may still send on the socket."""
+        return not self.ws.closed and not self.closed.is_set()
+
+    async def send(self, payload: str | bytes) -> bool:
+        """Send one message; a vanished peer is not an error worth a traceback."""
+        if not self.is_open:
+            return False
+        try:
+            if isinstance(payload, bytes):
+                await self.ws.send_bytes(payload)
+            else:
+                await self.ws.send_str(payload)
+        except (ConnectionError, RuntimeError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self.log.info("send failed, peer gone: {}", exc)
+            return False
+        self.stats.messages_out += 1
+        return True
+
+    async def close(self, code: int = 1000, reason: str = "call ended") -> None:
+        """Close the WebSocket (aiohttp closes TCP right after the closing handshake)."""
+        if not self.ws.closed:
+            try:
+                await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), 2.0)
+            except (TimeoutError, ConnectionError) as exc:
+                self.log.info("close handshake incomplete: {}", exc)
+        await self._mark_closed(code, reason)
+
+    async def _mark_closed(self, code: int | None, reason: str) -> None:
+        if self.closed.is_set():
+            return
+        self.close_code = code
+        self.closed.set()
+        await self._call_event_handler("on_client_disconnected", code, reason)
+
+
+class FreeSwitchInputTransport(BaseInputTransport):
+    """Reads the socket: caller audio, metadata, relayed DTMF."""
+
+    def __init__(self, transport: FreeSwitchCallTransport, params: TransportParams, **kw: Any):
+        super().__init__(params, **kw)
+        self._t = transport
+        self._receive_task: asyncio.Task[None] | None = None
+
+    async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
+        await super().setup(setup)
+        await self._t.serializer.setup(setup)
+
+    async def start(self, frame: StartFrame) -> None:
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+        if self._receive_task is None:
+            self._receive_task = self.create_task(self._receive(), "receive")
+        await self._t._call_event_handler("on_client_connected")
+
+    async def stop(self, frame: EndFrame) -> None:
+        await super().stop(frame)
+        await self._stop_receiving()
+
+    async def cancel(self, frame: CancelFrame) -> None:
+        await super().cancel(frame)
+        await self._stop_receiving()
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        await self._stop_receiving()
+
+    async def _stop_receiving(self) -> None:
+        if self._receive_task is not None:
+            task, self._receive_task = self._receive_task, None
+            if task is not asyncio.current_task():
+                await self.cancel_task(task)
+
+    async def _receive(self) -> None:
+        ws = self._t.ws
+        ser = self._t.serializer
+        code: int | None = None
+        reason = "socket closed"
+        try:
+            while True:
+                msg = await ws.receive()
+                kind = msg.type
+                if kind is WSMsgType.BINARY:
+                    frame = await ser.deserialize(msg.data)
+                    if frame is not None:
+                        await self.push_audio_frame(frame)  # type: ignore[arg-type]
+                elif kind is WSMsgType.TEXT:
+                    await self._on_text(msg.data)
+                elif kind is WSMsgType.CLOSE:
+                    code, reason = msg.data, (msg.extra or "")
+                    break
+                elif kind in (WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    code = ws.close_code
+                    break
+                elif kind is WSMsgType.ERROR:
+                    code = ws.close_code
+                    reason = f"protocol error: {msg.data}"
+                    self._t.log.warning("websocket error, call ends: {}", msg.data)
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must end this call, not the server
+            self._t.log.exception("receive loop failed: {}", exc)
+            reason = f"receive failed: {exc}"
+        finally:
+            self._receive_task = None
+        self._t.log.info("caller side closed (code={} reason={!r})", code, reason)
+        await self._t._mark_closed(code, reason)
+
+    async def _on_text(self, text: str) -> None:
+        frame = await self._t.serializer.deserialize(text)
+        if frame is None:
+            return
+        if isinstance(frame, CallMetadataFrame):
+            await self._t._call_event_handler("on_call_metadata", frame)
+            await self.push_frame(frame)
+        elif isinstance(frame, InputTransportMessageFrame):
+            await self.broadcast_frame(InputTransportMessageFrame, message=frame.message)
+        elif isinstance(frame, InputAudioRawFrame):  # pragma: no cover - text never is
+            await self.push_audio_frame(frame)
+        else:
+            await self.push_frame(frame)
+
+
+class FreeSwitchOutputTransport(BaseOutputTransport):
+    """Sends bot audio in the tenant's dialect, paced with a playout lead."""
+
+    def __init__(self, transport: FreeSwitchCallTransport, params: TransportParams, **kw: Any):
+        super().__init__(params, **kw)
+        self._t = transport
+        self._dialect = transport.serializer.dialect
+        self._lead = self._dialect.lead_secs
+        # Wall-clock time at which the far end finishes playing what we have sent.
+        self._play_until = 0.0
+        self._audio_since_clear = False
+        self._flush_handle: asyncio.TimerHandle | None = None
+
+    async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
+        await super().setup(setup)
+        await self._t.serializer.setup(setup)
+
+    async def start(self, frame: StartFrame) -> None:
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def stop(self, frame: EndFrame) -> None:
+        await super().stop(frame)
+        await self._flush()
+        # Let the far end play what it has before hanging up the stream.
+        drain = min(MAX_DRAIN_SECS, self._play_until - time.monotonic())
+        if drain > 0 and self._t.is_open:
+            await asyncio.sleep(drain)
+        await self._t.close(1000, "call ended")
+
+    async def cancel(self, frame: CancelFrame) -> None:
+        await super().cancel(frame)
+        self._cancel_flush()
+        await self._t.close(1000, "call cancelled")
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InterruptionFrame):
+            await self._stop_playback()
+
+    async def send_message(
+        self, frame: OutputTransportMessageFrame | OutputTransportMessageUrgentFrame
+    ) -> None:
+        payload = await self._t.serializer.serialize(frame)
+        if payload:
+            await self._t.send(payload)
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        t = self._t
+        if not t.is_open:
+            return False
+        payload = await t.serializer.serialize(frame)
+        if payload is not None and not await t.send(payload):
+            return False
+        nbytes = len(frame.audio)
+        secs = nbytes / (2 * frame.sample_rate * frame.num_channels)
+        t.stats.audio_out_bytes += nbytes
+        t.stats.audio_out_secs += secs
+        self._audio_since_clear = True
+        if not self._dialect.streaming:
+            self._arm_flush()
+        # Pace: keep at most `lead` of audio queued at the far end.
+        now = time.monotonic()
+        if self._play_until < now:
+            self._play_until = now  # the far end ran dry (or this is a new utterance)
+        self._play_until += secs
+        wait = self._play_until - self._lead - now
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return True
+
+    async def _stop_playback(self) -> None:
+        """Barge-in: drop buffered audio and tell FreeSWITCH to stop playing."""
+        self._cancel_flush()
+        self._dialect.discard()
+        self._play_until = 0.0
+        if not self._audio_since_clear:
+            return
+        self._audio_since_clear = False
+        t = self._t
+        t.stats.clears += 1
+        clear = self._dialect.encode_clear()
+        if clear is not None:
+            await t.send(clear)
+        if t.playback_control is not None and not self._dialect.streaming:
+            try:
+                await t.playback_control.break_playback(t.call.call_uuid)
+            except Exception as exc:
+                t.log.warning("playback break failed: {}", exc)
+
+    def _arm_flush(self) -> None:
+        self._cancel_flush()
+        loop = asyncio.get_running_loop()
+        self._flush_handle = loop.call_later(
+            FLUSH_IDLE_SECS, lambda: self.create_task(self._flush(), "flush")
+        )
+
+    def _cancel_flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+
+    async def _flush(self) -> None:
+        self._flush_handle = None
+        for msg in self._t.serializer.flush():
+            await self._t.send(msg)
