@@ -1,0 +1,101 @@
+"""The turn-taking core as a pure function: scripted timelines, no clocks."""
+
+from __future__ import annotations
+
+from processors.turn_taking import (
+    CancelTimer,
+    EndTurn,
+    Interim,
+    SetTimer,
+    Timer,
+    Transcript,
+    TurnAction,
+    TurnEvent,
+    TurnParams,
+    TurnState,
+    VadStarted,
+    VadStopped,
+    looks_complete,
+    update,
+)
+
+P = TurnParams(complete_wait=0.0, incomplete_wait=0.6, stt_timeout=0.8)
+
+
+def run(events: list[TurnEvent]) -> list[tuple[float, TurnAction]]:
+    """Feed events (Timer events are generated from SetTimer actions in time order)."""
+    state = TurnState()
+    out: list[tuple[float, TurnAction]] = []
+    timer: float | None = None
+    queue = sorted(events, key=lambda e: e.t)
+    while queue or timer is not None:
+        if timer is not None and (not queue or timer <= queue[0].t):
+            ev: TurnEvent = Timer(timer)
+            timer = None
+        else:
+            ev = queue.pop(0)
+        state, actions = update(state, ev, P)
+        for a in actions:
+            out.append((ev.t, a))
+            if isinstance(a, SetTimer):
+                timer = a.deadline
+            elif isinstance(a, (CancelTimer, EndTurn)):
+                timer = None
+    return out
+
+
+def end_times(actions: list[tuple[float, TurnAction]]) -> list[float]:
+    return [t for t, a in actions if isinstance(a, EndTurn)]
+
+
+def test_complete_question_ends_when_final_transcript_arrives() -> None:
+    acts = run([VadStarted(0.0), VadStopped(1.2), Transcript(1.25, "What are your hours?", True)])
+    assert end_times(acts) == [1.25]
+
+
+def test_final_before_vad_stop_ends_at_vad_stop() -> None:
+    acts = run([VadStarted(0.0), Transcript(1.1, "Yes.", True), VadStopped(1.2)])
+    assert end_times(acts) == [1.2]
+
+
+def test_trailing_connective_waits_for_more_speech() -> None:
+    acts = run([VadStarted(0.0), VadStopped(1.0), Transcript(1.05, "I'd like to book and", True)])
+    assert end_times(acts) == [1.6]
+
+
+def test_resumed_speech_cancels_the_pending_end() -> None:
+    acts = run(
+        [
+            VadStarted(0.0),
+            VadStopped(1.0),
+            Transcript(1.05, "I'd like to book, um", True),
+            VadStarted(1.3),  # inside the 0.6 s window
+            Interim(1.5),
+            VadStopped(2.0),
+            Transcript(2.05, "a cleaning for Tuesday.", True),
+        ]
+    )
+    assert end_times(acts) == [2.05]
+
+
+def test_missing_final_transcript_falls_back_to_stt_timeout() -> None:
+    acts = run([VadStarted(0.0), Transcript(0.5, "hello there", False), VadStopped(1.0)])
+    assert end_times(acts) == [1.8]
+
+
+def test_noise_without_any_transcript_is_not_a_turn() -> None:
+    acts = run([VadStarted(0.0), VadStopped(0.4)])
+    assert end_times(acts) == []
+
+
+def test_transcript_without_vad_is_treated_as_a_pause() -> None:
+    acts = run([Transcript(2.0, "Okay.", True)])
+    assert end_times(acts) == [2.0]
+
+
+def test_looks_complete() -> None:
+    assert looks_complete("What time do you open?")
+    assert looks_complete("Thanks.")
+    assert not looks_complete("I want to")
+    assert not looks_complete("So I was thinking and.")
+    assert not looks_complete("")
