@@ -40,6 +40,7 @@ class CallRecord:
     ended_at: float | None = None
     metadata: dict[str, Any] | None = None
     turn_latencies: list[float] = field(default_factory=list)
+    breakdowns: list[Any] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
     end_reason: str = ""
 
@@ -93,6 +94,11 @@ class CallSessions:
         async def _on_latency(_: Any, secs: float) -> None:
             record.turn_latencies.append(secs)
             log.info("turn latency {:.0f} ms (end of speech -> first bot audio)", secs * 1000)
+
+        @latency.event_handler("on_latency_breakdown")
+        async def _on_breakdown(_: Any, breakdown: Any) -> None:
+            record.breakdowns.append(breakdown)
+            log.debug("turn breakdown: {}", "; ".join(breakdown.turn_contribution_lines()))
 
         @transport.event_handler("on_client_connected")
         async def _on_connected(_: Any) -> None:

@@ -3,7 +3,8 @@
 Telephone audio is 8 kHz; smart-turn v3 misjudges it and falls back to 3 s
 (Pipecat notes §4.2), and a fixed speech timeout either answers mid-sentence
 or wastes time. Instead the decision uses what the STT already tells us: once
-the VAD has stopped and the transcript is *finalized*, a transcript that reads
+the VAD has stopped and the transcript is settled (a final segment with no
+interim after it), a transcript that reads
 as complete ("...opening hours?") ends the turn at once, one that trails off
 ("I'd like to book, um") waits ``incomplete_wait`` for more speech. If the
 final transcript never comes, ``stt_timeout`` after the VAD stop ends the turn
@@ -218,7 +219,11 @@ class AdaptiveTurnStopStrategy(BaseUserTurnStopStrategy):
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
             event = VadStopped(now)
         elif isinstance(frame, TranscriptionFrame):
-            event = Transcript(now, frame.text, bool(frame.finalized))
+            # A TranscriptionFrame is an is_final segment: its words will not change.
+            # Deepgram often sends it just *before* the VAD stop (its own endpointing),
+            # and then answers Pipecat's Finalize with an empty result that makes no
+            # frame; so "final and no interim since" is the signal, not `finalized`.
+            event = Transcript(now, frame.text, True)
         elif isinstance(frame, InterimTranscriptionFrame):
             event = Interim(now)
         if event is not None:

@@ -1,0 +1,42 @@
+"""``--providers emulated``: Deepgram and Groq emulators on loopback, no keys.
+
+The emulators run in their own process so the bench measures the server's
+event loop, not theirs. The Pipecat services are the real ones, pointed at the
+emulators by base URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from bench.emulators.runner import EmulatorConfig, RunningEmulators, start_emulator_process
+from config.settings import Settings
+from pipelines.services import ProviderEndpoints
+
+EMULATED_KEY = "emulated"
+
+
+def endpoints_for(urls: RunningEmulators | object) -> ProviderEndpoints:
+    """Provider endpoints pointing at running emulators (in-process or not)."""
+    return ProviderEndpoints(
+        mode="emulated",
+        piper_url="",
+        deepgram_url=str(getattr(urls, "deepgram_url")),  # noqa: B009
+        deepgram_api_key=EMULATED_KEY,
+        groq_base_url=str(getattr(urls, "groq_base_url")),  # noqa: B009
+        groq_api_key=EMULATED_KEY,
+    )
+
+
+@asynccontextmanager
+async def emulated_endpoints(
+    settings: Settings, config: EmulatorConfig | None = None
+) -> AsyncIterator[ProviderEndpoints]:
+    """Start the emulator process for the lifetime of the block."""
+    proc = await asyncio.to_thread(start_emulator_process, config or EmulatorConfig())
+    try:
+        yield endpoints_for(proc)
+    finally:
+        await asyncio.to_thread(proc.stop)
