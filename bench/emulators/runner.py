@@ -1,0 +1,419 @@
+"""Run the provider emulators in-process, in a child process, or from the CLI.
+
+In-process (tests)::
+
+    async with run_emulators(EmulatorConfig()) as emu:
+        stt = DeepgramSTTService(api_key="emulated", base_url=emu.deepgram_url)
+        llm = GroqLLMService(api_key="emulated", base_url=emu.groq_base_url, ...)
+        ...
+        emu.openai.requests[-1].messages   # what the LLM was sent
+
+In a child process (the bench: ~100 emulated streams must not share the media
+server's event loop, or the emulators' own work would show up as server
+latency)::
+
+    with start_emulator_process(EmulatorConfig(seed=1)) as proc:
+        proc.deepgram_url, proc.groq_base_url
+        proc.llm_requests()   # the request log, fetched over HTTP
+
+Standalone: ``python -m bench.emulators --port-base 9100`` (Deepgram on 9100,
+OpenAI/Groq on 9101).
+
+Each emulator listens on its own port; ``0`` picks a free one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from aiohttp import web
+
+from bench.emulators.deepgram import DeepgramEmulator, DeepgramFaults, DeepgramSettings
+from bench.emulators.latency import DEEPGRAM_TTFS, GROQ_TTFT, LatencyModel
+from bench.emulators.openai_chat import ChatFaults, ChatScript, OpenAIChatEmulator
+from bench.emulators.scripts import resolve_llm_script, resolve_stt_script
+
+SttScriptSpec = str | Sequence[str] | Callable[[int], str]
+LlmScriptSpec = str | Mapping[str, Any] | ChatScript
+
+
+@dataclass
+class EmulatorConfig:
+    """Everything that shapes the emulators' behaviour.
+
+    Scripts are a registry name (see :mod:`bench.emulators.scripts`), an import
+    path ``"pkg.mod:attr"``, literal lines / a keyword table, or (in-process
+    only) a callable. ``p95 <= median`` makes a latency constant.
+    """
+
+    host: str = "127.0.0.1"
+    deepgram_port: int = 0
+    openai_port: int = 0
+    seed: int | None = 0
+    deepgram_ttfs_median_ms: float = DEEPGRAM_TTFS.median_ms
+    deepgram_ttfs_p95_ms: float = DEEPGRAM_TTFS.p95_ms
+    llm_ttft_median_ms: float = GROQ_TTFT.median_ms
+    llm_ttft_p95_ms: float = GROQ_TTFT.p95_ms
+    llm_tokens_per_s: float = 500.0
+    stt_script: SttScriptSpec = "generic"
+    llm_script: LlmScriptSpec = "default"
+    api_key: str | None = None
+    deepgram: DeepgramSettings = field(default_factory=DeepgramSettings)
+    deepgram_faults: DeepgramFaults = field(default_factory=DeepgramFaults)
+    llm_faults: ChatFaults = field(default_factory=ChatFaults)
+
+    def to_json(self) -> str:
+        """Serialise for a child process; callables can't cross, so they raise."""
+        for name in ("stt_script", "llm_script"):
+            value = getattr(self, name)
+            if callable(value) and not isinstance(value, str | Mapping):
+                raise TypeError(
+                    f"{name} is a callable; a child process needs a name or 'module:attr'"
+                )
+        data = dataclasses.asdict(self)
+        if isinstance(self.stt_script, tuple):
+            data["stt_script"] = list(self.stt_script)
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> EmulatorConfig:
+        """Inverse of :meth:`to_json`."""
+        data = json.loads(text)
+        data["deepgram"] = DeepgramSettings(**data.get("deepgram", {}))
+        data["deepgram_faults"] = DeepgramFaults(**data.get("deepgram_faults", {}))
+        data["llm_faults"] = ChatFaults(**data.get("llm_faults", {}))
+        return cls(**data)
+
+    def build(self) -> tuple[DeepgramEmulator, OpenAIChatEmulator]:
+        """Create (not start) the emulator objects."""
+        llm_seed = None if self.seed is None else self.seed + 1
+        deepgram = DeepgramEmulator(
+            ttfs=LatencyModel(self.deepgram_ttfs_median_ms, self.deepgram_ttfs_p95_ms, self.seed),
+            script=resolve_stt_script(self.stt_script),
+            settings=dataclasses.replace(
+                self.deepgram, api_key=self.deepgram.api_key or self.api_key
+            ),
+            faults=dataclasses.replace(self.deepgram_faults),
+        )
+        openai = OpenAIChatEmulator(
+            ttft=LatencyModel(self.llm_ttft_median_ms, self.llm_ttft_p95_ms, llm_seed),
+            tokens_per_s=self.llm_tokens_per_s,
+            script=resolve_llm_script(self.llm_script),
+            faults=dataclasses.replace(self.llm_faults),
+            api_key=self.api_key,
+        )
+        return deepgram, openai
+
+
+@dataclass
+class RunningEmulators:
+    """Started emulators: their objects (for logs and faults) and their URLs."""
+
+    host: str
+    deepgram: DeepgramEmulator
+    openai: OpenAIChatEmulator
+    deepgram_port: int
+    openai_port: int
+
+    @property
+    def deepgram_url(self) -> str:
+        """``base_url`` for ``DeepgramSTTService`` (the SDK appends ``/v1/listen``)."""
+        return f"ws://{self.host}:{self.deepgram_port}"
+
+    @property
+    def groq_base_url(self) -> str:
+        """``base_url`` for ``GroqLLMService``."""
+        return f"http://{self.host}:{self.openai_port}/openai/v1"
+
+    @property
+    def openai_base_url(self) -> str:
+        """``base_url`` for ``OpenAILLMService``."""
+        return f"http://{self.host}:{self.openai_port}/v1"
+
+    def urls(self) -> dict[str, Any]:
+        """The URLs and ports as one JSON-ready dict."""
+        return {
+            "deepgram_url": self.deepgram_url,
+            "groq_base_url": self.groq_base_url,
+            "openai_base_url": self.openai_base_url,
+            "deepgram_port": self.deepgram_port,
+            "openai_port": self.openai_port,
+        }
+
+
+async def _serve(
+    add_routes: Callable[[web.Application], None],
+    host: str,
+    port: int,
+    on_shutdown: Callable[[], Any] | None = None,
+) -> tuple[web.AppRunner, int]:
+    app = web.Application()
+    add_routes(app)
+    if on_shutdown is not None:
+
+        async def _shutdown(_app: web.Application) -> None:
+            await on_shutdown()
+
+        app.on_shutdown.append(_shutdown)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    await site.start()
+    bound = runner.addresses[0][1]
+    return runner, int(bound)
+
+
+@contextlib.asynccontextmanager
+async def run_emulators(config: EmulatorConfig | None = None) -> AsyncIterator[RunningEmulators]:
+    """Start every emulator on this event loop; stop them on exit."""
+    cfg = config or EmulatorConfig()
+    deepgram, openai = cfg.build()
+    runners: list[web.AppRunner] = []
+    try:
+        dg_runner, dg_port = await _serve(
+            deepgram.add_routes, cfg.host, cfg.deepgram_port, deepgram.close_all
+        )
+        runners.append(dg_runner)
+        oa_runner, oa_port = await _serve(openai.add_routes, cfg.host, cfg.openai_port)
+        runners.append(oa_runner)
+        yield RunningEmulators(cfg.host, deepgram, openai, dg_port, oa_port)
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+# -- child process ------------------------------------------------------------
+
+
+class EmulatorProcess:
+    """Handle on emulators running in a child process (see :func:`start_emulator_process`)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], info: dict[str, Any]) -> None:
+        """Wrap a started child and the URLs it reported."""
+        self.proc = proc
+        self.info = info
+        self.deepgram_url: str = info["deepgram_url"]
+        self.groq_base_url: str = info["groq_base_url"]
+        self.openai_base_url: str = info["openai_base_url"]
+        self.deepgram_port: int = info["deepgram_port"]
+        self.openai_port: int = info["openai_port"]
+        self._host: str = info["host"]
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self.proc.pid
+
+    def _admin(self, port: int, path: str, payload: dict[str, Any] | None = None) -> Any:
+        url = f"http://{self._host}:{port}/_emulator/{path}"
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def llm_requests(self) -> list[dict[str, Any]]:
+        """The chat emulator's request log (``ChatRequestRecord`` dicts)."""
+        return list(self._admin(self.openai_port, "requests")["requests"])
+
+    def stt_streams(self) -> list[dict[str, Any]]:
+        """The Deepgram emulator's stream records (``StreamRecord`` dicts)."""
+        return list(self._admin(self.deepgram_port, "streams")["streams"])
+
+    def set_llm_faults(self, faults: ChatFaults) -> None:
+        """Replace the chat emulator's faults."""
+        self._admin(self.openai_port, "faults", dataclasses.asdict(faults))
+
+    def set_stt_faults(self, faults: DeepgramFaults) -> None:
+        """Replace the Deepgram emulator's faults."""
+        self._admin(self.deepgram_port, "faults", dataclasses.asdict(faults))
+
+    def reset(self) -> None:
+        """Clear both logs and all faults."""
+        self._admin(self.openai_port, "reset", {})
+        self._admin(self.deepgram_port, "reset", {})
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """Stop the child (SIGTERM, then SIGKILL after ``timeout``); returns its exit code."""
+        if self.proc.poll() is None:
+            if self.proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> EmulatorProcess:
+        """Use as a context manager that stops the child on exit."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop the child."""
+        self.stop()
+
+
+def start_emulator_process(
+    config: EmulatorConfig | None = None,
+    *,
+    startup_timeout: float = 30.0,
+    stderr: int | IO[Any] | None = None,
+    python: str | None = None,
+    use_uvloop: bool = False,
+) -> EmulatorProcess:
+    """Start the emulators in a child process and wait until they listen.
+
+    The child prints one JSON line with its URLs and ports on stdout once bound,
+    and exits when its stdin closes, so it does not outlive a crashed parent.
+    This call blocks (up to ~1 s normally); from async code wrap it in
+    ``asyncio.to_thread``.
+    """
+    cfg = config or EmulatorConfig()
+    cmd = [
+        python or sys.executable,
+        "-m",
+        "bench.emulators",
+        "--config-json",
+        cfg.to_json(),
+        "--json",
+        "--exit-on-stdin-eof",
+    ]
+    if use_uvloop:
+        cmd.append("--uvloop")
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=repo_root
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + startup_timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or proc.poll() is not None:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"emulator process did not start (exit code {proc.returncode})")
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if not ready:
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            continue
+        text = line.decode(errors="replace").strip()
+        if text.startswith("{"):
+            return EmulatorProcess(proc, json.loads(text))
+
+
+# -- CLI ----------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.emulators", description="Run the Deepgram and OpenAI/Groq emulators."
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--port-base",
+        type=int,
+        default=None,
+        help="Deepgram on PORT_BASE, OpenAI/Groq on PORT_BASE+1 (default: free ports)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stt-ttfs-median-ms", type=float, default=DEEPGRAM_TTFS.median_ms)
+    p.add_argument("--stt-ttfs-p95-ms", type=float, default=DEEPGRAM_TTFS.p95_ms)
+    p.add_argument("--llm-ttft-median-ms", type=float, default=GROQ_TTFT.median_ms)
+    p.add_argument("--llm-ttft-p95-ms", type=float, default=GROQ_TTFT.p95_ms)
+    p.add_argument("--llm-tokens-per-s", type=float, default=500.0)
+    p.add_argument("--stt-script", default="generic", help="name or module:attr")
+    p.add_argument("--llm-script", default="default", help="name or module:attr")
+    p.add_argument("--api-key", default=None, help="require this key (default: any)")
+    p.add_argument(
+        "--config-json", default=None, help="full EmulatorConfig as JSON (overrides flags)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON line with the URLs")
+    p.add_argument("--exit-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--uvloop", action="store_true", help="use uvloop if installed")
+    return p.parse_args(argv)
+
+
+def _config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+    if args.config_json:
+        return EmulatorConfig.from_json(args.config_json)
+    base = args.port_base
+    return EmulatorConfig(
+        host=args.host,
+        deepgram_port=base if base is not None else 0,
+        openai_port=base + 1 if base is not None else 0,
+        seed=args.seed,
+        deepgram_ttfs_median_ms=args.stt_ttfs_median_ms,
+        deepgram_ttfs_p95_ms=args.stt_ttfs_p95_ms,
+        llm_ttft_median_ms=args.llm_ttft_median_ms,
+        llm_ttft_p95_ms=args.llm_ttft_p95_ms,
+        llm_tokens_per_s=args.llm_tokens_per_s,
+        stt_script=args.stt_script,
+        llm_script=args.llm_script,
+        api_key=args.api_key,
+    )
+
+
+async def _amain(cfg: EmulatorConfig, as_json: bool, exit_on_eof: bool) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if exit_on_eof:
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+        async def _watch_stdin() -> None:
+            while await reader.read(4096):
+                pass
+            stop.set()
+
+        watcher = asyncio.create_task(_watch_stdin())
+    async with run_emulators(cfg) as emu:
+        info = {**emu.urls(), "host": cfg.host, "pid": os.getpid()}
+        if as_json:
+            print(json.dumps(info), flush=True)
+        else:
+            print(f"Deepgram STT : {emu.deepgram_url}   (DeepgramSTTService(base_url=...))")
+            print(f"Groq LLM     : {emu.groq_base_url}   (GroqLLMService(base_url=...))")
+            print(f"OpenAI LLM   : {emu.openai_base_url}   (OpenAILLMService(base_url=...))")
+            print("Ctrl-C to stop.", flush=True)
+        await stop.wait()
+    if exit_on_eof:
+        watcher.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point (``python -m bench.emulators``)."""
+    args = _parse_args(argv)
+    cfg = _config_from_args(args)
+    if args.uvloop:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            print("uvloop not installed; using asyncio", file=sys.stderr)
+    asyncio.run(_amain(cfg, args.json, args.exit_on_stdin_eof))

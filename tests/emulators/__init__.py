@@ -1,0 +1,1 @@
+"""Tests for the wire-level provider emulators (bench/emulators)."""
