@@ -33,6 +33,7 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from config.tenants import Tenant
 from pipelines.services import ProviderEndpoints, make_llm, make_stt, make_tts
+from processors.heard_context import HeardContextProcessor
 from processors.turn_taking import AdaptiveTurnStopStrategy, TurnParams
 from transports.transport import FreeSwitchCallTransport
 
@@ -100,5 +101,16 @@ async def build_cascade(
         ),
     )
     user, assistant = pair.user(), pair.assistant()
-    pipeline = Pipeline([transport.input(), stt, user, llm, tts, transport.output(), assistant])
+    pipeline = Pipeline(
+        [
+            transport.input(),
+            stt,
+            user,
+            llm,
+            tts,
+            transport.output(),
+            assistant,
+            HeardContextProcessor(context),
+        ]
+    )
     return CallPipeline(pipeline, context, user, assistant, stt, llm, tts)

@@ -61,12 +61,16 @@ def stream_audio_message(pcm: bytes, rate: int, extra: str = "") -> str:
 
 
 class JsonStreamDialect:
-    """Paced ``streamAudio`` chunks for builds that play them directly."""
+    """Paced ``streamAudio`` chunks for builds that play them directly.
+
+    The voxcom fork's write buffer holds one 20 ms frame and its receive thread
+    blocks while it is full, so a lead beyond 20 ms buys nothing and delays barge-in.
+    """
 
     name: DialectName = "json-stream"
     streaming = True
 
-    def __init__(self, lead_secs: float = 0.04) -> None:
+    def __init__(self, lead_secs: float = 0.02) -> None:
         self.lead_secs = lead_secs
 
     def encode_audio(self, pcm: bytes, rate: int) -> str | bytes | None:

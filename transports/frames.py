@@ -18,3 +18,17 @@ class CallMetadataFrame(SystemFrame):
 
     text: str = ""
     data: dict[str, Any] | None = field(default=None)
+
+
+@dataclass
+class PlaybackInterruptedFrame(SystemFrame):
+    """Playback was stopped mid-sentence: what of that sentence the caller heard.
+
+    Pushed downstream by the output transport just before the InterruptionFrame,
+    so the conversation context can keep the words that were actually played
+    (Pipecat itself only keeps whole sentences whose audio was written).
+    """
+
+    heard_text: str = ""
+    sentence: str = ""
+    heard_secs: float = 0.0

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from aiohttp import WSMsgType, web
 from loguru import logger
 from pipecat.frames.frames import (
+    AggregatedTextFrame,
     CancelFrame,
     EndFrame,
     Frame,
@@ -25,6 +26,7 @@ from pipecat.frames.frames import (
     OutputTransportMessageFrame,
     OutputTransportMessageUrgentFrame,
     StartFrame,
+    TTSTextFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
 from pipecat.transports.base_input import BaseInputTransport
@@ -32,13 +34,26 @@ from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
 from transports.call_info import CallInfo
-from transports.frames import CallMetadataFrame
+from transports.frames import CallMetadataFrame, PlaybackInterruptedFrame
 from transports.serializer import ModAudioStreamSerializer
 
 # How long a closing call waits for queued audio to finish playing at the far end.
 MAX_DRAIN_SECS = 5.0
 # Coalescing dialects flush when no new audio arrived for this long (end of a TTS burst).
 FLUSH_IDLE_SECS = 0.03
+# Speaking rate used to place a cut inside a sentence until this call has measured its own.
+DEFAULT_CHARS_PER_SEC = 16.0
+
+
+def heard_prefix(sentence: str, heard_secs: float, chars_per_sec: float) -> str:
+    """The words of ``sentence`` spoken in ``heard_secs`` (whole words only)."""
+    n = int(heard_secs * chars_per_sec)
+    if n <= 0:
+        return ""
+    if n >= len(sentence):
+        return sentence
+    cut = sentence.rfind(" ", 0, n + 1)
+    return sentence[:cut].rstrip(" ,;:") if cut > 0 else ""
 
 
 class PlaybackControl(Protocol):
@@ -246,6 +261,12 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         self._play_until = 0.0
         self._audio_since_clear = False
         self._flush_handle: asyncio.TimerHandle | None = None
+        # The sentence being played (its text arrives just before its audio) and how
+        # much of its audio has been written, to tell the context what was heard.
+        self._sentence = ""
+        self._sentence_secs = 0.0
+        self._spoken_chars = 0
+        self._spoken_secs = 0.0
 
     async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         await super().setup(setup)
@@ -270,9 +291,44 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         await self._t.close(1000, "call cancelled")
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        if isinstance(frame, InterruptionFrame):
+            await self._report_heard()
         await super().process_frame(frame, direction)
         if isinstance(frame, InterruptionFrame):
             await self._stop_playback()
+
+    async def push_frame(
+        self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM
+    ) -> None:
+        if direction is FrameDirection.DOWNSTREAM:
+            if isinstance(frame, TTSTextFrame):
+                # The sentence's audio has all been written: it counts as heard.
+                if self._sentence and self._sentence_secs > 0.3:
+                    self._spoken_chars += len(self._sentence)
+                    self._spoken_secs += self._sentence_secs
+                self._sentence, self._sentence_secs = "", 0.0
+            elif isinstance(frame, AggregatedTextFrame) and frame.will_be_spoken:
+                self._sentence, self._sentence_secs = frame.text, 0.0
+        await super().push_frame(frame, direction)
+
+    async def _report_heard(self) -> None:
+        """Tell downstream how much of the interrupted sentence reached the caller."""
+        if not self._sentence or self._sentence_secs <= 0:
+            return
+        unplayed = 0.0
+        if self._dialect.encode_clear() is not None:  # buffered audio gets flushed
+            unplayed = max(0.0, self._play_until - time.monotonic())
+        heard = max(0.0, self._sentence_secs - unplayed)
+        rate = (
+            self._spoken_chars / self._spoken_secs
+            if self._spoken_secs > 1.0
+            else DEFAULT_CHARS_PER_SEC
+        )
+        text = heard_prefix(self._sentence, heard, rate)
+        sentence, self._sentence, self._sentence_secs = self._sentence, "", 0.0
+        await super().push_frame(
+            PlaybackInterruptedFrame(heard_text=text, sentence=sentence, heard_secs=heard)
+        )
 
     async def send_message(
         self, frame: OutputTransportMessageFrame | OutputTransportMessageUrgentFrame
@@ -292,6 +348,7 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         secs = nbytes / (2 * frame.sample_rate * frame.num_channels)
         t.stats.audio_out_bytes += nbytes
         t.stats.audio_out_secs += secs
+        self._sentence_secs += secs
         self._audio_since_clear = True
         if not self._dialect.streaming:
             self._arm_flush()

@@ -1,0 +1,105 @@
+"""Shared fixtures: one Pipeswitch server (Piper for real, providers emulated) per session.
+
+Starting Piper and the emulators once keeps the end-to-end suite short; each test
+places its own calls through the FreeSWITCH emulator, the way FreeSWITCH would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import aiohttp
+import numpy as np
+import pytest
+import pytest_asyncio
+from loguru import logger
+
+from bench.emulators.runner import EmulatorConfig, RunningEmulators, run_emulators
+from config.loaders import StaticTenantLoader
+from config.settings import Settings
+from config.tenants import Tenant
+from pipelines.app import Pipeswitch
+from pipelines.emulated import endpoints_for
+
+QUESTION = "What are your opening hours on Saturday?"
+BARGE_IN = "Sorry, can you hold on a second?"
+
+
+@dataclass
+class Served:
+    """The running server and what tests need to drive and inspect it."""
+
+    app: Pipeswitch
+    emu: RunningEmulators
+    http: aiohttp.ClientSession
+
+    def url(
+        self, domain: str | None = "default", rate: int = 8000, uuid: str = "call", **q: str
+    ) -> str:
+        query = {"rate": str(rate), "mix": "mono", **q}
+        if domain is not None:
+            query["domain"] = domain
+        qs = "&".join(f"{k}={v}" for k, v in query.items())
+        return f"ws://127.0.0.1:{self.app.port}/fs/{uuid}?{qs}"
+
+    async def speech(self, text: str, rate: int) -> bytes:
+        """Caller speech synthesized by the running Piper server (cached)."""
+        key = (text, rate)
+        if key not in _speech_cache:
+            url = self.app.endpoints.piper_for_rate(rate)
+            async with self.http.post(url, json={"text": text, "voice": "joe"}) as r:
+                r.raise_for_status()
+                wav = await r.read()
+            _speech_cache[key] = trim_silence(wav[44:])
+        return _speech_cache[key]
+
+
+_speech_cache: dict[tuple[str, int], bytes] = {}
+
+
+def trim_silence(pcm: bytes, peak: int = 300) -> bytes:
+    """Drop leading/trailing near-silence so 'end of speech' is the last voiced sample."""
+    a = np.frombuffer(pcm, dtype="<i2")
+    idx = np.flatnonzero(np.abs(a) > peak)
+    if not len(idx):
+        return pcm
+    return a[idx[0] : idx[-1] + 1].tobytes()
+
+
+def make_tenants() -> StaticTenantLoader:
+    """The default tenant plus one tenant per playback dialect."""
+    tenants = [Tenant(name="default")]
+    for dialect in ("json-stream", "binary", "file"):
+        tenants.append(Tenant(name=f"{dialect}.test", playback=dialect))  # type: ignore[arg-type]
+    return StaticTenantLoader(tenants, default="default")
+
+
+@pytest.fixture(scope="session")
+def log_lines() -> Iterator[list[str]]:
+    """Every log line of the session, to check that bad input is logged with a reason."""
+    lines: list[str] = []
+    sink = logger.add(
+        lambda m: lines.append(str(m)), level="INFO", format="{level} {extra} {message}"
+    )
+    yield lines
+    logger.remove(sink)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def served(log_lines: list[str]) -> AsyncIterator[Served]:
+    cfg = EmulatorConfig(llm_script="office", stt_script="office", seed=1)
+    async with run_emulators(cfg) as emu:
+        loader = make_tenants()
+        settings = Settings(host="127.0.0.1", port=0, providers="emulated", idle_timeout_secs=30)
+        app = Pipeswitch(
+            settings, loader=loader, default_tenant="default", endpoints=endpoints_for(emu)
+        )
+        await app.start()
+        async with aiohttp.ClientSession() as http:
+            try:
+                yield Served(app, emu, http)
+            finally:
+                await app.stop(drain_secs=2.0)
+                await asyncio.sleep(0)
