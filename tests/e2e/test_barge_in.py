@@ -69,7 +69,9 @@ async def test_barge_in_stops_bot_and_context_keeps_heard_part(
 
     # The LLM request after the barge-in shows what the bot had said: only the heard part.
     later = [r for r in chat.requests[n_requests:] if len(r.messages) > 3]
-    assert later, f"no LLM request after the barge-in: {[r.messages for r in chat.requests[n_requests:]]}"
+    assert later, (
+        f"no LLM request after the barge-in: {[r.messages for r in chat.requests[n_requests:]]}"
+    )
     msgs = later[-1].messages
     spoken = norm(str(msgs[-2]["content"])) if msgs[-2].get("role") == "assistant" else ""
     assert msgs[-1].get("role") == "user"
