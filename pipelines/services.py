@@ -22,6 +22,7 @@ from pipecat.transcriptions.language import Language
 
 from config.settings import ProviderMode
 from config.tenants import Tenant
+from processors.clause_aggregator import FirstClauseAggregator
 
 LOCAL_LLM_MODEL = "qwen2.5-0.5b-instruct"
 LOCAL_STT_MODEL = "whisper-tiny.en"
@@ -44,6 +45,11 @@ class ProviderEndpoints:
     local_stt_base_url: str = ""
     local_llm_base_url: str = ""
     local_api_key: str = ""
+
+    @property
+    def local_llm_root(self) -> str:
+        """The local LLM server without the OpenAI ``/v1`` suffix (for ``/warm``)."""
+        return self.local_llm_base_url.removesuffix("/v1")
 
     def piper_for_rate(self, rate: int) -> str:
         """Piper resamples in its own process when told the telephone rate."""
@@ -119,9 +125,13 @@ def make_tts(
     tenant: Tenant, ep: ProviderEndpoints, session: aiohttp.ClientSession, sample_rate: int
 ) -> TTSService:
     """Piper (in its own GPL process, reached over loopback HTTP)."""
-    return PiperHttpTTSService(
+    tts = PiperHttpTTSService(
         base_url=ep.piper_for_rate(sample_rate),
         aiohttp_session=session,
         sample_rate=sample_rate,
         settings=PiperHttpTTSService.Settings(voice=tenant.voice),
     )
+    # Pipecat 1.14 builds its sentence aggregator internally and offers no parameter
+    # for another one; the first-clause aggregator is a SimpleTextAggregator subclass.
+    tts._text_aggregator = FirstClauseAggregator()
+    return tts

@@ -48,6 +48,16 @@ class CallRecord:
 CallFinishedHook = Callable[[CallRecord, CallPipeline], Awaitable[None]]
 
 
+async def _post_json(http: aiohttp.ClientSession, url: str, body: dict[str, Any], key: str) -> None:
+    async with http.post(
+        url,
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=aiohttp.ClientTimeout(total=30),
+    ) as r:
+        r.raise_for_status()
+
+
 class CallSessions:
     """Runs calls for the server (implements :class:`transports.server.CallHandler`)."""
 
@@ -62,6 +72,29 @@ class CallSessions:
         self.http = http
         self.active: dict[str, CallRecord] = {}
         self.finished_hooks: list[CallFinishedHook] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _background(self, coro: Any, log: Any) -> None:
+        """Fire-and-forget work that must never fail the call (kept referenced)."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception as exc:
+                log.warning("background task failed: {}", exc)
+
+        task = asyncio.ensure_future(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _warm_llm(self, tenant: Tenant) -> None:
+        messages: list[dict[str, str]] = [{"role": "system", "content": tenant.system_prompt}]
+        if tenant.first_message:
+            messages.append({"role": "assistant", "content": tenant.first_message})
+        ep = self.endpoints
+        await _post_json(
+            self.http, f"{ep.local_llm_root}/warm", {"messages": messages}, ep.local_api_key
+        )
 
     async def run_call(
         self, call: CallInfo, tenant: Tenant, transport: FreeSwitchCallTransport
@@ -104,6 +137,10 @@ class CallSessions:
         async def _on_connected(_: Any) -> None:
             if tenant.first_message:
                 await worker.queue_frame(TTSSpeakFrame(tenant.first_message))
+            if self.endpoints.mode == "local" or tenant.providers.llm == "local":
+                # Prefill the tenant's prompt while the greeting plays, so the first
+                # turn's prompt is already in llama.cpp's cache.
+                self._background(self._warm_llm(tenant), log)
 
         @transport.event_handler("on_call_metadata")
         async def _on_metadata(_: Any, frame: CallMetadataFrame) -> None:

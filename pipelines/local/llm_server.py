@@ -339,9 +339,14 @@ class LLMServer:
             await resp.write_eof()
             self.metrics.total.add(time.perf_counter() - t_start)
             return resp
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
+            # Caller hung up (barge-in): the callback's next return value stops llama.cpp.
             self.metrics.disconnects += 1
-            cancelled.set()  # the callback's next return value stops llama.cpp
+            cancelled.set()
+            return resp
+        except asyncio.CancelledError:
+            self.metrics.disconnects += 1
+            cancelled.set()
             raise
         finally:
             cancelled.set()

@@ -1,0 +1,134 @@
+"""``pipeswitch demo``: the offline default answering one emulated call, end to end.
+
+Starts the server on the embedded models (Whisper tiny.en, Qwen2.5 0.5B, Piper; no
+keys, no network), places one call through the FreeSWITCH emulator with a spoken
+question, and prints what the caller said, what the bot answered, and where the
+time went. The reply is written as a WAV file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.fakeswitch.audio import load_wav, resample, write_wav
+from bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
+from config.settings import Settings
+from pipelines.app import Pipeswitch
+from pipelines.cascade import CallPipeline
+from pipelines.local.models import set_offline_env
+from pipelines.session import CallRecord
+
+DEFAULT_QUESTION = "Hello, what time do you open tomorrow morning?"
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``pipeswitch demo``."""
+    p.add_argument(
+        "--question", default=DEFAULT_QUESTION, help="text the caller says (spoken by Piper)"
+    )
+    p.add_argument(
+        "--wav", type=Path, default=None, help="use this recording as the question instead"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("reply.wav"), help="where to write the bot's reply"
+    )
+    p.add_argument("--rate", type=int, choices=(8000, 16000), default=8000)
+    p.add_argument("--log-level", default="WARNING")
+
+
+async def _speak(http: aiohttp.ClientSession, piper_url: str, text: str) -> bytes:
+    async with http.post(piper_url, json={"text": text, "voice": "joe"}) as r:
+        r.raise_for_status()
+        return (await r.read())[44:]
+
+
+async def _wait_quiet(
+    stream: FakeSwitchStream, after: float, quiet_s: float, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        last = stream.last_bot_audio_at()
+        if last is not None and last > after and time.monotonic() - last > quiet_s:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo; returns a process exit code."""
+    set_offline_env()
+    t_start = time.monotonic()
+    settings = Settings(host="127.0.0.1", port=0, providers="local")
+    app = Pipeswitch(settings)
+    done: asyncio.Future[tuple[CallRecord, CallPipeline]] = (
+        asyncio.get_running_loop().create_future()
+    )
+    await app.start()
+    cold_start = time.monotonic() - t_start
+    assert app.sessions is not None
+
+    async def _finished(rec: CallRecord, cp: CallPipeline) -> None:
+        if not done.done():
+            done.set_result((rec, cp))
+
+    app.sessions.finished_hooks.append(_finished)
+    rate = args.rate
+    try:
+        async with aiohttp.ClientSession() as http:
+            if args.wav:
+                pcm, wav_rate = load_wav(args.wav)
+                question = resample(pcm, wav_rate, rate) if wav_rate != rate else pcm
+            else:
+                question = await _speak(http, app.endpoints.piper_for_rate(rate), args.question)
+        stream = FakeSwitchStream(
+            StreamConfig(
+                url=f"ws://127.0.0.1:{app.port}/fs/demo-call?domain=default&rate={rate}&mix=mono",
+                rate=rate,
+                playback="voxcom",
+                metadata='{"caller":"demo"}',
+            )
+        )
+        await stream.start()
+        if not await stream.wait_connected(3.0):
+            print("the call did not connect")
+            return 1
+        connected = time.monotonic()
+        await _wait_quiet(stream, 0.0, 0.7, 15.0)  # the greeting
+        greeting_at = stream.first_bot_audio_received_after(0.0)
+        stream.queue_caller_audio(question)
+        stream.queue_caller_silence(0.3)
+        await stream.wait_caller_drained(timeout_s=len(question) / (2 * rate) + 5)
+        speech_end = stream.last_voiced_sent_at() or time.monotonic()
+        await _wait_quiet(stream, speech_end, 1.0, 30.0)
+        first_reply = stream.first_bot_audio_received_after(speech_end)
+        await stream.hangup()
+        rec, _ = await asyncio.wait_for(done, 10.0)
+    finally:
+        await app.stop()
+
+    _, rx = stream.received_audio()
+    pcm_all, _ = stream.received_audio()
+    # Keep the reply only: the audio received after the caller stopped talking.
+    offset = sum(a.nbytes for a in rx if a.t <= speech_end)
+    write_wav(args.out, pcm_all[offset:], rate)
+    user = [m.get("content") for m in rec.messages if m.get("role") == "user"]
+    bot = [m.get("content") for m in rec.messages if m.get("role") == "assistant"]
+    summary: dict[str, Any] = {
+        "caller_said": " ".join(str(u) for u in user) or None,
+        "bot_replied": bot[-1] if len(bot) > 1 else None,
+        "greeting": bot[0] if bot else None,
+        "cold_start_s": round(cold_start, 2),
+        "greeting_ms": round((greeting_at - connected) * 1000) if greeting_at else None,
+        "turn_latency_ms_wire": round((first_reply - speech_end) * 1000) if first_reply else None,
+        "turn_latency_ms_pipeline": [round(x * 1000) for x in rec.turn_latencies],
+        "stages": [b.turn_contribution_lines() for b in rec.breakdowns][-1:] or None,
+        "reply_wav": str(args.out),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["bot_replied"] and first_reply else 1
