@@ -72,7 +72,7 @@ def make_tenants() -> StaticTenantLoader:
     """The default tenant plus one tenant per playback dialect."""
     tenants = [Tenant(name="default")]
     for dialect in ("json-stream", "binary", "file"):
-        tenants.append(Tenant(name=f"{dialect}.test", playback=dialect))  # type: ignore[arg-type]
+        tenants.append(Tenant(name=f"{dialect}.test", playback=dialect))
     return StaticTenantLoader(tenants, default="default")
 
 

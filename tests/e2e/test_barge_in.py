@@ -27,7 +27,7 @@ async def test_barge_in_stops_bot_and_context_keeps_heard_part(
     interrupt = await served.speech(BARGE_IN, rate)
     chat = served.emu.openai
     saved = chat.script
-    chat.script = LLM_SCRIPTS["long"]
+    chat.script = LLM_SCRIPTS["long"]  # type: ignore[assignment]
     n_requests = len(chat.requests)
     uuid = f"barge-{dialect}"
     stream = await open_call(
