@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 # WebSocket close codes we use (sent to FreeSWITCH, which echoes them and fires
 # mod_audio_stream::disconnect with the reason).
 CLOSE_POLICY = 1008  # unknown tenant / bad URL
-CLOSE_TRY_AGAIN = 1013  # over capacity or draining
+# libwsc accepts only 1000-1011 (not 1004-1006) and 3000-4999: 1012-1014 would come
+# back as a 1002 protocol error, so "try again later" is an application code.
+CLOSE_TRY_AGAIN = 4503  # over capacity or draining
 CLOSE_INTERNAL = 1011
 
 
