@@ -27,6 +27,7 @@ from config.settings import Settings
 from pipelines.local.supervisor import LocalModelServers
 from pipelines.services import ProviderEndpoints
 from pipelines.session import CallSessions
+from pipelines.vad import shared_batcher
 from transports.server import CallServer
 
 
@@ -108,6 +109,7 @@ class Pipeswitch:
             or (self._local.llm_base_url if "llm" in children else ""),
             local_api_key=ep.local_api_key or self._local.api_key,
         )
+        shared_batcher()  # build the Silero session now, not on the first call
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
         )

@@ -8,11 +8,9 @@ the text of audio that was actually written to the caller.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import aiohttp
-from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
@@ -33,6 +31,7 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from config.tenants import Tenant
 from pipelines.services import ProviderEndpoints, make_llm, make_stt, make_tts
+from pipelines.vad import BatchedSileroVADAnalyzer
 from processors.heard_context import HeardContextProcessor
 from processors.turn_taking import AdaptiveTurnStopStrategy, TurnParams
 from transports.transport import FreeSwitchCallTransport
@@ -51,8 +50,8 @@ class CallPipeline:
     tts: TTSService
 
 
-async def make_vad(tenant: Tenant, sample_rate: int) -> SileroVADAnalyzer:
-    """Silero for one call. Its ONNX session setup is ~40 ms of CPU: keep it off the loop."""
+async def make_vad(tenant: Tenant, sample_rate: int) -> BatchedSileroVADAnalyzer:
+    """Silero for one call: per-call state on the process's shared, batched session."""
     t = tenant.turns
     params = VADParams(
         confidence=t.vad_confidence,
@@ -60,7 +59,7 @@ async def make_vad(tenant: Tenant, sample_rate: int) -> SileroVADAnalyzer:
         stop_secs=t.vad_stop_secs,
         min_volume=t.vad_min_volume,
     )
-    return await asyncio.to_thread(SileroVADAnalyzer, sample_rate=sample_rate, params=params)
+    return BatchedSileroVADAnalyzer(sample_rate=sample_rate, params=params)
 
 
 def turn_strategies(tenant: Tenant) -> UserTurnStrategies:

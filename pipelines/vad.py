@@ -1,0 +1,194 @@
+"""Silero VAD shared by every call in the process, run in batches.
+
+Pipecat's ``SileroVADAnalyzer`` gives each call its own ONNX session (~11 MB,
+~40 ms to build on the event loop) and its own thread, and hops to that thread
+once per 32 ms window per call. Here one session serves all calls: windows that
+arrive in the same event-loop tick from many calls run as one batch (the model
+takes a batch dimension, each row with its own recurrent state) in one worker
+thread, and each call keeps only its state (a few KB). The speech/silence state
+machine is Pipecat's own (``VADAnalyzer``); only where confidences come from
+changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+import onnxruntime
+from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
+
+# Same recurrent-state hygiene as Pipecat's Silero wrapper: after 2 s of audio, reset
+# the state at the first run of 5 clearly non-speech windows (long silence at 8 kHz
+# otherwise leaves the model unable to detect the speech that follows).
+RESET_INTERVAL_SECS = 2.0
+RESET_MAX_CONFIDENCE = 0.1
+RESET_LOW_WINDOWS = 5
+
+
+def _model_path() -> str:
+    return str(resources.files("pipecat.audio.vad.data").joinpath("silero_vad.onnx"))
+
+
+@dataclass(slots=True)
+class SileroState:
+    """One call's recurrent state and audio context."""
+
+    sample_rate: int
+    state: np.ndarray = field(default_factory=lambda: np.zeros((2, 1, 128), dtype=np.float32))
+    context: np.ndarray | None = None
+
+    def reset(self) -> None:
+        self.state = np.zeros((2, 1, 128), dtype=np.float32)
+        self.context = None
+
+
+_Pending = tuple[SileroState, np.ndarray, "asyncio.Future[float]"]
+
+
+class SileroBatcher:
+    """The process's Silero session; batches windows from all calls per loop tick."""
+
+    def __init__(self) -> None:
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(
+            _model_path(), providers=["CPUExecutionProvider"], sess_options=opts
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="silero")
+        self._pending: dict[int, list[_Pending]] = {8000: [], 16000: []}
+        self._scheduled = False
+        self.batches = 0
+        self.windows = 0
+
+    def infer(self, st: SileroState, window: bytes) -> asyncio.Future[float]:
+        """Confidence for one window (256 samples at 8 kHz, 512 at 16 kHz)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[float] = loop.create_future()
+        pcm = np.frombuffer(window, dtype="<i2").astype(np.float32)
+        pcm *= 1.0 / 32768.0
+        self._pending[st.sample_rate].append((st, pcm, fut))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        loop = asyncio.get_running_loop()
+        for sr, items in self._pending.items():
+            if not items:
+                continue
+            self._pending[sr] = []
+            ctx = 64 if sr == 16000 else 32
+            rows = []
+            for st, pcm, _ in items:
+                prev = st.context if st.context is not None else np.zeros(ctx, dtype=np.float32)
+                rows.append(np.concatenate((prev, pcm)))
+            x = np.stack(rows)
+            state = np.concatenate([st.state for st, _, _ in items], axis=1)
+            job = loop.run_in_executor(self._executor, self._run, x, state, sr)
+            job.add_done_callback(functools.partial(self._deliver, items=items, x=x, ctx=ctx))
+            self.batches += 1
+            self.windows += len(items)
+
+    def _run(self, x: np.ndarray, state: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray]:
+        out, new_state = self._session.run(
+            None, {"input": x, "state": state, "sr": np.array(sr, dtype=np.int64)}
+        )
+        return out, new_state
+
+    @staticmethod
+    def _deliver(
+        job: asyncio.Future[tuple[np.ndarray, np.ndarray]],
+        items: list[_Pending],
+        x: np.ndarray,
+        ctx: int,
+    ) -> None:
+        try:
+            out, new_state = job.result()
+        except Exception as exc:  # a failed batch fails its windows, not the process
+            for _, _, fut in items:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for i, (st, _, fut) in enumerate(items):
+            st.state = new_state[:, i : i + 1, :].copy()
+            st.context = x[i, -ctx:].copy()
+            if not fut.done():
+                fut.set_result(float(out[i, 0]))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
+_shared: SileroBatcher | None = None
+
+
+def shared_batcher() -> SileroBatcher:
+    """The process-wide batcher (created on first use, at start-up by the server)."""
+    global _shared
+    if _shared is None:
+        _shared = SileroBatcher()
+    return _shared
+
+
+class BatchedSileroVADAnalyzer(VADAnalyzer):
+    """Pipecat VAD analyzer whose confidences come from the shared batcher."""
+
+    def __init__(
+        self,
+        *,
+        sample_rate: int | None = None,
+        params: VADParams | None = None,
+        batcher: SileroBatcher | None = None,
+    ) -> None:
+        super().__init__(sample_rate=sample_rate, params=params)
+        self._batcher = batcher or shared_batcher()
+        self._silero: SileroState | None = None
+        self._confs: deque[float] = deque()
+        self._windows_since_reset = 0
+        self._low_windows = 0
+
+    def set_sample_rate(self, sample_rate: int) -> None:
+        if sample_rate not in (8000, 16000):
+            raise ValueError(f"Silero VAD runs at 8000 or 16000 Hz, not {sample_rate}")
+        super().set_sample_rate(sample_rate)
+        self._silero = SileroState(sample_rate)
+
+    def num_frames_required(self) -> int:
+        return 512 if self.sample_rate == 16000 else 256
+
+    def voice_confidence(self, buffer: bytes) -> float:
+        # Called by Pipecat's state machine, window by window, after analyze_audio()
+        # has fetched exactly these windows' confidences from the batcher.
+        return self._confs.popleft() if self._confs else 0.0
+
+    async def analyze_audio(self, buffer: bytes) -> VADState:
+        need = self._vad_frames_num_bytes
+        pending = len(self._vad_buffer) + len(buffer)
+        if pending >= need and self._silero is not None:
+            joined = self._vad_buffer + buffer
+            for i in range(pending // need):
+                conf = await self._batcher.infer(self._silero, joined[i * need : (i + 1) * need])
+                self._confs.append(conf)
+                self._maybe_reset(conf)
+        return self._run_analyzer(buffer)
+
+    def _maybe_reset(self, confidence: float) -> None:
+        assert self._silero is not None
+        self._windows_since_reset += 1
+        self._low_windows = self._low_windows + 1 if confidence < RESET_MAX_CONFIDENCE else 0
+        due = (
+            self._windows_since_reset * self.num_frames_required()
+            >= RESET_INTERVAL_SECS * self.sample_rate
+        )
+        if due and self._vad_state == VADState.QUIET and self._low_windows >= RESET_LOW_WINDOWS:
+            self._silero.reset()
+            self._windows_since_reset = 0
