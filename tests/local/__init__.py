@@ -1,0 +1,1 @@
+"""Tests for the local (offline) inference servers."""
