@@ -40,6 +40,35 @@ def load_tenants(settings: Settings) -> tuple[TenantLoader, str | None]:
     return static, static.default
 
 
+def needs_local_models(ep: ProviderEndpoints) -> bool:
+    """Whether this process must start model servers (none were handed to it)."""
+    if not ep.piper_url:
+        return True
+    return ep.mode == "local" and not (ep.local_stt_base_url and ep.local_llm_base_url)
+
+
+def start_local_models(settings: Settings, greetings: list[str]) -> LocalModelServers:
+    """The model processes this deployment needs (Piper always; STT/LLM when local)."""
+    local = settings.providers == "local"
+    return LocalModelServers(
+        piper=True, whisper=local, llm=local, piper_warm=greetings, piper_warm_rate=8000
+    )
+
+
+def endpoints_with_local(ep: ProviderEndpoints, models: LocalModelServers) -> ProviderEndpoints:
+    """Fill the endpoints this deployment's model servers provide."""
+    children = models.children
+    return replace(
+        ep,
+        piper_url=ep.piper_url or models.piper_url(None),
+        local_stt_base_url=ep.local_stt_base_url
+        or (models.whisper_base_url if "whisper" in children else ""),
+        local_llm_base_url=ep.local_llm_base_url
+        or (models.llm_base_url if "llm" in children else ""),
+        local_api_key=ep.local_api_key or models.api_key,
+    )
+
+
 class Pipeswitch:
     """One server process: start(), then calls are answered until stop()."""
 
@@ -59,7 +88,7 @@ class Pipeswitch:
         self.resolver = TenantResolver(loader, default=default_tenant)
         self._endpoints = endpoints
         self._local = local_servers
-        self._own_local = local_servers is None
+        self._own_local = False
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.sessions: CallSessions | None = None
@@ -80,17 +109,6 @@ class Pipeswitch:
     async def start(self) -> None:
         """Start model processes, then listen. Returns once calls can be taken."""
         s = self.settings
-        if self._local is None:
-            local_models = s.providers == "local"
-            self._local = LocalModelServers(
-                piper=True,
-                whisper=local_models,
-                llm=local_models,
-                piper_warm=self._greetings(),
-                piper_warm_rate=8000,
-            )
-        if self._own_local:
-            await self._local.start()
         ep = self._endpoints or ProviderEndpoints(
             mode=s.providers,
             piper_url="",
@@ -99,16 +117,14 @@ class Pipeswitch:
             groq_base_url=s.groq_base_url,
             groq_api_key=s.groq_api_key,
         )
-        children = self._local.children
-        self._endpoints = replace(
-            ep,
-            piper_url=ep.piper_url or self._local.piper_url(None),
-            local_stt_base_url=ep.local_stt_base_url
-            or (self._local.whisper_base_url if "whisper" in children else ""),
-            local_llm_base_url=ep.local_llm_base_url
-            or (self._local.llm_base_url if "llm" in children else ""),
-            local_api_key=ep.local_api_key or self._local.api_key,
-        )
+        if self._local is None and needs_local_models(ep):
+            self._local = start_local_models(s, self._greetings())
+            self._own_local = True
+        if self._local is not None:
+            if self._own_local:
+                await self._local.start()
+            ep = endpoints_with_local(ep, self._local)
+        self._endpoints = ep
         shared_batcher()  # build the Silero session now, not on the first call
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
@@ -130,7 +146,7 @@ class Pipeswitch:
             s.host,
             self.port,
             s.providers,
-            ", ".join(children),
+            ", ".join(self._local.children) if self._local else "shared",
         )
 
     async def stop(self, drain_secs: float = 0.0) -> None:

@@ -23,6 +23,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "local: the embedded offline models (default)",
     )
     p.add_argument("--log-level", default=None)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (one event loop per core); default 1",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -40,11 +46,45 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-async def _serve(args: argparse.Namespace) -> int:
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` minus ``name VALUE`` / ``name=VALUE`` (the workers must not fork again)."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
+async def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     from pipelines.app import Pipeswitch, serve_forever
     from pipelines.emulated import emulated_endpoints
+    from pipelines.services import ProviderEndpoints
+    from pipelines.workers import serve_workers, worker_endpoints
 
     settings = _settings(args)
+    handed = worker_endpoints()
+    if handed is not None:  # a worker process started by `serve --workers N`
+        await serve_forever(Pipeswitch(settings, endpoints=handed))
+        return 0
+    if args.workers > 1:
+        child_argv = _without_option(argv, "--workers")
+        if settings.providers == "emulated":
+            async with emulated_endpoints(settings) as ep:
+                return await serve_workers(settings, args.workers, ep, child_argv)
+        base = ProviderEndpoints(
+            mode=settings.providers,
+            piper_url="",
+            deepgram_url=settings.deepgram_url,
+            deepgram_api_key=settings.deepgram_api_key,
+            groq_base_url=settings.groq_base_url,
+            groq_api_key=settings.groq_api_key,
+        )
+        return await serve_workers(settings, args.workers, base, child_argv)
     if settings.providers == "emulated":
         async with emulated_endpoints(settings) as ep:
             await serve_forever(Pipeswitch(settings, endpoints=ep))
@@ -71,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_bench_arguments(sub.add_parser("bench", help="latency and capacity benchmarks"))
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     configure_logging(getattr(args, "log_level", None) or Settings().log_level)
     if args.command == "serve":
-        return asyncio.run(_serve(args))
+        return asyncio.run(_serve(args, argv))
     if args.command == "call":
         return asyncio.run(run_call(args))
     if args.command == "demo":

@@ -1,0 +1,83 @@
+"""``pipeswitch serve --workers N``: one event loop per core.
+
+A single Python process saturates one core long before two are busy (the event
+loop and the GIL; capacity baseline). The parent starts the shared model
+processes (Piper, and Whisper/LLM on the offline default) once, then N worker
+processes that each run a full server on the same port (SO_REUSEPORT: the
+kernel spreads new connections across them). Workers get the model endpoints
+from the parent, so models are loaded once per machine, not per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from dataclasses import asdict
+
+from loguru import logger
+
+from config.settings import Settings
+from pipelines.app import (
+    endpoints_with_local,
+    load_tenants,
+    needs_local_models,
+    start_local_models,
+)
+from pipelines.services import ProviderEndpoints
+
+ENDPOINTS_ENV = "PIPESWITCH_WORKER_ENDPOINTS"
+
+
+def worker_endpoints() -> ProviderEndpoints | None:
+    """The endpoints a parent handed to this worker process, if any."""
+    raw = os.environ.get(ENDPOINTS_ENV)
+    return ProviderEndpoints(**json.loads(raw)) if raw else None
+
+
+async def serve_workers(
+    settings: Settings, workers: int, endpoints: ProviderEndpoints, argv: list[str]
+) -> int:
+    """Run ``workers`` server processes sharing ``settings.port`` until SIGINT/SIGTERM."""
+    if settings.port == 0:
+        raise SystemExit("--workers needs a fixed --port (each worker binds the same one)")
+    models = None
+    ep = endpoints
+    if needs_local_models(ep):
+        loader, _ = load_tenants(settings)
+        greetings = sorted(
+            {t.first_message for t in getattr(loader, "all", list)() if t.first_message}
+        )
+        models = start_local_models(settings, greetings)
+        await models.start()
+        ep = endpoints_with_local(ep, models)
+    env = {**os.environ, ENDPOINTS_ENV: json.dumps(asdict(ep))}
+    procs = [
+        await asyncio.create_subprocess_exec(sys.executable, "-m", "pipelines.cli", *argv, env=env)
+        for _ in range(workers)
+    ]
+    logger.info(
+        "started {} workers on port {}: pids {}", workers, settings.port, [p.pid for p in procs]
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiters = [asyncio.ensure_future(p.wait()) for p in procs]
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([stopper, *waiters], return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        logger.error("a worker exited; stopping the others")
+    for p in procs:
+        if p.returncode is None:
+            p.send_signal(signal.SIGTERM)
+    await asyncio.wait(waiters, timeout=40)
+    for p in procs:
+        if p.returncode is None:
+            p.kill()
+    stopper.cancel()
+    if models is not None:
+        await models.stop()
+    return 0
