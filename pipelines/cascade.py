@@ -89,7 +89,7 @@ async def build_cascade(
     """Compose the cascade pipeline for one call."""
     stt = make_stt(tenant, endpoints, sample_rate)
     llm = make_llm(tenant, endpoints)
-    tts = make_tts(tenant, endpoints, http, sample_rate)
+    tts = make_tts(tenant, endpoints, http, sample_rate, transport.call.call_uuid)
     vad = await make_vad(tenant, sample_rate)
     context = LLMContext()
     pair = LLMContextAggregatorPair(

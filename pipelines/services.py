@@ -122,11 +122,16 @@ def make_llm(tenant: Tenant, ep: ProviderEndpoints) -> BaseOpenAILLMService:
 
 
 def make_tts(
-    tenant: Tenant, ep: ProviderEndpoints, session: aiohttp.ClientSession, sample_rate: int
+    tenant: Tenant,
+    ep: ProviderEndpoints,
+    session: aiohttp.ClientSession,
+    sample_rate: int,
+    call_uuid: str = "",
 ) -> TTSService:
     """Piper (in its own GPL process, reached over loopback HTTP)."""
     tts = PiperHttpTTSService(
-        base_url=ep.piper_for_rate(sample_rate),
+        # The call id lets the Piper server synthesize earliest-needed sentences first.
+        base_url=ep.piper_for_rate(sample_rate) + (f"&call={call_uuid}" if call_uuid else ""),
         aiohttp_session=session,
         sample_rate=sample_rate,
         settings=PiperHttpTTSService.Settings(voice=tenant.voice),

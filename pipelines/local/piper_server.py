@@ -54,6 +54,7 @@ from pipelines.local._common import (
     run_main,
     serve,
 )
+from pipelines.local.scheduling import DeadlineSlots
 
 ALLOWED_RATES = frozenset({8000, 16000, 22050, 24000, 32000, 44100, 48000})
 MAX_TEXT_CHARS = 5000
@@ -230,9 +231,10 @@ class PiperServer:
         self._executor = ThreadPoolExecutor(
             max_workers=max(1, cfg.max_concurrent), thread_name_prefix="piper-synth"
         )
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: DeadlineSlots | None = None
         self._waiting = 0
         self._in_flight = 0
+        self._in_flight_synth = 0
         self._started = time.time()
 
     # ------------------------------------------------------------------ loading
@@ -281,28 +283,31 @@ class PiperServer:
 
     # ------------------------------------------------------------------ synthesis
     @contextlib.asynccontextmanager
-    async def _slot(self, *, admit: bool) -> AsyncIterator[None]:
+    async def _slot(self, *, admit: bool, call: str | None = None) -> AsyncIterator[None]:
         assert self._slots is not None
-        if self._slots.locked():
+        deadline = self._slots.deadline(call)
+        if self._slots.waiting or self._in_flight_synth >= max(1, self.cfg.max_concurrent):
             if admit and self._waiting >= self.cfg.max_queue:
                 raise QueueFullError
             self.metrics.queue_waits += 1
             self._waiting += 1
             t0 = time.perf_counter()
             try:
-                await self._slots.acquire()
+                await self._slots.acquire(deadline)
             finally:
                 self._waiting -= 1
                 self.metrics.queue_wait_seconds += time.perf_counter() - t0
         else:
-            await self._slots.acquire()
+            await self._slots.acquire(deadline)
+        self._in_flight_synth += 1
         try:
             yield
         finally:
+            self._in_flight_synth -= 1
             self._slots.release()
 
     async def synthesize(
-        self, voice: LoadedVoice, text: str, rate: int
+        self, voice: LoadedVoice, text: str, rate: int, call: str | None = None
     ) -> AsyncGenerator[bytes, None]:
         """Yield PCM16 at ``rate`` per sentence; each sentence holds a synth slot only
         while it is being computed, so concurrent calls interleave sentence by sentence."""
@@ -311,7 +316,7 @@ class PiperServer:
         sentinel = object()
         first = True
         while True:
-            async with self._slot(admit=first):
+            async with self._slot(admit=first, call=call):
                 t0 = time.perf_counter()
 
                 def step() -> Any:
@@ -330,6 +335,8 @@ class PiperServer:
             self.metrics.sentences += 1
             self.metrics.synth_seconds += dt
             self.metrics.audio_seconds += len(audio) / voice.sample_rate
+            assert self._slots is not None
+            self._slots.produced(call, len(audio) / voice.sample_rate)
             yield pcm
 
     # ------------------------------------------------------------------ handlers
@@ -368,7 +375,7 @@ class PiperServer:
         parts: list[bytes] = []
         complete = False
         try:
-            gen = self.synthesize(voice, text, rate)
+            gen = self.synthesize(voice, text, rate, request.query.get("call"))
             try:
                 async for pcm in gen:
                     if not parts:
@@ -516,7 +523,7 @@ class PiperServer:
         app.router.add_get("/metrics", self.handle_metrics)
 
         async def on_startup(_: web.Application) -> None:
-            self._slots = asyncio.Semaphore(max(1, self.cfg.max_concurrent))
+            self._slots = DeadlineSlots(max(1, self.cfg.max_concurrent))
             if self.cfg.warm_texts:
                 result = await self.warm(self.cfg.warm_texts, self.cfg.warm_rate, None)
                 logger.info(f"warmed {result}")
