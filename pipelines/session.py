@@ -87,6 +87,27 @@ class CallSessions:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _play_greeting(
+        self, tenant: Tenant, transport: FreeSwitchCallTransport, rate: int, log: Any
+    ) -> bool:
+        """Fetch the (pre-synthesized, cached) greeting and start it; False = not played."""
+        if not tenant.first_message:
+            return False
+        url = self.endpoints.piper_for_rate(rate)
+        try:
+            async with self.http.post(
+                url,
+                json={"text": tenant.first_message, "voice": tenant.voice},
+                timeout=aiohttp.ClientTimeout(total=3),
+            ) as r:
+                r.raise_for_status()
+                wav = await r.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("greeting fast path failed ({}); speaking it through the pipeline", exc)
+            return False
+        transport.output().play_prompt(wav[44:], rate, tenant.first_message)
+        return True
+
     async def _warm_llm(self, tenant: Tenant) -> None:
         messages: list[dict[str, str]] = [{"role": "system", "content": tenant.system_prompt}]
         if tenant.first_message:
@@ -107,6 +128,8 @@ class CallSessions:
             await transport.close(1011, f"pipeline {tenant.pipeline} unavailable")
             return
         rate = transport.params.audio_in_sample_rate or 8000
+        # The greeting starts while the pipeline is still being built and connected.
+        greeting = asyncio.ensure_future(self._play_greeting(tenant, transport, rate, log))
         cp = await build_cascade(tenant, transport, self.endpoints, self.http, rate)
         latency = UserBotLatencyObserver()
         worker = PipelineWorker(
@@ -135,7 +158,7 @@ class CallSessions:
 
         @transport.event_handler("on_client_connected")
         async def _on_connected(_: Any) -> None:
-            if tenant.first_message:
+            if tenant.first_message and not await greeting:
                 await worker.queue_frame(TTSSpeakFrame(tenant.first_message))
             if self.endpoints.mode == "local" or tenant.providers.llm == "local":
                 # Prefill the tenant's prompt while the greeting plays, so the first

@@ -16,7 +16,7 @@ from pipecat.frames.frames import Frame, InterruptionFrame
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from transports.frames import PlaybackInterruptedFrame
+from transports.frames import PlaybackInterruptedFrame, PromptPlayedFrame
 
 
 class HeardContextProcessor(FrameProcessor):
@@ -29,6 +29,9 @@ class HeardContextProcessor(FrameProcessor):
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
+        if isinstance(frame, PromptPlayedFrame):
+            self._context.add_message({"role": "assistant", "content": frame.text})
+            return
         if isinstance(frame, PlaybackInterruptedFrame):
             self._pending = frame.heard_text.strip()
             return  # consumed: nothing after us needs it

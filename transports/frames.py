@@ -32,3 +32,10 @@ class PlaybackInterruptedFrame(SystemFrame):
     heard_text: str = ""
     sentence: str = ""
     heard_secs: float = 0.0
+
+
+@dataclass
+class PromptPlayedFrame(SystemFrame):
+    """A prompt played outside the pipeline (the greeting) reached the caller in full."""
+
+    text: str = ""

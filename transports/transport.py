@@ -34,7 +34,7 @@ from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
 from transports.call_info import CallInfo
-from transports.frames import CallMetadataFrame, PlaybackInterruptedFrame
+from transports.frames import CallMetadataFrame, PlaybackInterruptedFrame, PromptPlayedFrame
 from transports.serializer import ModAudioStreamSerializer
 
 # How long a closing call waits for queued audio to finish playing at the far end.
@@ -267,6 +267,9 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         self._sentence_secs = 0.0
         self._spoken_chars = 0
         self._spoken_secs = 0.0
+        self._prompt_task: asyncio.Task[None] | None = None
+        self._prompt_done: str | None = None
+        self._started = False
 
     async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         await super().setup(setup)
@@ -275,6 +278,38 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
     async def start(self, frame: StartFrame) -> None:
         await super().start(frame)
         await self.set_transport_ready(frame)
+        self._started = True
+        if self._prompt_done is not None:
+            await self._report_prompt()
+
+    def play_prompt(self, pcm: bytes, sample_rate: int, text: str) -> None:
+        """Play prepared audio (the greeting) now, before the pipeline is even running.
+
+        A call's pipeline needs its providers connected before a frame can pass
+        (hundreds of ms with a cloud STT); the greeting does not. It is paced like
+        any bot audio, stops on barge-in, and only the heard part enters the context.
+        """
+        self._prompt_task = asyncio.ensure_future(self._play_prompt(pcm, sample_rate, text))
+
+    async def _play_prompt(self, pcm: bytes, sample_rate: int, text: str) -> None:
+        self._sentence, self._sentence_secs = text, 0.0
+        step = int(sample_rate * 0.02) * 2
+        for i in range(0, len(pcm), step):
+            frame = OutputAudioRawFrame(
+                audio=pcm[i : i + step], sample_rate=sample_rate, num_channels=1
+            )
+            if not await self._write(frame):
+                return
+        await self._flush()
+        self._sentence, self._sentence_secs = "", 0.0
+        self._prompt_done = text
+        if self._started:
+            await self._report_prompt()
+
+    async def _report_prompt(self) -> None:
+        text, self._prompt_done = self._prompt_done, None
+        if text:
+            await super().push_frame(PromptPlayedFrame(text=text))
 
     async def stop(self, frame: EndFrame) -> None:
         await super().stop(frame)
@@ -288,6 +323,8 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
     async def cancel(self, frame: CancelFrame) -> None:
         await super().cancel(frame)
         self._cancel_flush()
+        if self._prompt_task is not None:
+            self._prompt_task.cancel()
         await self._t.close(1000, "call cancelled")
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
@@ -338,6 +375,11 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
             await self._t.send(payload)
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        if self._prompt_task is not None and not self._prompt_task.done():
+            await asyncio.wait({self._prompt_task})  # the pipeline speaks after the greeting
+        return await self._write(frame)
+
+    async def _write(self, frame: OutputAudioRawFrame) -> bool:
         t = self._t
         if not t.is_open:
             return False
@@ -365,6 +407,8 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
     async def _stop_playback(self) -> None:
         """Barge-in: drop buffered audio and tell FreeSWITCH to stop playing."""
         self._cancel_flush()
+        if self._prompt_task is not None and not self._prompt_task.done():
+            self._prompt_task.cancel()
         self._dialect.discard()
         self._play_until = 0.0
         if not self._audio_since_clear:

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from bench.emulators.scripts import LLM_SCRIPTS, LONG_REPLY
+from config.tenants import Tenant
 from tests.conftest import BARGE_IN, QUESTION, Served
 from tests.e2e.helpers import ask, open_call, wait_bot_quiet
 
@@ -78,3 +79,26 @@ async def test_barge_in_stops_bot_and_context_keeps_heard_part(
     assert spoken, f"nothing of the interrupted reply was kept: {msgs}"
     assert norm(LONG_REPLY).startswith(spoken), spoken
     assert len(spoken) < len(norm(LONG_REPLY)) * 0.7, "unheard text was kept in the context"
+
+
+async def test_barge_in_during_greeting_keeps_only_heard_words(served: Served) -> None:
+    rate = 8000
+    question = await served.speech(QUESTION, rate)
+    chat = served.emu.openai
+    n_requests = len(chat.requests)
+    stream = await open_call(served.url(uuid="barge-greeting", rate=rate), rate, "json-stream")
+    try:
+        await asyncio.sleep(1.0)  # about half of the greeting has played
+        stream.queue_caller_audio(question)
+        stream.queue_caller_silence(0.4)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and len(chat.requests) == n_requests:
+            await asyncio.sleep(0.05)
+    finally:
+        await stream.hangup()
+    assert len(chat.requests) > n_requests, "the caller's question was not answered"
+    msgs = chat.requests[n_requests].messages
+    greeting = norm(Tenant(name="default").first_message or "")
+    heard = [norm(str(m["content"])) for m in msgs if m.get("role") == "assistant"]
+    assert heard, f"nothing of the greeting was kept: {msgs}"
+    assert greeting.startswith(heard[0]) and len(heard[0]) < len(greeting)
