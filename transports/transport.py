@@ -383,6 +383,16 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         t = self._t
         if not t.is_open:
             return False
+        step = int(frame.sample_rate * 0.02) * 2 * frame.num_channels
+        short = len(frame.audio) % step
+        if short and self._dialect.streaming:
+            # Playback builds consume whole 20 ms frames: a partial one at the end of an
+            # utterance would sit in their buffer until the next utterance. Pad it.
+            frame = OutputAudioRawFrame(
+                audio=frame.audio + bytes(step - short),
+                sample_rate=frame.sample_rate,
+                num_channels=frame.num_channels,
+            )
         payload = await t.serializer.serialize(frame)
         if payload is not None and not await t.send(payload):
             return False

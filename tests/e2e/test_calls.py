@@ -33,6 +33,8 @@ async def test_greeting_then_answer(served: Served, dialect: str, rate: int) -> 
         greeting = await wait_for_bot_audio(stream, connected - 1.0, timeout_s=3.0)
         assert greeting is not None, "no greeting"
         await wait_bot_quiet(stream)
+        # Only whole 20 ms frames go out: nothing is left stuck in the module's buffer.
+        assert not stream.playing
         end, answer = await ask(stream, speech, rate)
         assert answer is not None, "no answer after the question"
         await wait_bot_quiet(stream)
