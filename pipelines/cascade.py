@@ -33,6 +33,7 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from config.tenants import Tenant
 from pipelines.services import ProviderEndpoints, make_llm, make_stt, make_tts
 from pipelines.vad import BatchedSileroVADAnalyzer
+from processors.caller_audio import CallerAudioSink
 from processors.heard_context import HeardContextProcessor
 from processors.turn_taking import AdaptiveTurnStopStrategy, TurnParams
 from transports.transport import FreeSwitchCallTransport
@@ -114,6 +115,7 @@ async def build_cascade(
             transport.input(),
             stt,
             user,
+            CallerAudioSink(),
             llm,
             tts,
             transport.output(),

@@ -142,6 +142,8 @@ class CallSessions:
             ),
             observers=[latency],
             enable_rtvi=False,
+            # Pipecat's turn tracker observes every frame push; nothing here reads it.
+            enable_turn_tracking=False,
             idle_timeout_secs=self.settings.idle_timeout_secs,
             name=f"call-{call.call_uuid}",
         )

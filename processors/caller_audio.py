@@ -1,0 +1,21 @@
+"""Stop caller audio where nothing downstream needs it any more.
+
+Pipecat passes every 20 ms input frame through every processor to the end of the
+pipeline (it is a SystemFrame). In the cascade only the STT and the user
+aggregator (VAD) use it; after them, each hop is an asyncio queue put, a task
+switch and an observer notification, 50 times a second per call, for nothing.
+"""
+
+from __future__ import annotations
+
+from pipecat.frames.frames import Frame, InputAudioRawFrame
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+
+class CallerAudioSink(FrameProcessor):
+    """Consumes caller audio; passes every other frame through unchanged."""
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if not isinstance(frame, InputAudioRawFrame):
+            await self.push_frame(frame, direction)
