@@ -51,7 +51,14 @@ def start_local_models(settings: Settings, greetings: list[str]) -> LocalModelSe
     """The model processes this deployment needs (Piper always; STT/LLM when local)."""
     local = settings.providers == "local"
     return LocalModelServers(
-        piper=True, whisper=local, llm=local, piper_warm=greetings, piper_warm_rate=8000
+        piper=True,
+        whisper=local,
+        llm=local,
+        piper_warm=greetings,
+        piper_warm_rate=8000,
+        # Piper alone on the CPU: 2 ONNX threads cut time to first audio ~20 %; next to
+        # the local LLM, 1 thread was faster (both measured).
+        piper_threads=1 if local else 2,
     )
 
 
