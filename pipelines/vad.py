@@ -165,6 +165,13 @@ class BatchedSileroVADAnalyzer(VADAnalyzer):
     def num_frames_required(self) -> int:
         return 512 if self.sample_rate == 16000 else 256
 
+    def _get_smoothed_volume(self, audio: bytes) -> float:
+        # The loudness gate is off by default (config.tenants.TurnSettings.vad_min_volume);
+        # computing loudness anyway cost 3.5 % of the main thread at 20 calls (profile).
+        if self._params.min_volume <= 0:
+            return 1.0
+        return super()._get_smoothed_volume(audio)
+
     def voice_confidence(self, buffer: bytes) -> float:
         # Called by Pipecat's state machine, window by window, after analyze_audio()
         # has fetched exactly these windows' confidences from the batcher.

@@ -1,0 +1,63 @@
+"""``pipeswitch bench …`` / ``python -m bench.cli …``: latency, capacity and profile benches.
+
+* ``latency``  - N calls × M turns: wire latency, server overhead, barge-in stop,
+  the pipeline's own breakdown; ``--gate-overhead-p95-ms`` for CI.
+* ``capacity`` - sweep concurrent calls until the overhead budget breaks.
+* ``profile``  - py-spy on the Pipeswitch server under N calls; hot spots.
+
+Each run writes ``bench/results/<timestamp>-<kind>/`` (results.json, report.md,
+PNG plots) and ``bench/results/latest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``latency`` / ``capacity`` / ``profile`` subcommands to ``parser``."""
+    from bench.capacity import add_capacity_arguments
+    from bench.latency import add_latency_arguments
+    from bench.profile import add_profile_arguments
+
+    sub = parser.add_subparsers(dest="bench_command", required=True)
+    add_latency_arguments(
+        sub.add_parser("latency", help="per-turn latency and server overhead (CI gate)")
+    )
+    add_capacity_arguments(sub.add_parser("capacity", help="concurrent-call sweep"))
+    add_profile_arguments(sub.add_parser("profile", help="py-spy the server under load"))
+
+
+async def run_bench(args: argparse.Namespace) -> int:
+    """Run the bench subcommand in ``args``; returns the process exit status."""
+    if args.bench_command == "latency":
+        from bench.latency import run_latency
+
+        return await run_latency(args)
+    if args.bench_command == "capacity":
+        from bench.capacity import run_capacity
+
+        return await run_capacity(args)
+    if args.bench_command == "profile":
+        from bench.profile import run_profile
+
+        return await run_profile(args)
+    raise SystemExit(f"unknown bench command {args.bench_command!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.cli``."""
+    from config.logging import configure_logging
+
+    parser = argparse.ArgumentParser(prog="python -m bench.cli", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    add_bench_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    return asyncio.run(run_bench(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
