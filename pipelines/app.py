@@ -40,6 +40,18 @@ def load_tenants(settings: Settings) -> tuple[TenantLoader, str | None]:
     return static, static.default
 
 
+def settings_endpoints(settings: Settings) -> ProviderEndpoints:
+    """Cloud endpoints and keys from the settings; model servers are filled in later."""
+    return ProviderEndpoints(
+        mode=settings.providers,
+        piper_url="",
+        deepgram_url=settings.deepgram_url,
+        deepgram_api_key=settings.deepgram_api_key,
+        groq_base_url=settings.groq_base_url,
+        groq_api_key=settings.groq_api_key,
+    )
+
+
 def needs_local_models(ep: ProviderEndpoints) -> bool:
     """Whether this process must start model servers (none were handed to it)."""
     if not ep.piper_url:
@@ -116,14 +128,7 @@ class Pipeswitch:
     async def start(self) -> None:
         """Start model processes, then listen. Returns once calls can be taken."""
         s = self.settings
-        ep = self._endpoints or ProviderEndpoints(
-            mode=s.providers,
-            piper_url="",
-            deepgram_url=s.deepgram_url,
-            deepgram_api_key=s.deepgram_api_key,
-            groq_base_url=s.groq_base_url,
-            groq_api_key=s.groq_api_key,
-        )
+        ep = self._endpoints or settings_endpoints(s)
         if self._local is None and needs_local_models(ep):
             self._local = start_local_models(s, self._greetings())
             self._own_local = True

@@ -61,9 +61,8 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 
 
 async def _serve(args: argparse.Namespace, argv: list[str]) -> int:
-    from pipelines.app import Pipeswitch, serve_forever
+    from pipelines.app import Pipeswitch, serve_forever, settings_endpoints
     from pipelines.emulated import emulated_endpoints
-    from pipelines.services import ProviderEndpoints
     from pipelines.workers import serve_workers, worker_endpoints
 
     settings = _settings(args)
@@ -76,14 +75,7 @@ async def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         if settings.providers == "emulated":
             async with emulated_endpoints(settings) as ep:
                 return await serve_workers(settings, args.workers, ep, child_argv)
-        base = ProviderEndpoints(
-            mode=settings.providers,
-            piper_url="",
-            deepgram_url=settings.deepgram_url,
-            deepgram_api_key=settings.deepgram_api_key,
-            groq_base_url=settings.groq_base_url,
-            groq_api_key=settings.groq_api_key,
-        )
+        base = settings_endpoints(settings)
         return await serve_workers(settings, args.workers, base, child_argv)
     if settings.providers == "emulated":
         async with emulated_endpoints(settings) as ep:
