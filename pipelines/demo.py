@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=Path("reply.wav"), help="where to write the bot's reply"
     )
     p.add_argument("--rate", type=int, choices=(8000, 16000), default=8000)
+    p.add_argument(
+        "--turns", type=int, default=1, help="ask the question this many times in one call"
+    )
     p.add_argument("--log-level", default="WARNING")
 
 
@@ -101,12 +105,20 @@ async def run_demo(args: argparse.Namespace) -> int:
         connected = time.monotonic()
         await _wait_quiet(stream, 0.0, 0.7, 15.0)  # the greeting
         greeting_at = stream.first_bot_audio_received_after(0.0)
-        stream.queue_caller_audio(question)
-        stream.queue_caller_silence(0.3)
-        await stream.wait_caller_drained(timeout_s=len(question) / (2 * rate) + 5)
-        speech_end = stream.last_voiced_sent_at() or time.monotonic()
-        await _wait_quiet(stream, speech_end, 1.0, 30.0)
-        first_reply = stream.first_bot_audio_received_after(speech_end)
+        latencies: list[float] = []
+        speech_end = 0.0
+        first_reply: float | None = None
+        for _ in range(max(1, args.turns)):
+            stream.queue_caller_audio(question)
+            stream.queue_caller_silence(0.3)
+            await stream.wait_caller_drained(timeout_s=len(question) / (2 * rate) + 5)
+            speech_end = stream.last_voiced_sent_at() or time.monotonic()
+            await _wait_quiet(stream, speech_end, 1.0, 30.0)
+            first_reply = stream.first_bot_audio_received_after(speech_end)
+            if first_reply is not None:
+                latencies.append(first_reply - speech_end)
+            if first_reply is None:
+                break
         await stream.hangup()
         rec, _ = await asyncio.wait_for(done, 10.0)
     finally:
@@ -125,7 +137,10 @@ async def run_demo(args: argparse.Namespace) -> int:
         "greeting": bot[0] if bot else None,
         "cold_start_s": round(cold_start, 2),
         "greeting_ms": round((greeting_at - connected) * 1000) if greeting_at else None,
-        "turn_latency_ms_wire": round((first_reply - speech_end) * 1000) if first_reply else None,
+        "turn_latency_ms_wire": [round(x * 1000) for x in latencies],
+        "turn_latency_ms_wire_p50": round(1000 * statistics.median(latencies))
+        if latencies
+        else None,
         "turn_latency_ms_pipeline": [round(x * 1000) for x in rec.turn_latencies],
         "stages": [b.turn_contribution_lines() for b in rec.breakdowns][-1:] or None,
         "reply_wav": str(args.out),
