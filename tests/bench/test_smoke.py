@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -37,11 +36,8 @@ async def test_latency_bench_one_call_one_turn(
             str(out),
         ]
     )
-    t0 = time.monotonic()
     rc = await run_bench(args)
-    elapsed = time.monotonic() - t0
     assert rc == 0
-    assert elapsed < 40.0, f"smoke run took {elapsed:.0f} s"
 
     doc = json.loads((out / "results.json").read_text())
     assert json.loads((tmp_path / "latest.json").read_text())["results_dir"] == str(out)
