@@ -69,13 +69,38 @@ _CONTINUATIONS = frozenset(
 _WORD = re.compile(r"[A-Za-z']+")
 
 
+# A turn made only of these is an opener: callers say "Hello," and go straight on.
+_OPENERS = frozenset(
+    [
+        "hello",
+        "hi",
+        "hey",
+        "hiya",
+        "yeah",
+        "so",
+        "okay",
+        "ok",
+        "well",
+        "um",
+        "uh",
+        "good",
+        "morning",
+        "afternoon",
+        "evening",
+        "there",
+    ]
+)
+
+
 def looks_complete(text: str) -> bool:
-    """Heuristic: terminal punctuation, and not ending on a connective or filler."""
+    """Heuristic: terminal punctuation, not ending on a connective, not just an opener."""
     t = text.strip()
     if not t or t[-1] not in ".?!":
         return False
     words = _WORD.findall(t.lower())
-    return bool(words) and words[-1] not in _CONTINUATIONS
+    if not words or words[-1] in _CONTINUATIONS:
+        return False
+    return not all(w in _OPENERS for w in words)
 
 
 @dataclass(frozen=True, slots=True)

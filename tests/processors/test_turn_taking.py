@@ -89,7 +89,7 @@ def test_noise_without_any_transcript_is_not_a_turn() -> None:
 
 
 def test_transcript_without_vad_is_treated_as_a_pause() -> None:
-    acts = run([Transcript(2.0, "Okay.", True)])
+    acts = run([Transcript(2.0, "See you then.", True)])
     assert end_times(acts) == [2.0]
 
 
@@ -99,3 +99,6 @@ def test_looks_complete() -> None:
     assert not looks_complete("I want to")
     assert not looks_complete("So I was thinking and.")
     assert not looks_complete("")
+    assert not looks_complete("Hello.")  # an opener: the question usually follows
+    assert not looks_complete("Hi there!")
+    assert looks_complete("Yes.")
