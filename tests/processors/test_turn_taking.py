@@ -89,7 +89,7 @@ def test_noise_without_any_transcript_is_not_a_turn() -> None:
 
 
 def test_transcript_without_vad_is_treated_as_a_pause() -> None:
-    acts = run([Transcript(2.0, "See you then.", True)])
+    acts = run([Transcript(2.0, "That works for me.", True)])
     assert end_times(acts) == [2.0]
 
 
