@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from aiohttp import web
 from loguru import logger
@@ -199,3 +199,25 @@ async def serve(
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         await runner.cleanup()
+
+
+class ServerArgs(Protocol):
+    """What every model server's parsed CLI config carries for serving."""
+
+    host: str
+    port: int
+    watch_parent: bool
+
+
+def run_server(app: web.Application, cfg: ServerArgs, ready_out: IO[str], started: float) -> None:
+    """Serve ``app`` as configured until stopped (the shared tail of every server's main)."""
+    asyncio.run(
+        serve(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            ready_out=ready_out,
+            watch_parent=cfg.watch_parent,
+            started_at=started,
+        )
+    )

@@ -61,7 +61,7 @@ from pipelines.local._common import (
     resolve_api_key,
     rss_mb,
     run_main,
-    serve,
+    run_server,
 )
 
 MODEL_ID = "qwen2.5-coder-0.5b-instruct"
@@ -553,16 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     server = LLMServer(cfg)
     # The embedded listener gets a key nobody knows: effectively closed.
     server.load(http_api_key=secrets.token_urlsafe(32), http_port=0)
-    asyncio.run(
-        serve(
-            server.app(),
-            host=cfg.host,
-            port=cfg.port,
-            ready_out=ready_out,
-            watch_parent=cfg.watch_parent,
-            started_at=started,
-        )
-    )
+    run_server(server.app(), cfg, ready_out, started)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from pipelines.local._common import (
     require_loopback,
     rss_mb,
     run_main,
-    serve,
+    run_server,
 )
 from pipelines.local.scheduling import DeadlineSlots
 
@@ -581,16 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     server = PiperServer(cfg)
     server.load()
-    asyncio.run(
-        serve(
-            server.app(),
-            host=cfg.host,
-            port=cfg.port,
-            ready_out=ready_out,
-            watch_parent=cfg.watch_parent,
-            started_at=started,
-        )
-    )
+    run_server(server.app(), cfg, ready_out, started)
 
 
 if __name__ == "__main__":
