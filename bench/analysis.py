@@ -22,11 +22,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.emulators.openai_chat import last_user_text, tokenize
-from bench.loadgen import CallResult, LoadResult, TurnResult
-from bench.scenario import first_sentence
-from bench.servers import ServerInfo
-from bench.stats import Summary, TurnTimes, gap_cause, summarize
+from pipeswitch.bench.emulators.openai_chat import last_user_text, tokenize
+from pipeswitch.bench.loadgen import CallResult, LoadResult, TurnResult
+from pipeswitch.bench.scenario import first_sentence
+from pipeswitch.bench.servers import ServerInfo
+from pipeswitch.bench.stats import Summary, TurnTimes, gap_cause, summarize
 
 # Wire-anchored stages of a turn, in order (keys of TurnRecord.stages_ms).
 STAGES: tuple[tuple[str, str], ...] = (

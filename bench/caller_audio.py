@@ -16,7 +16,7 @@ import aiohttp
 import numpy as np
 from loguru import logger
 
-from bench.scenario import BARGE_IN, QUESTIONS
+from pipeswitch.bench.scenario import BARGE_IN, QUESTIONS
 
 CACHE_VERSION = 1
 VOICED_RMS = 300.0  # same threshold as StreamConfig.voiced_rms (~ -40 dBFS)
@@ -73,7 +73,7 @@ async def load_caller_audio(
     paths = [cache_dir / f"{_key(t, rate, voice)}.pcm" for t in texts]
     missing = [(t, p) for t, p in zip(texts, paths, strict=True) if not p.exists()]
     if missing:
-        from pipelines.local.supervisor import LocalModelServers
+        from pipeswitch.pipelines.local.supervisor import LocalModelServers
 
         logger.info("synthesizing {} caller utterances at {} Hz with Piper", len(missing), rate)
         async with (

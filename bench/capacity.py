@@ -27,13 +27,13 @@ from typing import Any
 from loguru import logger
 from tqdm import tqdm
 
-from bench.caller_audio import load_caller_audio
-from bench.latency import add_common_arguments, providers_from, server_summary
-from bench.loadgen import CallSpec, LoadSpec, TurnResult
-from bench.report import results_dir, write_outputs
-from bench.run import ProviderProfile, SessionOptions, run_session
-from bench.servers import ServerKind, wait_for_quiet_machine
-from bench.stats import per_call
+from pipeswitch.bench.caller_audio import load_caller_audio
+from pipeswitch.bench.latency import add_common_arguments, providers_from, server_summary
+from pipeswitch.bench.loadgen import CallSpec, LoadSpec, TurnResult
+from pipeswitch.bench.report import results_dir, write_outputs
+from pipeswitch.bench.run import ProviderProfile, SessionOptions, run_session
+from pipeswitch.bench.servers import ServerKind, wait_for_quiet_machine
+from pipeswitch.bench.stats import per_call
 
 SETTLE_S = 2.0  # after the ramp, before the steady window opens
 

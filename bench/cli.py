@@ -1,4 +1,4 @@
-"""``pipeswitch bench …`` / ``python -m bench.cli …``: latency, capacity and profile benches.
+"""``pipeswitch bench …`` / ``python -m pipeswitch.bench.cli …``: latency, capacity and profile benches.
 
 * ``latency``  - N calls × M turns: wire latency, server overhead, barge-in stop,
   the pipeline's own breakdown; ``--gate-overhead-p95-ms`` for CI.
@@ -18,9 +18,9 @@ import sys
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``latency`` / ``capacity`` / ``profile`` subcommands to ``parser``."""
-    from bench.capacity import add_capacity_arguments
-    from bench.latency import add_latency_arguments
-    from bench.profile import add_profile_arguments
+    from pipeswitch.bench.capacity import add_capacity_arguments
+    from pipeswitch.bench.latency import add_latency_arguments
+    from pipeswitch.bench.profile import add_profile_arguments
 
     sub = parser.add_subparsers(dest="bench_command", required=True)
     add_latency_arguments(
@@ -33,25 +33,25 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 async def run_bench(args: argparse.Namespace) -> int:
     """Run the bench subcommand in ``args``; returns the process exit status."""
     if args.bench_command == "latency":
-        from bench.latency import run_latency
+        from pipeswitch.bench.latency import run_latency
 
         return await run_latency(args)
     if args.bench_command == "capacity":
-        from bench.capacity import run_capacity
+        from pipeswitch.bench.capacity import run_capacity
 
         return await run_capacity(args)
     if args.bench_command == "profile":
-        from bench.profile import run_profile
+        from pipeswitch.bench.profile import run_profile
 
         return await run_profile(args)
     raise SystemExit(f"unknown bench command {args.bench_command!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.cli``."""
-    from config.logging import configure_logging
+    """``python -m pipeswitch.bench.cli``."""
+    from pipeswitch.config.logging import configure_logging
 
-    parser = argparse.ArgumentParser(prog="python -m bench.cli", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pipeswitch.bench.cli", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     add_bench_arguments(parser)
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Bench-only A/B switches: candidate optimisations patched into the bench server process.
 
-``python -m bench.serve --experiment NAME`` (``pipeswitch bench … --server-experiment
+``python -m pipeswitch.bench.serve --experiment NAME`` (``pipeswitch bench … --server-experiment
 NAME``) applies one of these *at run time, in the bench's server process only*, so a
 proposed change to ``pipelines/`` can be measured before anyone edits it. Nothing
 here is imported by the production server. Each patch is the smallest faithful
@@ -39,7 +39,7 @@ def _drop_caller_audio() -> None:
     from pipecat.processors.aggregators.llm_response_universal import LLMUserAggregator
     from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-    import pipelines.cascade as cascade
+    import pipeswitch.pipelines.cascade as cascade
 
     class DropCallerAudio(FrameProcessor):
         """Caller audio has reached STT and VAD; it stops here (no queue: direct mode)."""
@@ -67,7 +67,7 @@ def _drop_caller_audio() -> None:
 
 
 def _no_turn_tracking() -> None:
-    import pipelines.session as session
+    import pipeswitch.pipelines.session as session
 
     original = session.PipelineWorker
 
@@ -79,7 +79,7 @@ def _no_turn_tracking() -> None:
 
 
 def _no_vad_volume() -> None:
-    from pipelines.vad import BatchedSileroVADAnalyzer
+    from pipeswitch.pipelines.vad import BatchedSileroVADAnalyzer
 
     original: Callable[[Any, bytes], float] = BatchedSileroVADAnalyzer._get_smoothed_volume
 
@@ -96,7 +96,7 @@ def _stt_batch() -> None:
     from pipecat.processors.frame_processor import FrameDirection
     from pipecat.services.deepgram.stt import DeepgramSTTService
 
-    import pipelines.services as services
+    import pipeswitch.pipelines.services as services
 
     class BatchedDeepgramSTTService(DeepgramSTTService):
         """Deepgram accepts any chunk size; 100 ms messages cost 5x fewer sends."""

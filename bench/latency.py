@@ -30,12 +30,12 @@ from typing import Any
 from loguru import logger
 from tqdm import tqdm
 
-from bench.analysis import build_turn_records, summarize_calls, summarize_turns
-from bench.caller_audio import load_caller_audio
-from bench.loadgen import CallSpec, LoadSpec, TurnResult
-from bench.report import results_dir, write_outputs
-from bench.run import ProviderProfile, SessionOptions, SessionResult, run_session
-from bench.servers import ServerKind
+from pipeswitch.bench.analysis import build_turn_records, summarize_calls, summarize_turns
+from pipeswitch.bench.caller_audio import load_caller_audio
+from pipeswitch.bench.loadgen import CallSpec, LoadSpec, TurnResult
+from pipeswitch.bench.report import results_dir, write_outputs
+from pipeswitch.bench.run import ProviderProfile, SessionOptions, SessionResult, run_session
+from pipeswitch.bench.servers import ServerKind
 
 
 def add_latency_arguments(p: argparse.ArgumentParser) -> None:

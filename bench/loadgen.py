@@ -9,7 +9,7 @@ the bench can line the caller's view up with the server's and the emulators'.
 
 All calls of one process share one event loop; audio is precomputed
 (:mod:`bench.caller_audio`), so a tick only slices bytes. With
-``python -m bench.loadgen SPEC.json OUT.json`` a second process can run a share
+``python -m pipeswitch.bench.loadgen SPEC.json OUT.json`` a second process can run a share
 of the calls (the capacity bench's ``--loadgen-procs 2``).
 """
 
@@ -30,11 +30,17 @@ from typing import Any
 
 from loguru import logger
 
-from bench.caller_audio import CallerAudio, load_caller_audio
-from bench.fakeswitch.audio import peak_above
-from bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
-from bench.probe import LoopLagMonitor
-from bench.stats import RxFrame, analyse_reply, first_gap_after, percentile, reply_window_frames
+from pipeswitch.bench.caller_audio import CallerAudio, load_caller_audio
+from pipeswitch.bench.fakeswitch.audio import peak_above
+from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
+from pipeswitch.bench.probe import LoopLagMonitor
+from pipeswitch.bench.stats import (
+    RxFrame,
+    analyse_reply,
+    first_gap_after,
+    percentile,
+    reply_window_frames,
+)
 
 # Which emulated module build plays each playback dialect (transports/dialects.py).
 DIALECT_PLAYBACK = {"json-stream": "voxcom", "binary": "cloudfieldcz", "file": "community"}
@@ -551,11 +557,11 @@ async def _worker(spec_path: Path, out_path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m bench.loadgen SPEC.json OUT.json``: run a share of a load."""
+    """``python -m pipeswitch.bench.loadgen SPEC.json OUT.json``: run a share of a load."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        raise SystemExit("usage: python -m bench.loadgen SPEC.json OUT.json")
-    from config.logging import configure_logging
+        raise SystemExit("usage: python -m pipeswitch.bench.loadgen SPEC.json OUT.json")
+    from pipeswitch.config.logging import configure_logging
 
     configure_logging("WARNING")
     asyncio.run(_worker(Path(args[0]), Path(args[1])))

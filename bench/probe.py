@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bench.stats import summarize
+from pipeswitch.bench.stats import summarize
 
 CallsProvider = Callable[[], list[dict[str, Any]]]
 HealthProvider = Callable[[], dict[str, Any]]

@@ -27,12 +27,12 @@ from typing import Any
 
 from loguru import logger
 
-from bench.caller_audio import load_caller_audio
-from bench.latency import add_common_arguments, providers_from, server_summary
-from bench.loadgen import CallSpec, LoadSpec
-from bench.report import SERVER_LABELS, results_dir
-from bench.run import SessionOptions, run_session
-from bench.servers import ServerKind, ServerProcess
+from pipeswitch.bench.caller_audio import load_caller_audio
+from pipeswitch.bench.latency import add_common_arguments, providers_from, server_summary
+from pipeswitch.bench.loadgen import CallSpec, LoadSpec
+from pipeswitch.bench.report import SERVER_LABELS, results_dir
+from pipeswitch.bench.run import SessionOptions, run_session
+from pipeswitch.bench.servers import ServerKind, ServerProcess
 
 # (label, regex on one frame "function (file:line)") - a sample counts once per category.
 CATEGORIES: tuple[tuple[str, str], ...] = (

@@ -22,7 +22,7 @@ capacity and overhead figure can be reported as a ratio against it:
   tenant: binary L16 in, ``streamAudio`` JSON out (``json-stream`` dialect).
 
 Greeting, system prompt and provider settings are the default tenant's.
-Run: ``python -m bench.reference --emulators '{…}'``; prints one JSON ready
+Run: ``python -m pipeswitch.bench.reference --emulators '{…}'``; prints one JSON ready
 line on stdout, then serves until SIGTERM / stdin EOF.
 """
 
@@ -43,7 +43,7 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from bench.probe import BenchProbe, breakdown_dict, user_texts, wait_for_stop_signal
+from pipeswitch.bench.probe import BenchProbe, breakdown_dict, user_texts, wait_for_stop_signal
 
 VAD_STOP_SECS = 0.2
 USER_SPEECH_TIMEOUT = 0.2
@@ -190,7 +190,7 @@ class ReferenceServer:
     """aiohttp endpoint; one plain Pipecat pipeline per connection."""
 
     def __init__(self, urls: dict[str, str], piper_url: str, http: aiohttp.ClientSession) -> None:
-        from config.tenants import builtin_default_tenant
+        from pipeswitch.config.tenants import builtin_default_tenant
 
         self.urls = urls
         self.piper_url = piper_url
@@ -357,7 +357,7 @@ class ReferenceServer:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.reference", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m pipeswitch.bench.reference", description=__doc__)
     p.add_argument("--emulators", required=True, help="JSON with deepgram_url, groq_base_url")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--uvloop", action="store_true")
@@ -365,9 +365,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _amain(args: argparse.Namespace) -> None:
-    from config.logging import configure_logging
-    from config.tenants import builtin_default_tenant
-    from pipelines.local.supervisor import LocalModelServers
+    from pipeswitch.config.logging import configure_logging
+    from pipeswitch.config.tenants import builtin_default_tenant
+    from pipeswitch.pipelines.local.supervisor import LocalModelServers
 
     configure_logging(args.log_level)
     install_fastapi_stubs()

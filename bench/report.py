@@ -15,8 +15,8 @@ from typing import Any
 
 from loguru import logger
 
-from bench.analysis import STAGES
-from bench.stats import ratio
+from pipeswitch.bench.analysis import STAGES
+from pipeswitch.bench.stats import ratio
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 RESULTS_ENV = "PIPESWITCH_BENCH_RESULTS"  # overrides RESULTS_ROOT (tests)
@@ -456,7 +456,7 @@ def rerender(results_dir_: Path) -> str:
     """
     doc = json.loads((results_dir_ / "results.json").read_text())
     if doc["kind"] == "capacity":
-        from bench.capacity import evaluate, evaluate_near_clean, relative_ceiling
+        from pipeswitch.bench.capacity import evaluate, evaluate_near_clean, relative_ceiling
 
         budget = float(doc["params"]["overhead_budget_ms"])
         for kind, steps in doc["servers"].items():

@@ -24,9 +24,13 @@ from typing import Any
 import psutil
 from loguru import logger
 
-from bench.caller_audio import CallerAudio
-from bench.emulators.runner import EmulatorConfig, EmulatorProcess, start_emulator_process
-from bench.loadgen import (
+from pipeswitch.bench.caller_audio import CallerAudio
+from pipeswitch.bench.emulators.runner import (
+    EmulatorConfig,
+    EmulatorProcess,
+    start_emulator_process,
+)
+from pipeswitch.bench.loadgen import (
     CallSpec,
     LoadResult,
     LoadSpec,
@@ -34,8 +38,8 @@ from bench.loadgen import (
     result_from_json,
     run_load,
 )
-from bench.scenario import REPLY_SCRIPTS, STT_SCRIPT
-from bench.servers import (
+from pipeswitch.bench.scenario import REPLY_SCRIPTS, STT_SCRIPT
+from pipeswitch.bench.servers import (
     ProcessSampler,
     ProcWindow,
     ServerInfo,
@@ -137,7 +141,9 @@ async def _run_split(
         sp, op = tmp / f"spec-{i}.json", tmp / f"out-{i}.json"
         sp.write_text(spec.to_json())
         p = subprocess.Popen(
-            [sys.executable, "-m", "bench.loadgen", str(sp), str(op)], cwd=REPO_ROOT, env=env
+            [sys.executable, "-m", "pipeswitch.bench.loadgen", str(sp), str(op)],
+            cwd=REPO_ROOT,
+            env=env,
         )
         workers.append((p, op))
     mine = LoadSpec(**{**load.__dict__, "calls": shares[0]})

@@ -23,7 +23,7 @@ import itertools
 import re
 from typing import Any
 
-from bench.emulators.openai_chat import last_user_text
+from pipeswitch.bench.emulators.openai_chat import last_user_text
 
 # Spoken by the emulated caller (synthesized with Piper). No commas: a comma pause
 # can split a question into two utterances, which is a different test.

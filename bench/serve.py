@@ -1,6 +1,6 @@
 """Bench-only entry: Pipeswitch in its own process, pointed at running emulators.
 
-``python -m bench.serve --emulators '{"deepgram_url": …, "groq_base_url": …}'``
+``python -m pipeswitch.bench.serve --emulators '{"deepgram_url": …, "groq_base_url": …}'``
 
 Starts exactly what ``pipeswitch serve --providers emulated`` starts (the same
 :class:`pipelines.app.Pipeswitch`, its Piper child, the default tenant) but
@@ -19,11 +19,11 @@ import os
 import sys
 from typing import Any
 
-from bench.probe import BenchProbe, breakdown_dict, user_texts, wait_for_stop_signal
+from pipeswitch.bench.probe import BenchProbe, breakdown_dict, user_texts, wait_for_stop_signal
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m pipeswitch.bench.serve", description=__doc__)
     p.add_argument("--emulators", required=True, help="JSON with deepgram_url, groq_base_url")
     p.add_argument("--dialect", default="json-stream", choices=["json-stream", "binary", "file"])
     p.add_argument("--log-level", default="WARNING")
@@ -49,14 +49,14 @@ def _record_dict(rec: Any) -> dict[str, Any]:
 
 
 async def _amain(args: argparse.Namespace) -> None:
-    from bench.experiments import apply
-    from config.loaders import StaticTenantLoader
-    from config.logging import configure_logging
-    from config.settings import Settings
-    from config.tenants import DEFAULT_TENANT_NAME, Tenant
-    from pipelines.app import Pipeswitch
-    from pipelines.emulated import endpoints_for
-    from pipelines.session import CallRecord
+    from pipeswitch.bench.experiments import apply
+    from pipeswitch.config.loaders import StaticTenantLoader
+    from pipeswitch.config.logging import configure_logging
+    from pipeswitch.config.settings import Settings
+    from pipeswitch.config.tenants import DEFAULT_TENANT_NAME, Tenant
+    from pipeswitch.pipelines.app import Pipeswitch
+    from pipeswitch.pipelines.emulated import endpoints_for
+    from pipeswitch.pipelines.session import CallRecord
 
     configure_logging(args.log_level)
     experiments = apply(args.experiment)

@@ -1,7 +1,7 @@
 """Driver side: start a server under test in its own process and watch it.
 
-A :class:`ServerProcess` is ``python -m bench.serve`` (Pipeswitch) or
-``python -m bench.reference`` (plain Pipecat), started with the emulators'
+A :class:`ServerProcess` is ``python -m pipeswitch.bench.serve`` (Pipeswitch) or
+``python -m pipeswitch.bench.reference`` (plain Pipecat), started with the emulators'
 URLs; its Piper child is found with psutil. :class:`ProcessSampler` measures
 CPU (from cumulative CPU times, so nothing is missed between samples), main
 thread CPU and RSS of the server, its Piper child and any other process.
@@ -24,11 +24,14 @@ import aiohttp
 import psutil
 from loguru import logger
 
-from bench.stats import cpu_percent, summarize
+from pipeswitch.bench.stats import cpu_percent, summarize
 
 ServerKind = Literal["pipeswitch", "reference"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
-_MODULES: dict[ServerKind, str] = {"pipeswitch": "bench.serve", "reference": "bench.reference"}
+_MODULES: dict[ServerKind, str] = {
+    "pipeswitch": "pipeswitch.bench.serve",
+    "reference": "pipeswitch.bench.reference",
+}
 
 
 @dataclass

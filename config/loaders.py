@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import yaml
 from loguru import logger
 
-from config.tenants import DEFAULT_TENANT_NAME, Tenant, builtin_default_tenant
+from pipeswitch.config.tenants import DEFAULT_TENANT_NAME, Tenant, builtin_default_tenant
 
 
 class TenantNotFound(LookupError):

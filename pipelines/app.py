@@ -16,19 +16,19 @@ import aiohttp
 from aiohttp import web
 from loguru import logger
 
-from config.loaders import (
+from pipeswitch.config.loaders import (
     StaticTenantLoader,
     TenantLoader,
     TenantResolver,
     builtin_loader,
     load_tenant_file,
 )
-from config.settings import Settings
-from pipelines.local.supervisor import LocalModelServers
-from pipelines.services import ProviderEndpoints
-from pipelines.session import CallSessions
-from pipelines.vad import shared_batcher
-from transports.server import CallServer
+from pipeswitch.config.settings import Settings
+from pipeswitch.pipelines.local.supervisor import LocalModelServers
+from pipeswitch.pipelines.services import ProviderEndpoints
+from pipeswitch.pipelines.session import CallSessions
+from pipeswitch.pipelines.vad import shared_batcher
+from pipeswitch.transports.server import CallServer
 
 
 def load_tenants(settings: Settings) -> tuple[TenantLoader, str | None]:

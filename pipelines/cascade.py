@@ -30,13 +30,13 @@ from pipecat.turns.user_start.transcription_user_turn_start_strategy import (
 from pipecat.turns.user_start.vad_user_turn_start_strategy import VADUserTurnStartStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
-from config.tenants import Tenant
-from pipelines.services import ProviderEndpoints, make_llm, make_stt, make_tts
-from pipelines.vad import BatchedSileroVADAnalyzer
-from processors.caller_audio import CallerAudioSink
-from processors.heard_context import HeardContextProcessor
-from processors.turn_taking import AdaptiveTurnStopStrategy, TurnParams
-from transports.transport import FreeSwitchCallTransport
+from pipeswitch.config.tenants import Tenant
+from pipeswitch.pipelines.services import ProviderEndpoints, make_llm, make_stt, make_tts
+from pipeswitch.pipelines.vad import BatchedSileroVADAnalyzer
+from pipeswitch.processors.caller_audio import CallerAudioSink
+from pipeswitch.processors.heard_context import HeardContextProcessor
+from pipeswitch.processors.turn_taking import AdaptiveTurnStopStrategy, TurnParams
+from pipeswitch.transports.transport import FreeSwitchCallTransport
 
 
 @dataclass

@@ -7,8 +7,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from config.logging import configure_logging
-from config.settings import Settings
+from pipeswitch.config.logging import configure_logging
+from pipeswitch.config.settings import Settings
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -61,9 +61,9 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 
 
 async def _serve(args: argparse.Namespace, argv: list[str]) -> int:
-    from pipelines.app import Pipeswitch, serve_forever, settings_endpoints
-    from pipelines.emulated import emulated_endpoints
-    from pipelines.workers import serve_workers, worker_endpoints
+    from pipeswitch.pipelines.app import Pipeswitch, serve_forever, settings_endpoints
+    from pipeswitch.pipelines.emulated import emulated_endpoints
+    from pipeswitch.pipelines.workers import serve_workers, worker_endpoints
 
     settings = _settings(args)
     handed = worker_endpoints()
@@ -91,15 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_args(sub.add_parser("serve", help="run the media server"))
 
-    from bench.fakeswitch.cli import add_call_arguments, run_call
+    from pipeswitch.bench.fakeswitch.cli import add_call_arguments, run_call
 
     add_call_arguments(sub.add_parser("call", help="place one emulated FreeSWITCH call"))
 
-    from pipelines.demo import add_demo_arguments, run_demo
+    from pipeswitch.pipelines.demo import add_demo_arguments, run_demo
 
     add_demo_arguments(sub.add_parser("demo", help="offline demo: server + one spoken call"))
 
-    from bench.cli import add_bench_arguments, run_bench
+    from pipeswitch.bench.cli import add_bench_arguments, run_bench
 
     add_bench_arguments(sub.add_parser("bench", help="latency and capacity benchmarks"))
 

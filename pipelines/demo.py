@@ -18,13 +18,13 @@ from typing import Any
 
 import aiohttp
 
-from bench.fakeswitch.audio import load_wav, resample, write_wav
-from bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
-from config.settings import Settings
-from pipelines.app import Pipeswitch
-from pipelines.cascade import CallPipeline
-from pipelines.local.models import set_offline_env
-from pipelines.session import CallRecord
+from pipeswitch.bench.fakeswitch.audio import load_wav, resample, write_wav
+from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
+from pipeswitch.config.settings import Settings
+from pipeswitch.pipelines.app import Pipeswitch
+from pipeswitch.pipelines.cascade import CallPipeline
+from pipeswitch.pipelines.local.models import set_offline_env
+from pipeswitch.pipelines.session import CallRecord
 
 DEFAULT_QUESTION = "Hello, what time do you open tomorrow morning?"
 

@@ -11,9 +11,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from bench.emulators.runner import EmulatorConfig, RunningEmulators, start_emulator_process
-from config.settings import Settings
-from pipelines.services import ProviderEndpoints
+from pipeswitch.bench.emulators.runner import (
+    EmulatorConfig,
+    RunningEmulators,
+    start_emulator_process,
+)
+from pipeswitch.config.settings import Settings
+from pipeswitch.pipelines.services import ProviderEndpoints
 
 EMULATED_KEY = "emulated"
 

@@ -20,9 +20,9 @@ from pipecat.services.stt_service import STTService
 from pipecat.services.tts_service import TTSService
 from pipecat.transcriptions.language import Language
 
-from config.settings import ProviderMode
-from config.tenants import Tenant
-from processors.clause_aggregator import FirstClauseAggregator
+from pipeswitch.config.settings import ProviderMode
+from pipeswitch.config.tenants import Tenant
+from pipeswitch.processors.clause_aggregator import FirstClauseAggregator
 
 LOCAL_LLM_MODEL = "qwen2.5-0.5b-instruct"
 LOCAL_STT_MODEL = "whisper-tiny.en"

@@ -21,13 +21,13 @@ from pipecat.observers.user_bot_latency_observer import UserBotLatencyObserver
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
-from config.settings import Settings
-from config.tenants import Tenant
-from pipelines.cascade import CallPipeline, build_cascade
-from pipelines.services import ProviderEndpoints
-from transports.call_info import CallInfo
-from transports.frames import CallMetadataFrame
-from transports.transport import FreeSwitchCallTransport
+from pipeswitch.config.settings import Settings
+from pipeswitch.config.tenants import Tenant
+from pipeswitch.pipelines.cascade import CallPipeline, build_cascade
+from pipeswitch.pipelines.services import ProviderEndpoints
+from pipeswitch.transports.call_info import CallInfo
+from pipeswitch.transports.frames import CallMetadataFrame
+from pipeswitch.transports.transport import FreeSwitchCallTransport
 
 
 @dataclass

@@ -19,14 +19,14 @@ from dataclasses import asdict
 
 from loguru import logger
 
-from config.settings import Settings
-from pipelines.app import (
+from pipeswitch.config.settings import Settings
+from pipeswitch.pipelines.app import (
     endpoints_with_local,
     load_tenants,
     needs_local_models,
     start_local_models,
 )
-from pipelines.services import ProviderEndpoints
+from pipeswitch.pipelines.services import ProviderEndpoints
 
 ENDPOINTS_ENV = "PIPESWITCH_WORKER_ENDPOINTS"
 
@@ -55,7 +55,9 @@ async def serve_workers(
         ep = endpoints_with_local(ep, models)
     env = {**os.environ, ENDPOINTS_ENV: json.dumps(asdict(ep))}
     procs = [
-        await asyncio.create_subprocess_exec(sys.executable, "-m", "pipelines.cli", *argv, env=env)
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pipeswitch.pipelines.cli", *argv, env=env
+        )
         for _ in range(workers)
     ]
     logger.info(

@@ -16,7 +16,7 @@ from pipecat.frames.frames import Frame, InterruptionFrame
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from transports.frames import PlaybackInterruptedFrame, PromptPlayedFrame
+from pipeswitch.transports.frames import PlaybackInterruptedFrame, PromptPlayedFrame
 
 
 class HeardContextProcessor(FrameProcessor):

@@ -16,12 +16,12 @@ import pytest
 import pytest_asyncio
 from loguru import logger
 
-from bench.emulators.runner import EmulatorConfig, RunningEmulators, run_emulators
-from config.loaders import StaticTenantLoader
-from config.settings import Settings
-from config.tenants import Tenant
-from pipelines.app import Pipeswitch
-from pipelines.emulated import endpoints_for
+from pipeswitch.bench.emulators.runner import EmulatorConfig, RunningEmulators, run_emulators
+from pipeswitch.config.loaders import StaticTenantLoader
+from pipeswitch.config.settings import Settings
+from pipeswitch.config.tenants import Tenant
+from pipeswitch.pipelines.app import Pipeswitch
+from pipeswitch.pipelines.emulated import endpoints_for
 
 QUESTION = "What are your opening hours on Saturday?"
 BARGE_IN = "Sorry, can you hold on a second?"

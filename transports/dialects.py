@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 from typing import Protocol
 
-from config.tenants import PlaybackDialect as DialectName
+from pipeswitch.config.tenants import PlaybackDialect as DialectName
 
 CLEAR_AUDIO = '{"type":"clearAudio"}'
 

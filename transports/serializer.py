@@ -30,9 +30,9 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameProcessorSetup
 from pipecat.serializers.base_serializer import FrameSerializer
 
-from transports.dialects import Dialect
-from transports.frames import CallMetadataFrame
-from transports.resample import StreamResampler
+from pipeswitch.transports.dialects import Dialect
+from pipeswitch.transports.frames import CallMetadataFrame
+from pipeswitch.transports.resample import StreamResampler
 
 _DTMF_DIGITS = {e.value: e for e in KeypadEntry}
 

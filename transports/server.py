@@ -21,13 +21,13 @@ from aiohttp import web
 from loguru import logger
 from pipecat.transports.base_transport import TransportParams
 
-from config.loaders import TenantNotFound, TenantResolver
-from config.settings import Settings
-from config.tenants import Tenant
-from transports.call_info import BadCallRequest, CallInfo, parse_call_request
-from transports.dialects import make_dialect
-from transports.serializer import ModAudioStreamSerializer, pipeline_rate_for
-from transports.transport import FreeSwitchCallTransport, PlaybackControl
+from pipeswitch.config.loaders import TenantNotFound, TenantResolver
+from pipeswitch.config.settings import Settings
+from pipeswitch.config.tenants import Tenant
+from pipeswitch.transports.call_info import BadCallRequest, CallInfo, parse_call_request
+from pipeswitch.transports.dialects import make_dialect
+from pipeswitch.transports.serializer import ModAudioStreamSerializer, pipeline_rate_for
+from pipeswitch.transports.transport import FreeSwitchCallTransport, PlaybackControl
 
 if TYPE_CHECKING:
     from loguru import Logger

@@ -33,9 +33,13 @@ from pipecat.transports.base_input import BaseInputTransport
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
-from transports.call_info import CallInfo
-from transports.frames import CallMetadataFrame, PlaybackInterruptedFrame, PromptPlayedFrame
-from transports.serializer import ModAudioStreamSerializer
+from pipeswitch.transports.call_info import CallInfo
+from pipeswitch.transports.frames import (
+    CallMetadataFrame,
+    PlaybackInterruptedFrame,
+    PromptPlayedFrame,
+)
+from pipeswitch.transports.serializer import ModAudioStreamSerializer
 
 # How long a closing call waits for queued audio to finish playing at the far end.
 MAX_DRAIN_SECS = 5.0

@@ -4,16 +4,16 @@ Loopback servers that speak each provider's real protocol, so the unmodified
 Pipecat services can be pointed at them by ``base_url``. See :mod:`.runner`.
 """
 
-from bench.emulators.deepgram import DeepgramEmulator, DeepgramFaults, DeepgramSettings
-from bench.emulators.latency import (
+from pipeswitch.bench.emulators.deepgram import DeepgramEmulator, DeepgramFaults, DeepgramSettings
+from pipeswitch.bench.emulators.latency import (
     DEEPGRAM_TTFS,
     ELEVENLABS_TTFB,
     GROQ_TTFT,
     LatencyModel,
     LatencySpec,
 )
-from bench.emulators.openai_chat import ChatFaults, OpenAIChatEmulator, ToolCall
-from bench.emulators.runner import (
+from pipeswitch.bench.emulators.openai_chat import ChatFaults, OpenAIChatEmulator, ToolCall
+from pipeswitch.bench.emulators.runner import (
     EmulatorConfig,
     EmulatorProcess,
     RunningEmulators,

@@ -1,6 +1,6 @@
-"""``python -m bench.emulators``: run the provider emulators standalone."""
+"""``python -m pipeswitch.bench.emulators``: run the provider emulators standalone."""
 
-from bench.emulators.runner import main
+from pipeswitch.bench.emulators.runner import main
 
 if __name__ == "__main__":
     main()

@@ -62,7 +62,7 @@ from typing import Any, Literal
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from bench.emulators.latency import DEEPGRAM_TTFS, LatencyModel
+from pipeswitch.bench.emulators.latency import DEEPGRAM_TTFS, LatencyModel
 
 TranscriptScript = Sequence[str] | Callable[[int], str]
 

@@ -47,7 +47,7 @@ from typing import Any, Literal, NoReturn
 
 from aiohttp import web
 
-from bench.emulators.latency import GROQ_TTFT, LatencyModel
+from pipeswitch.bench.emulators.latency import GROQ_TTFT, LatencyModel
 
 
 @dataclass

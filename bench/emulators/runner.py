@@ -16,7 +16,7 @@ latency)::
         proc.deepgram_url, proc.groq_base_url
         proc.llm_requests()   # the request log, fetched over HTTP
 
-Standalone: ``python -m bench.emulators --port-base 9100`` (Deepgram on 9100,
+Standalone: ``python -m pipeswitch.bench.emulators --port-base 9100`` (Deepgram on 9100,
 OpenAI/Groq on 9101).
 
 Each emulator listens on its own port; ``0`` picks a free one.
@@ -42,10 +42,10 @@ from typing import IO, Any
 
 from aiohttp import web
 
-from bench.emulators.deepgram import DeepgramEmulator, DeepgramFaults, DeepgramSettings
-from bench.emulators.latency import DEEPGRAM_TTFS, GROQ_TTFT, LatencyModel
-from bench.emulators.openai_chat import ChatFaults, ChatScript, OpenAIChatEmulator
-from bench.emulators.scripts import resolve_llm_script, resolve_stt_script
+from pipeswitch.bench.emulators.deepgram import DeepgramEmulator, DeepgramFaults, DeepgramSettings
+from pipeswitch.bench.emulators.latency import DEEPGRAM_TTFS, GROQ_TTFT, LatencyModel
+from pipeswitch.bench.emulators.openai_chat import ChatFaults, ChatScript, OpenAIChatEmulator
+from pipeswitch.bench.emulators.scripts import resolve_llm_script, resolve_stt_script
 
 SttScriptSpec = str | Sequence[str] | Callable[[int], str]
 LlmScriptSpec = str | Mapping[str, Any] | ChatScript
@@ -291,7 +291,7 @@ def start_emulator_process(
     cmd = [
         python or sys.executable,
         "-m",
-        "bench.emulators",
+        "pipeswitch.bench.emulators",
         "--config-json",
         cfg.to_json(),
         "--json",
@@ -329,7 +329,8 @@ def start_emulator_process(
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m bench.emulators", description="Run the Deepgram and OpenAI/Groq emulators."
+        prog="python -m pipeswitch.bench.emulators",
+        description="Run the Deepgram and OpenAI/Groq emulators.",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument(
@@ -406,7 +407,7 @@ async def _amain(cfg: EmulatorConfig, as_json: bool, exit_on_eof: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI entry point (``python -m bench.emulators``)."""
+    """CLI entry point (``python -m pipeswitch.bench.emulators``)."""
     args = _parse_args(argv)
     cfg = _config_from_args(args)
     if args.uvloop:

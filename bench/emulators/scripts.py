@@ -11,8 +11,8 @@ import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from bench.emulators.deepgram import DEFAULT_TRANSCRIPTS, TranscriptScript
-from bench.emulators.openai_chat import (
+from pipeswitch.bench.emulators.deepgram import DEFAULT_TRANSCRIPTS, TranscriptScript
+from pipeswitch.bench.emulators.openai_chat import (
     ChatReply,
     ChatScript,
     ToolCall,

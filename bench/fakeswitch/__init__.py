@@ -4,8 +4,8 @@ Used by tests, the latency bench and ``pipeswitch call``/``demo`` to drive the
 Pipeswitch server as a real FreeSWITCH would. See ``stream.FakeSwitchStream``.
 """
 
-from bench.fakeswitch.records import CloseRecord, ReceivedAudio, SentFrame, StreamEvent
-from bench.fakeswitch.stream import ConnState, FakeSwitchStream, StreamConfig
+from pipeswitch.bench.fakeswitch.records import CloseRecord, ReceivedAudio, SentFrame, StreamEvent
+from pipeswitch.bench.fakeswitch.stream import ConnState, FakeSwitchStream, StreamConfig
 
 __all__ = [
     "CloseRecord",

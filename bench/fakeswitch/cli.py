@@ -2,7 +2,7 @@
 
 Why here: the command only needs the emulator, so it lives with it;
 ``pipelines/cli.py`` mounts it with ``add_call_arguments`` + ``run_call``.
-Standalone: ``python -m bench.fakeswitch.cli --url … --wav q.wav --out a.wav``.
+Standalone: ``python -m pipeswitch.bench.fakeswitch.cli --url … --wav q.wav --out a.wav``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from uuid import uuid4
 
 from loguru import logger
 
-from bench.fakeswitch.audio import decode_audio_file, load_wav, resample, write_wav
-from bench.fakeswitch.records import EVENT_ERROR, EVENT_PLAY
-from bench.fakeswitch.stream import FakeSwitchStream, Playback, StreamConfig
+from pipeswitch.bench.fakeswitch.audio import decode_audio_file, load_wav, resample, write_wav
+from pipeswitch.bench.fakeswitch.records import EVENT_ERROR, EVENT_PLAY
+from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, Playback, StreamConfig
 
 __all__ = ["DIALECT_PLAYBACK", "add_call_arguments", "main", "run_call"]
 
@@ -223,9 +223,9 @@ async def run_call(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m bench.fakeswitch.cli``)."""
+    """Standalone entry point (``python -m pipeswitch.bench.fakeswitch.cli``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m bench.fakeswitch.cli",
+        prog="python -m pipeswitch.bench.fakeswitch.cli",
         description="Place one emulated FreeSWITCH mod_audio_stream call.",
     )
     add_call_arguments(parser)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bench.fakeswitch.wsframe import PerMessageDeflate
+from pipeswitch.bench.fakeswitch.wsframe import PerMessageDeflate
 
 __all__ = [
     "DEFLATE_OFFER",

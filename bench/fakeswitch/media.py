@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bench.fakeswitch.audio import voiced_flags
+from pipeswitch.bench.fakeswitch.audio import voiced_flags
 
 __all__ = ["MAX_BUG_BUFFER", "CallerSource", "MediaBug", "WriteBuffer"]
 

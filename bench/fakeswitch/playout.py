@@ -17,9 +17,9 @@ import numpy as np
 import soxr
 from loguru import logger
 
-from bench.fakeswitch.audio import decode_audio_bytes, peak_above, resample
-from bench.fakeswitch.media import WriteBuffer
-from bench.fakeswitch.records import ReceivedAudio
+from pipeswitch.bench.fakeswitch.audio import decode_audio_bytes, peak_above, resample
+from pipeswitch.bench.fakeswitch.media import WriteBuffer
+from pipeswitch.bench.fakeswitch.records import ReceivedAudio
 
 __all__ = ["CLOUDFIELD_WRITE_BUFFER", "Playback", "Playout"]
 

@@ -31,9 +31,9 @@ from uuid import uuid4
 
 from loguru import logger
 
-from bench.fakeswitch.audio import decode_audio_bytes, load_wav, resample
-from bench.fakeswitch.fsargs import api_text_argument
-from bench.fakeswitch.handshake import (
+from pipeswitch.bench.fakeswitch.audio import decode_audio_bytes, load_wav, resample
+from pipeswitch.bench.fakeswitch.fsargs import api_text_argument
+from pipeswitch.bench.fakeswitch.handshake import (
     WsUrl,
     build_upgrade_request,
     find_header_end,
@@ -43,9 +43,9 @@ from bench.fakeswitch.handshake import (
     parse_ws_url,
     upgrade_accepted,
 )
-from bench.fakeswitch.media import CallerSource, MediaBug
-from bench.fakeswitch.playout import Playback, Playout
-from bench.fakeswitch.records import (
+from pipeswitch.bench.fakeswitch.media import CallerSource, MediaBug
+from pipeswitch.bench.fakeswitch.playout import Playback, Playout
+from pipeswitch.bench.fakeswitch.records import (
     ERR_CONNECT_FAILED,
     ERR_IO,
     ERR_NOT_SUPPORTED,
@@ -62,8 +62,8 @@ from bench.fakeswitch.records import (
     StreamEvent,
     WireMessage,
 )
-from bench.fakeswitch.streamaudio import CJObject, cjson_dumps, process_message
-from bench.fakeswitch.wsframe import (
+from pipeswitch.bench.fakeswitch.streamaudio import CJObject, cjson_dumps, process_message
+from pipeswitch.bench.fakeswitch.wsframe import (
     Frame,
     FrameParser,
     MaskKeys,

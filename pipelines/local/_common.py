@@ -1,6 +1,6 @@
 """Plumbing shared by the local inference server processes.
 
-Each server is started as ``python -m pipelines.local.<server>`` and reports readiness with
+Each server is started as ``python -m pipeswitch.pipelines.local.<server>`` and reports readiness with
 a single JSON line on stdout (``{"ready": true, "port": N}``). Everything else (logs, and
 anything a native library prints) goes to stderr, so stdout is claimed at start-up.
 """
@@ -140,7 +140,7 @@ class LatencyStat:
 
 def run_main(name: str, main: Callable[[], None]) -> None:
     """Run a server's ``main``; expected start-up failures exit 2 with one clear line."""
-    from pipelines.local.models import LocalModelsMissingError, ModelIntegrityError
+    from pipeswitch.pipelines.local.models import LocalModelsMissingError, ModelIntegrityError
 
     try:
         main()

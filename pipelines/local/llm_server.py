@@ -27,7 +27,7 @@ Two modes:
     ``POST /v1/chat/completions {"messages": [{"role": "system", ...}], "max_tokens": 1}``.
 
 Both require ``Authorization: Bearer <key>`` (``$PIPESWITCH_LOCAL_API_KEY`` or
-``--api-key``). Run: ``python -m pipelines.local.llm_server --host 127.0.0.1 --port 0``;
+``--api-key``). Run: ``python -m pipeswitch.pipelines.local.llm_server --host 127.0.0.1 --port 0``;
 prints ``{"ready": true, "port": N}`` on stdout once listening.
 """
 
@@ -50,8 +50,8 @@ from urllib.parse import urlparse
 from aiohttp import web
 from loguru import logger
 
-from pipelines.local import models
-from pipelines.local._common import (
+from pipeswitch.pipelines.local import models
+from pipeswitch.pipelines.local._common import (
     LatencyStat,
     bearer_auth_middleware,
     claim_stdout,

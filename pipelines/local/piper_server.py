@@ -20,7 +20,7 @@ Protocol (``PiperHttpTTSService.run_tts`` in pipecat 1.14):
 Also: ``POST /warm`` (pre-synthesize and pin fixed phrases), ``GET /health``,
 ``GET /metrics`` (JSON).
 
-Run: ``python -m pipelines.local.piper_server --host 127.0.0.1 --port 0 --voice joe``;
+Run: ``python -m pipeswitch.pipelines.local.piper_server --host 127.0.0.1 --port 0 --voice joe``;
 prints ``{"ready": true, "port": N}`` on stdout once listening.
 """
 
@@ -44,8 +44,8 @@ import numpy as np
 from aiohttp import web
 from loguru import logger
 
-from pipelines.local import models
-from pipelines.local._common import (
+from pipeswitch.pipelines.local import models
+from pipeswitch.pipelines.local._common import (
     LatencyStat,
     claim_stdout,
     configure_logging,
@@ -54,7 +54,7 @@ from pipelines.local._common import (
     run_main,
     run_server,
 )
-from pipelines.local.scheduling import DeadlineSlots
+from pipeswitch.pipelines.local.scheduling import DeadlineSlots
 
 ALLOWED_RATES = frozenset({8000, 16000, 22050, 24000, 32000, 44100, 48000})
 MAX_TEXT_CHARS = 5000

@@ -12,7 +12,7 @@ Usage::
     async with LocalModelServers.piper_only() as servers:  # cloud cascade: TTS only
         ...
 
-Children are ``sys.executable -m pipelines.local.<server>``; each prints one JSON ready line
+Children are ``sys.executable -m pipeswitch.pipelines.local.<server>``; each prints one JSON ready line
 (``{"ready": true, "port": N}``) once it listens on 127.0.0.1. Nothing is restarted
 automatically: a dead child shows up in :meth:`LocalModelServers.health` /
 :meth:`LocalModelServers.dead`. The per-run API key is passed to children through the
@@ -38,8 +38,8 @@ from typing import Any
 import aiohttp
 from loguru import logger
 
-from pipelines.local import models
-from pipelines.local._common import API_KEY_ENV
+from pipeswitch.pipelines.local import models
+from pipeswitch.pipelines.local._common import API_KEY_ENV
 
 HOST = "127.0.0.1"
 THREAD_ENV_VARS = (
@@ -102,7 +102,7 @@ def child_env(threads: int, api_key: str | None) -> dict[str, str]:
     env.pop(API_KEY_ENV, None)
     if api_key:
         env[API_KEY_ENV] = api_key
-    # Make `-m pipelines.local.*` importable even when Pipeswitch isn't installed.
+    # Make `-m pipeswitch.pipelines.local.*` importable even when Pipeswitch isn't installed.
     repo_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
     return env
@@ -166,7 +166,7 @@ class LocalModelServers:
                 args += ["--warm-rate", str(piper_warm_rate)]
             self._children["piper"] = ChildServer(
                 "piper",
-                "pipelines.local.piper_server",
+                "pipeswitch.pipelines.local.piper_server",
                 args + extra.get("piper", []),
                 piper_threads,
             )
@@ -180,7 +180,7 @@ class LocalModelServers:
             ]
             self._children["whisper"] = ChildServer(
                 "whisper",
-                "pipelines.local.whisper_server",
+                "pipeswitch.pipelines.local.whisper_server",
                 args + extra.get("whisper", []),
                 whisper_threads,
             )
@@ -197,7 +197,10 @@ class LocalModelServers:
                 llm_mode,
             ]
             self._children["llm"] = ChildServer(
-                "llm", "pipelines.local.llm_server", args + extra.get("llm", []), llm_threads
+                "llm",
+                "pipeswitch.pipelines.local.llm_server",
+                args + extra.get("llm", []),
+                llm_threads,
             )
         if not self._children:
             raise ValueError("nothing to start")

@@ -13,7 +13,7 @@ which would add latency). Requires ``Authorization: Bearer <key>`` (key from
 ``$PIPESWITCH_LOCAL_API_KEY`` or ``--api-key``); ``GET /health`` is public.
 One transcription runs at a time; up to ``--max-queue`` wait, more get ``503``.
 
-Run: ``python -m pipelines.local.whisper_server --host 127.0.0.1 --port 0``;
+Run: ``python -m pipeswitch.pipelines.local.whisper_server --host 127.0.0.1 --port 0``;
 prints ``{"ready": true, "port": N}`` on stdout once listening.
 """
 
@@ -33,8 +33,8 @@ import numpy as np
 from aiohttp import BodyPartReader, web
 from loguru import logger
 
-from pipelines.local import models
-from pipelines.local._common import (
+from pipeswitch.pipelines.local import models
+from pipeswitch.pipelines.local._common import (
     LatencyStat,
     bearer_auth_middleware,
     claim_stdout,

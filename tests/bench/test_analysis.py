@@ -6,11 +6,16 @@ from typing import Any
 
 import pytest
 
-from bench.analysis import build_turn_records, summarize_turns
-from bench.loadgen import CallResult, LoadResult, TurnResult
-from bench.profile import parse_collapsed
-from bench.scenario import first_sentence, question_number, reply_unique, unique_first_sentence
-from bench.servers import ServerInfo
+from pipeswitch.bench.analysis import build_turn_records, summarize_turns
+from pipeswitch.bench.loadgen import CallResult, LoadResult, TurnResult
+from pipeswitch.bench.profile import parse_collapsed
+from pipeswitch.bench.scenario import (
+    first_sentence,
+    question_number,
+    reply_unique,
+    unique_first_sentence,
+)
+from pipeswitch.bench.servers import ServerInfo
 
 OFFSET = 1_000_000.0  # unix - monotonic in the fake server process
 
@@ -171,7 +176,7 @@ def _doc(p95: float | None, n: int = 6, turns: int = 6, lost: int = 0) -> dict[s
 
 
 def test_gate_judges_overhead_not_absolute_latency() -> None:
-    from bench.latency import gate
+    from pipeswitch.bench.latency import gate
 
     assert gate(_doc(83.0), 150.0) == 0
     assert gate(_doc(151.0), 150.0) == 1
@@ -197,7 +202,12 @@ def _step(
 
 
 def test_capacity_verdicts() -> None:
-    from bench.capacity import evaluate, evaluate_near_clean, loadgen_suspect, relative_ceiling
+    from pipeswitch.bench.capacity import (
+        evaluate,
+        evaluate_near_clean,
+        loadgen_suspect,
+        relative_ceiling,
+    )
 
     assert evaluate(_step(5, 100.0), 150.0) == []
     assert evaluate(_step(5, 100.0, other=1), 150.0) == ["1 underruns"]

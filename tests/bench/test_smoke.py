@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import add_bench_arguments, run_bench
-from bench.report import RESULTS_ENV
+from pipeswitch.bench.cli import add_bench_arguments, run_bench
+from pipeswitch.bench.report import RESULTS_ENV
 
 
 @pytest.mark.slow

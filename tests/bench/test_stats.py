@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench.stats import (
+from pipeswitch.bench.stats import (
     UNDERRUN_GAP_S,
     RxFrame,
     TurnTimes,

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from config.loaders import TenantNotFound, TenantResolver, builtin_loader, load_tenant_file
+from pipeswitch.config.loaders import (
+    TenantNotFound,
+    TenantResolver,
+    builtin_loader,
+    load_tenant_file,
+)
 
 TOML = """
 default_tenant = "pbx.example.com"

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
+from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
 
 PLAYBACK_FOR_DIALECT = {"json-stream": "voxcom", "binary": "cloudfieldcz", "file": "community"}
 

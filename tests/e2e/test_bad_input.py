@@ -8,7 +8,7 @@ import os
 import aiohttp
 import pytest
 
-from bench.fakeswitch.handshake import build_upgrade_request, make_key, parse_ws_url
+from pipeswitch.bench.fakeswitch.handshake import build_upgrade_request, make_key, parse_ws_url
 from tests.conftest import QUESTION, Served
 from tests.e2e.helpers import ask, open_call, wait_bot_quiet
 

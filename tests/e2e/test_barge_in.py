@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from bench.emulators.scripts import LLM_SCRIPTS, LONG_REPLY
-from config.tenants import Tenant
+from pipeswitch.bench.emulators.scripts import LLM_SCRIPTS, LONG_REPLY
+from pipeswitch.config.tenants import Tenant
 from tests.conftest import BARGE_IN, QUESTION, Served
 from tests.e2e.helpers import ask, open_call, wait_bot_quiet
 

@@ -17,12 +17,12 @@ import jiwer
 import pytest
 import pytest_asyncio
 
-from bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
-from config.settings import Settings
-from pipelines.app import Pipeswitch
-from pipelines.cascade import CallPipeline
-from pipelines.local.models import set_offline_env
-from pipelines.session import CallRecord
+from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
+from pipeswitch.config.settings import Settings
+from pipeswitch.pipelines.app import Pipeswitch
+from pipeswitch.pipelines.cascade import CallPipeline
+from pipeswitch.pipelines.local.models import set_offline_env
+from pipeswitch.pipelines.session import CallRecord
 from tests.conftest import trim_silence
 from tests.e2e.helpers import is_speech_like, wait_bot_quiet, wait_for_bot_audio
 
@@ -104,7 +104,7 @@ def test_demo_runs_with_network_unreachable(tmp_path: Path) -> None:
         "ip link set lo up && "
         f"{sys.executable} -c 'import socket; socket.create_connection((\"1.1.1.1\", 443), 2)' "
         "2>/dev/null && exit 99; "
-        f"exec {sys.executable} -m pipelines.cli demo --out {out}"
+        f"exec {sys.executable} -m pipeswitch.pipelines.cli demo --out {out}"
     )
     proc = subprocess.run(
         ["unshare", "-n", "sh", "-c", script],

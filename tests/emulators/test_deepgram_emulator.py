@@ -18,7 +18,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.services.deepgram.stt import DeepgramSTTService
 
-from bench.emulators import DeepgramFaults, EmulatorConfig, run_emulators
+from pipeswitch.bench.emulators import DeepgramFaults, EmulatorConfig, run_emulators
 from tests.emulators.helpers import running_pipeline, silence, voiced
 
 SR = 16000

@@ -23,9 +23,9 @@ from pipecat.services.groq.llm import GroqLLMService
 from pipecat.services.llm_service import FunctionCallParams
 from pipecat.services.openai.llm import OpenAILLMService
 
-from bench.emulators import ChatFaults, EmulatorConfig, ToolCall, run_emulators
-from bench.emulators.openai_chat import default_reply, tokenize
-from bench.emulators.scripts import LONG_REPLY
+from pipeswitch.bench.emulators import ChatFaults, EmulatorConfig, ToolCall, run_emulators
+from pipeswitch.bench.emulators.openai_chat import default_reply, tokenize
+from pipeswitch.bench.emulators.scripts import LONG_REPLY
 from tests.emulators.helpers import FrameRecorder, running_pipeline
 
 TTFT_MS = 150.0

@@ -16,7 +16,7 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.groq.llm import GroqLLMService
 
-from bench.emulators import (
+from pipeswitch.bench.emulators import (
     DEEPGRAM_TTFS,
     GROQ_TTFT,
     ChatFaults,
@@ -25,7 +25,7 @@ from bench.emulators import (
     LatencyModel,
     start_emulator_process,
 )
-from bench.emulators.openai_chat import tokenize
+from pipeswitch.bench.emulators.openai_chat import tokenize
 from tests.emulators.helpers import running_pipeline, silence, voiced
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.fakeswitch.audio import write_wav
-from bench.fakeswitch.cli import add_call_arguments, run_call
+from pipeswitch.bench.fakeswitch.audio import write_wav
+from pipeswitch.bench.fakeswitch.cli import add_call_arguments, run_call
 from tests.fakeswitch.wsserver import FakeServer, ServerConn
 
 RATE = 8000

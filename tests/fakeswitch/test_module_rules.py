@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from bench.fakeswitch.fsargs import api_text_argument, separate_string
-from bench.fakeswitch.handshake import (
+from pipeswitch.bench.fakeswitch.fsargs import api_text_argument, separate_string
+from pipeswitch.bench.fakeswitch.handshake import (
     InvalidUrl,
     build_upgrade_request,
     negotiate_deflate,
@@ -16,7 +16,12 @@ from bench.fakeswitch.handshake import (
     parse_ws_url,
     upgrade_accepted,
 )
-from bench.fakeswitch.streamaudio import base64_decode, cjson_dumps, cjson_parse, process_message
+from pipeswitch.bench.fakeswitch.streamaudio import (
+    base64_decode,
+    cjson_dumps,
+    cjson_parse,
+    process_message,
+)
 
 # ---------------------------------------------------------------- URLs
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.fakeswitch.records import EVENT_JSON, EVENT_PLAY
-from bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
+from pipeswitch.bench.fakeswitch.records import EVENT_JSON, EVENT_PLAY
+from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
 from tests.fakeswitch.wsserver import FakeServer
 
 BIN = 0x2

@@ -13,9 +13,9 @@ import zlib
 import numpy as np
 import pytest
 
-from bench.fakeswitch.records import EVENT_CONNECT, EVENT_DISCONNECT, EVENT_ERROR
-from bench.fakeswitch.stream import ConnState, FakeSwitchStream, StreamConfig
-from bench.fakeswitch.wsframe import mask_payload
+from pipeswitch.bench.fakeswitch.records import EVENT_CONNECT, EVENT_DISCONNECT, EVENT_ERROR
+from pipeswitch.bench.fakeswitch.stream import ConnState, FakeSwitchStream, StreamConfig
+from pipeswitch.bench.fakeswitch.wsframe import mask_payload
 from tests.fakeswitch.wsserver import FakeServer, ServerConn
 
 BIN, TEXT, CLOSE, PING, PONG = 0x2, 0x1, 0x8, 0x9, 0xA

@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 
-from bench.fakeswitch.wsframe import (
+from pipeswitch.bench.fakeswitch.wsframe import (
     Frame,
     FrameParser,
     MaskKeys,

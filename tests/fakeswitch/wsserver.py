@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.fakeswitch.wsframe import mask_payload
+from pipeswitch.bench.fakeswitch.wsframe import mask_payload
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 

@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from pipelines.local import models
-from pipelines.local.supervisor import LocalModelServers
+from pipeswitch.pipelines.local import models
+from pipeswitch.pipelines.local.supervisor import LocalModelServers
 
 
 def _local_extra_problems() -> list[str]:

@@ -18,8 +18,8 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.services.openai.llm import OpenAILLMService
 from pipecat.tests.utils import run_test
 
-from pipelines.local.llm_server import MODEL_ID
-from pipelines.local.supervisor import LocalModelServers
+from pipeswitch.pipelines.local.llm_server import MODEL_ID
+from pipeswitch.pipelines.local.supervisor import LocalModelServers
 
 pytestmark = [pytest.mark.local_models, pytest.mark.asyncio(loop_scope="session")]
 

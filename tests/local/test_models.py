@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.local import models
+from pipeswitch.pipelines.local import models
 
 
 @pytest.fixture

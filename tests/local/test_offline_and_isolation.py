@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.local.supervisor import LocalModelServers
+from pipeswitch.pipelines.local.supervisor import LocalModelServers
 
 pytestmark = [pytest.mark.local_models, pytest.mark.asyncio(loop_scope="session")]
 
@@ -118,7 +118,7 @@ OFFLINE_SCRIPT = textwrap.dedent(
     rc = s.connect_ex(("1.1.1.1", 443))
     assert rc != 0, "network is reachable; expected none"
     os.environ.pop("HF_HUB_OFFLINE", None)  # the supervisor must set it for the children
-    from pipelines.local.supervisor import LocalModelServers
+    from pipeswitch.pipelines.local.supervisor import LocalModelServers
 
     async def main():
         async with LocalModelServers(start_timeout=180) as servers:

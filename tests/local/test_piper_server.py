@@ -17,7 +17,7 @@ from pipecat.pipeline.worker import PipelineParams
 from pipecat.services.piper.tts import PiperHttpTTSService
 from pipecat.tests.utils import run_test
 
-from pipelines.local.supervisor import LocalModelServers, LocalServerError
+from pipeswitch.pipelines.local.supervisor import LocalModelServers, LocalServerError
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -185,7 +185,7 @@ async def test_refuses_non_loopback_host() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "pipelines.local.piper_server",
+        "pipeswitch.pipelines.local.piper_server",
         "--host",
         "0.0.0.0",
         stdout=asyncio.subprocess.PIPE,

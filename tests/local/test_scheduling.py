@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pipelines.local.scheduling import BURST_GAP_SECS, DeadlineSlots
+from pipeswitch.pipelines.local.scheduling import BURST_GAP_SECS, DeadlineSlots
 
 
 def test_deadlines_follow_produced_audio() -> None:

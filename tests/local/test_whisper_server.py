@@ -16,7 +16,7 @@ from pipecat.pipeline.worker import PipelineParams
 from pipecat.services.openai.stt import OpenAISTTService
 from pipecat.tests.utils import SleepFrame, run_test
 
-from pipelines.local.supervisor import LocalModelServers
+from pipeswitch.pipelines.local.supervisor import LocalModelServers
 from tests.local.audio_utils import (
     SENTENCES,
     normalize_words,

@@ -11,7 +11,7 @@ import numpy as np
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams, VADState
 
-from pipelines.vad import BatchedSileroVADAnalyzer, SileroBatcher
+from pipeswitch.pipelines.vad import BatchedSileroVADAnalyzer, SileroBatcher
 
 
 def question() -> bytes:

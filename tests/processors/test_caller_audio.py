@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipecat.frames.frames import InputAudioRawFrame, TextFrame, UserStartedSpeakingFrame
 from pipecat.tests.utils import run_test
 
-from processors.caller_audio import CallerAudioSink
+from pipeswitch.processors.caller_audio import CallerAudioSink
 
 
 async def test_caller_audio_is_consumed_and_other_frames_pass() -> None:

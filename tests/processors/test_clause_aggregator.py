@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from processors.clause_aggregator import FirstClauseAggregator
+from pipeswitch.processors.clause_aggregator import FirstClauseAggregator
 
 
 async def feed(agg: FirstClauseAggregator, tokens: list[str]) -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from processors.turn_taking import (
+from pipeswitch.processors.turn_taking import (
     CancelTimer,
     EndTurn,
     Interim,

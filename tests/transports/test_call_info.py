@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from transports.call_info import BadCallRequest, parse_call_request
+from pipeswitch.transports.call_info import BadCallRequest, parse_call_request
 
 
 def test_canonical_url() -> None:

@@ -18,9 +18,14 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameProcessorSetup
 
-from transports.dialects import BinaryDialect, FileDialect, JsonStreamDialect, make_dialect
-from transports.frames import CallMetadataFrame
-from transports.serializer import ModAudioStreamSerializer, pipeline_rate_for
+from pipeswitch.transports.dialects import (
+    BinaryDialect,
+    FileDialect,
+    JsonStreamDialect,
+    make_dialect,
+)
+from pipeswitch.transports.frames import CallMetadataFrame
+from pipeswitch.transports.serializer import ModAudioStreamSerializer, pipeline_rate_for
 
 FIX = Path(__file__).parent.parent / "fixtures"
 

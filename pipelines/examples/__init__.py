@@ -1,0 +1,1 @@
+"""Example Python pipeline builders (see the README, "Pipelines in Python")."""
