@@ -456,9 +456,16 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
     def _arm_flush(self) -> None:
         self._cancel_flush()
         loop = asyncio.get_running_loop()
-        self._flush_handle = loop.call_later(
-            FLUSH_IDLE_SECS, lambda: self.create_task(self._flush(), "flush")
-        )
+        self._flush_handle = loop.call_later(FLUSH_IDLE_SECS, self._start_flush)
+
+    def _start_flush(self) -> None:
+        """Timer callback: a flush coroutine that cannot be scheduled is closed, not leaked."""
+        coro = self._flush()
+        try:
+            self.create_task(coro, "flush")
+        except Exception as exc:  # torn down between arming and firing
+            coro.close()
+            self._t.log.debug("flush not scheduled: {}", exc)
 
     def _cancel_flush(self) -> None:
         if self._flush_handle is not None:
