@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 import uuid as uuidlib
+from datetime import date
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PlaybackDialect = Literal["json-stream", "binary", "file"]
 PipelineKind = Literal["cascade", "openai-realtime", "gemini-live", "elevenlabs-agent"]
@@ -56,6 +58,74 @@ class ProviderSettings(BaseModel):
     realtime_model: str | None = None
 
 
+ToolName = Literal["transfer_call", "end_call", "send_dtmf", "take_message", "business_hours"]
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+_HOURS_RE = re.compile(r"^([01]\d|2[0-4]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+
+
+class TransferTarget(BaseModel):
+    """Where ``transfer_call`` may send a caller: an extension, ring group or queue number."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    destination: str = Field(pattern=r"^[A-Za-z0-9*#+_.@-]{1,64}$")
+    kind: Literal["extension", "ring_group", "queue", "voicemail"] = "extension"
+    description: str = ""
+
+
+class ToolSettings(BaseModel):
+    """Receptionist tools (LLM function calls) a tenant allows, and the data they use.
+
+    ``business_hours`` maps a weekday to ranges like ``"09:00-12:30"`` in the
+    tenant's ``timezone``; ``holidays`` are closed all day.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: list[ToolName] = Field(default_factory=list)
+    transfer_targets: dict[str, TransferTarget] = Field(default_factory=dict)
+    # FusionPBX dialplan context for transfers; None = the tenant's domain name.
+    dialplan_context: str | None = None
+    timezone: str = "UTC"
+    business_hours: dict[Weekday, list[str]] = Field(default_factory=dict)
+    holidays: list[date] = Field(default_factory=list)
+    # A tool call that runs longer than this is cancelled (the LLM is told so).
+    timeout_secs: float = Field(default=5.0, gt=0, le=60)
+    # How long a transferred caller rings the target before the agent takes them back.
+    transfer_ring_secs: float = Field(default=25.0, gt=0, le=300)
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"unknown time zone {v!r} (use an IANA name such as Europe/Prague)"
+            ) from exc
+        return v
+
+    @field_validator("business_hours")
+    @classmethod
+    def _check_hours(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for day, ranges in v.items():
+            for r in ranges:
+                m = _HOURS_RE.match(r.replace(" ", ""))
+                if m is None:
+                    raise ValueError(f"{day}: {r!r} is not a range like '09:00-17:30'")
+                start = int(m[1]) * 60 + int(m[2])
+                end = int(m[3]) * 60 + int(m[4])
+                if not 0 <= start < end <= 24 * 60:
+                    raise ValueError(f"{day}: {r!r} must start before it ends, within 00:00-24:00")
+        return v
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> ToolSettings:
+        if "transfer_call" in self.enabled and not self.transfer_targets:
+            raise ValueError("transfer_call is enabled but transfer_targets is empty")
+        return self
+
+
 class Tenant(BaseModel):
     """One tenant's agent. Immutable once loaded; reloads build a new object."""
 
@@ -79,6 +149,7 @@ class Tenant(BaseModel):
     audio_mix: Literal["mono", "mixed", "stereo"] = "mono"
     max_call_secs: float = 3600.0
     enabled: bool = True
+    tools: ToolSettings = Field(default_factory=ToolSettings)
 
     @field_validator("name")
     @classmethod
