@@ -28,6 +28,7 @@ from pipeswitch.pipelines.local.supervisor import LocalModelServers
 from pipeswitch.pipelines.services import ProviderEndpoints
 from pipeswitch.pipelines.session import CallSessions
 from pipeswitch.pipelines.vad import shared_batcher
+from pipeswitch.transports import metrics
 from pipeswitch.transports.server import CallServer
 
 
@@ -143,6 +144,16 @@ class Pipeswitch:
         )
         self.sessions = CallSessions(s, self._endpoints, self._http)
         self.server = CallServer(s, self.resolver, self.sessions)
+        self._metrics_source = metrics.model_queue_source(
+            self._http,
+            {
+                "piper": self._endpoints.piper_url.split("?", 1)[0].removesuffix("/tts"),
+                "whisper": self._endpoints.local_stt_base_url.removesuffix("/v1"),
+                "llm": self._endpoints.local_llm_root,
+            },
+            self._endpoints.local_api_key,
+        )
+        metrics.add_external_source(self._metrics_source)
         self._runner = web.AppRunner(self.server.app(), handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.host, s.port, reuse_port=True)
@@ -171,6 +182,7 @@ class Pipeswitch:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            metrics.remove_external_source(self._metrics_source)
         if self._http is not None:
             await self._http.close()
             self._http = None

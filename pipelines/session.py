@@ -25,6 +25,7 @@ from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import Tenant
 from pipeswitch.pipelines.cascade import CallPipeline, build_cascade
 from pipeswitch.pipelines.services import ProviderEndpoints
+from pipeswitch.transports import metrics
 from pipeswitch.transports.call_info import CallInfo
 from pipeswitch.transports.frames import CallMetadataFrame
 from pipeswitch.transports.transport import FreeSwitchCallTransport
@@ -106,6 +107,9 @@ class CallSessions:
             log.warning("greeting fast path failed ({}); speaking it through the pipeline", exc)
             return False
         transport.output().play_prompt(wav[44:], rate, tenant.first_message)
+        metrics.GREETING.labels(metrics.tenant_label(tenant.name)).observe(
+            time.monotonic() - transport.stats.started_at
+        )
         return True
 
     async def _warm_llm(self, tenant: Tenant) -> None:
@@ -125,6 +129,7 @@ class CallSessions:
         record = CallRecord(call=call, tenant=tenant.name)
         if tenant.pipeline != "cascade":
             log.error("pipeline kind {!r} is not available in this build", tenant.pipeline)
+            metrics.call_failed(tenant.name, tenant.pipeline, "pipeline_unavailable")
             await transport.close(1011, f"pipeline {tenant.pipeline} unavailable")
             return
         rate = transport.params.audio_in_sample_rate or 8000
@@ -132,6 +137,7 @@ class CallSessions:
         greeting = asyncio.ensure_future(self._play_greeting(tenant, transport, rate, log))
         cp = await build_cascade(tenant, transport, self.endpoints, self.http, rate)
         latency = UserBotLatencyObserver()
+        provider_metrics = metrics.ProviderMetricsObserver(tenant.name)
         worker = PipelineWorker(
             cp.pipeline,
             params=PipelineParams(
@@ -140,7 +146,7 @@ class CallSessions:
                 enable_metrics=True,
                 send_initial_empty_metrics=False,
             ),
-            observers=[latency],
+            observers=[latency, provider_metrics],
             enable_rtvi=False,
             # Pipecat's turn tracker observes every frame push; nothing here reads it.
             enable_turn_tracking=False,
@@ -151,7 +157,15 @@ class CallSessions:
         @latency.event_handler("on_latency_measured")
         async def _on_latency(_: Any, secs: float) -> None:
             record.turn_latencies.append(secs)
+            metrics.TURN_LATENCY.labels(metrics.tenant_label(tenant.name), tenant.pipeline).observe(
+                secs
+            )
             log.info("turn latency {:.0f} ms (end of speech -> first bot audio)", secs * 1000)
+
+        @latency.event_handler("on_first_bot_speech_latency")
+        async def _on_first_speech(_: Any, secs: float) -> None:
+            if greeting.done() and not greeting.result():  # spoken through the pipeline
+                metrics.GREETING.labels(metrics.tenant_label(tenant.name)).observe(secs)
 
         @latency.event_handler("on_latency_breakdown")
         async def _on_breakdown(_: Any, breakdown: Any) -> None:

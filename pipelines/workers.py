@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from dataclasses import asdict
 
 from loguru import logger
@@ -27,6 +29,7 @@ from pipeswitch.pipelines.app import (
     start_local_models,
 )
 from pipeswitch.pipelines.services import ProviderEndpoints
+from pipeswitch.transports import metrics
 
 ENDPOINTS_ENV = "PIPESWITCH_WORKER_ENDPOINTS"
 
@@ -53,7 +56,10 @@ async def serve_workers(
         models = start_local_models(settings, greetings)
         await models.start()
         ep = endpoints_with_local(ep, models)
-    env = {**os.environ, ENDPOINTS_ENV: json.dumps(asdict(ep))}
+    # Every worker writes its Prometheus samples here; the one a scrape reaches sums them.
+    prom_dir = os.environ.get(metrics.MULTIPROC_ENV) or tempfile.mkdtemp(prefix="pipeswitch-prom-")
+    own_prom_dir = metrics.MULTIPROC_ENV not in os.environ
+    env = {**os.environ, ENDPOINTS_ENV: json.dumps(asdict(ep)), metrics.MULTIPROC_ENV: prom_dir}
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pipeswitch.pipelines.cli", *argv, env=env
@@ -67,7 +73,13 @@ async def serve_workers(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    waiters = [asyncio.ensure_future(p.wait()) for p in procs]
+
+    async def reap(p: asyncio.subprocess.Process) -> int:
+        rc = await p.wait()
+        multiprocess_dead(p.pid, prom_dir)
+        return rc
+
+    waiters = [asyncio.ensure_future(reap(p)) for p in procs]
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait([stopper, *waiters], return_when=asyncio.FIRST_COMPLETED)
     if not stop.is_set():
@@ -82,4 +94,13 @@ async def serve_workers(
     stopper.cancel()
     if models is not None:
         await models.stop()
+    if own_prom_dir:
+        shutil.rmtree(prom_dir, ignore_errors=True)
     return 0
+
+
+def multiprocess_dead(pid: int, prom_dir: str) -> None:
+    """A dead worker's calls are no longer active: drop its live gauges from the scrape."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, prom_dir)

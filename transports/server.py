@@ -6,7 +6,9 @@ resolves the tenant, builds the per-call transport and hands it to the call
 handler (which lives in :mod:`pipelines`; this module knows no providers).
 
 ``GET /health`` - the process is alive. ``GET /ready`` - accepting calls.
-``GET /metrics`` - JSON counters. Any other path with an upgrade is a call.
+``GET /metrics`` - Prometheus text (:mod:`transports.metrics`); ``GET /metrics.json`` -
+this process's counters as JSON (the bench reads it). Any other path with an upgrade
+is a call.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pipecat.transports.base_transport import TransportParams
 from pipeswitch.config.loaders import TenantNotFound, TenantResolver
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import Tenant
+from pipeswitch.transports import metrics
 from pipeswitch.transports.call_info import BadCallRequest, CallInfo, parse_call_request
 from pipeswitch.transports.dialects import make_dialect
 from pipeswitch.transports.serializer import ModAudioStreamSerializer, pipeline_rate_for
@@ -61,6 +64,7 @@ class ServerStats:
     upgrade_ms: list[float] = field(default_factory=list)
 
     def record_upgrade(self, ms: float) -> None:
+        metrics.UPGRADE.observe(ms / 1000.0)
         self.upgrade_ms.append(ms)
         if len(self.upgrade_ms) > 10000:  # bounded: keep the recent half
             del self.upgrade_ms[:5000]
@@ -85,15 +89,29 @@ class CallServer:
         self.draining = False
         self.ready = True
         self._tasks: set[asyncio.Task[None]] = set()
+        self.sampler = metrics.RuntimeSampler()
 
     def app(self) -> web.Application:
         """The aiohttp application (routes for health, readiness, metrics, calls)."""
         app = web.Application(client_max_size=self.settings.max_message_bytes)
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
-        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/metrics", self._prometheus)
+        app.router.add_get("/metrics.json", self._metrics)
         app.router.add_get("/{tail:.*}", self._call)
+        app.on_startup.append(self._start_sampler)
+        app.on_cleanup.append(self._stop_sampler)
         return app
+
+    async def _start_sampler(self, _: web.Application) -> None:
+        self.sampler.start()
+
+    async def _stop_sampler(self, _: web.Application) -> None:
+        await self.sampler.stop()
+
+    async def _prometheus(self, _: web.Request) -> web.Response:
+        body, content_type = await metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _health(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "calls_active": self.stats.calls_active})
@@ -155,6 +173,7 @@ class CallServer:
         log = logger.bind(call=call.call_uuid, tenant=tenant.name)
         self.stats.calls_total += 1
         self.stats.calls_active += 1
+        metrics.call_started(tenant.name, tenant.pipeline)
         transport: FreeSwitchCallTransport | None = None
         try:
             transport = self._transport(ws, call, tenant, log)
@@ -169,10 +188,12 @@ class CallServer:
             await self.handler.run_call(call, tenant, transport)
         except Exception as exc:
             log.exception("call failed: {}", exc)
+            metrics.call_failed(tenant.name, tenant.pipeline, "exception")
             if transport is not None:
                 await transport.close(CLOSE_INTERNAL, "internal error")
         finally:
             self.stats.calls_active -= 1
+            metrics.call_ended(tenant.name, tenant.pipeline)
             if transport is not None and not ws.closed:
                 await transport.close(1000, "call ended")
             elif not ws.closed:
@@ -221,6 +242,7 @@ class CallServer:
         code: int = CLOSE_POLICY,
     ) -> web.WebSocketResponse:
         self.stats.refused[kind] += 1
+        metrics.call_refused(kind)
         log.warning("call refused ({}): {}", kind, reason)
         # Close reasons are limited to 123 bytes by RFC 6455.
         await ws.close(code=code, message=reason.encode("utf-8")[:120])

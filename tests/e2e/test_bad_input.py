@@ -123,7 +123,7 @@ async def test_bad_input_is_isolated_and_logged(served: Served, log_lines: list[
 async def test_ready_and_health(served: Served) -> None:
     async with served.http.get(f"http://127.0.0.1:{served.app.port}/ready") as r:
         assert r.status == 200 and (await r.json())["ready"] is True
-    async with served.http.get(f"http://127.0.0.1:{served.app.port}/metrics") as r:
+    async with served.http.get(f"http://127.0.0.1:{served.app.port}/metrics.json") as r:
         body = await r.json()
         assert body["calls_total"] >= 1 and body["upgrade_ms_p99"] is not None
     # A plain GET on a call path is not an upgrade.
