@@ -54,6 +54,9 @@ class Playout:
         self.buffer = WriteBuffer(capacity)
         self.write_active = False  # cloudfieldcz: the first binary arrived
         self.dead = False  # the fork's write path went away with the media bug
+        # cloudfieldcz without send_silence_when_idle=-1: its WRITE_REPLACE callback only
+        # runs when FreeSWITCH writes a frame, and a parked channel writes none (§15).
+        self.gated = False
         self._peak = non_silent_peak
         self._honour_rate = honour_sample_rate
         self._resamplers: dict[int, soxr.ResampleStream] = {}
@@ -74,6 +77,8 @@ class Playout:
         return frame, active
 
     def _next_frame(self) -> tuple[bytes, bool]:
+        if self.gated:
+            return self.silence, False
         fb = self.frame_bytes
         buf = self.buffer
         n = len(buf)
