@@ -2,10 +2,12 @@
 
 Pipecat's assistant aggregator adds whole sentences once their audio has been
 written; a sentence cut off by a barge-in is dropped entirely, so the model
-forgets it had started answering. The output transport reports the heard part
-of that sentence (:class:`~transports.frames.PlaybackInterruptedFrame`) just
-before the interruption; this processor, placed after the assistant
-aggregator, appends those words to the assistant's turn.
+forgets it had started answering. The output transport reports playback facts
+(:class:`~pipeswitch.transports.frames.PlaybackFinishedFrame`: which utterance,
+how many seconds of it were heard, interrupted or not); this processor, placed
+after the assistant aggregator, turns the heard seconds of a cut sentence into
+its heard words - at the speaking rate measured on this call's own finished
+sentences - and appends them to the assistant's turn.
 """
 
 from __future__ import annotations
@@ -16,30 +18,86 @@ from pipecat.frames.frames import Frame, InterruptionFrame
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from pipeswitch.transports.frames import PlaybackInterruptedFrame, PromptPlayedFrame
+from pipeswitch.transports.frames import PlaybackFinishedFrame
+
+# Speaking rate used to place a cut inside a sentence until the call has measured its own
+# (Piper's voices speak 14-17 characters a second at their default length scale).
+DEFAULT_CHARS_PER_SEC = 16.0
+# Sentences shorter than this say little about the speaking rate (pauses dominate).
+_MIN_RATE_SAMPLE_SECS = 0.3
+# Seconds of finished speech before the measured rate replaces the default.
+_MIN_RATE_TOTAL_SECS = 1.0
+
+
+def heard_prefix(sentence: str, heard_secs: float, chars_per_sec: float) -> str:
+    """The words of ``sentence`` spoken in ``heard_secs`` (whole words only)."""
+    n = int(heard_secs * chars_per_sec)
+    if n <= 0:
+        return ""
+    if n >= len(sentence):
+        return sentence
+    cut = sentence.rfind(" ", 0, n + 1)
+    return sentence[:cut].rstrip(" ,;:") if cut > 0 else ""
+
+
+class SpeakingRate:
+    """Characters per second of this call's bot speech, from finished sentences."""
+
+    __slots__ = ("_chars", "_secs")
+
+    def __init__(self) -> None:
+        self._chars = 0
+        self._secs = 0.0
+
+    def add(self, text: str, secs: float) -> None:
+        """Count one sentence that played to its end."""
+        if text and secs > _MIN_RATE_SAMPLE_SECS:
+            self._chars += len(text)
+            self._secs += secs
+
+    @property
+    def chars_per_sec(self) -> float:
+        """The measured rate, or the default until enough speech was measured."""
+        if self._secs > _MIN_RATE_TOTAL_SECS:
+            return self._chars / self._secs
+        return DEFAULT_CHARS_PER_SEC
 
 
 class HeardContextProcessor(FrameProcessor):
-    """Appends the heard part of an interrupted sentence to the context."""
+    """Appends the heard part of an interrupted utterance to the context."""
 
     def __init__(self, context: LLMContext, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._context = context
+        self._rate = SpeakingRate()
         self._pending = ""
+
+    @property
+    def chars_per_sec(self) -> float:
+        """This call's measured speaking rate (for tests and logs)."""
+        return self._rate.chars_per_sec
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
-        if isinstance(frame, PromptPlayedFrame):
-            self._context.add_message({"role": "assistant", "content": frame.text})
-            return
-        if isinstance(frame, PlaybackInterruptedFrame):
-            self._pending = frame.heard_text.strip()
+        if isinstance(frame, PlaybackFinishedFrame):
+            self._on_playback(frame)
             return  # consumed: nothing after us needs it
         if isinstance(frame, InterruptionFrame) and self._pending:
             # The aggregator has already written the whole sentences of this turn.
             self.append_heard(self._pending)
             self._pending = ""
         await self.push_frame(frame, direction)
+
+    def _on_playback(self, fact: PlaybackFinishedFrame) -> None:
+        if not fact.interrupted:
+            self._rate.add(fact.text, fact.duration)
+            if fact.outside_pipeline and fact.text:
+                # Played outside the pipeline: the assistant aggregator never saw it.
+                self._context.add_message({"role": "assistant", "content": fact.text})
+            return
+        self._pending = heard_prefix(
+            fact.text, fact.playback_position, self._rate.chars_per_sec
+        ).strip()
 
     def append_heard(self, text: str) -> None:
         """Extend this turn's assistant message, or add one if none was written."""

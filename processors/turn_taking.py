@@ -1,7 +1,7 @@
 """When has the caller finished their turn? A pure core and its Pipecat strategy.
 
-Telephone audio is 8 kHz; smart-turn v3 misjudges it and falls back to 3 s
-(Pipecat notes §4.2), and a fixed speech timeout either answers mid-sentence
+Telephone audio is 8 kHz; smart-turn v3 (trained on wideband speech) misjudges
+it and falls back to its 3 s timeout, and a fixed speech timeout either answers mid-sentence
 or wastes time. Instead the decision uses what the STT already tells us: once
 the VAD has stopped and the transcript is settled (a final segment with no
 interim after it), a transcript that reads

@@ -21,21 +21,27 @@ class CallMetadataFrame(SystemFrame):
 
 
 @dataclass
-class PlaybackInterruptedFrame(SystemFrame):
-    """Playback was stopped mid-sentence: what of that sentence the caller heard.
+class PlaybackFinishedFrame(SystemFrame):
+    """A playback fact: how far one utterance's audio got at the far end.
 
-    Pushed downstream by the output transport just before the InterruptionFrame,
-    so the conversation context can keep the words that were actually played
-    (Pipecat itself only keeps whole sentences whose audio was written).
+    The output transport only reports facts (what was played, for how long,
+    whether it was cut) - LiveKit's ``playback_position`` / ``interrupted``
+    model. Turning seconds into the words the caller heard, and editing the
+    conversation context, is a processor's job
+    (:class:`~pipeswitch.processors.heard_context.HeardContextProcessor`).
+
+    Pushed downstream when a sentence's audio has all been written, and just
+    before the :class:`~pipecat.frames.frames.InterruptionFrame` passes the
+    output transport when playback is cut by a barge-in.
     """
 
-    heard_text: str = ""
-    sentence: str = ""
-    heard_secs: float = 0.0
-
-
-@dataclass
-class PromptPlayedFrame(SystemFrame):
-    """A prompt played outside the pipeline (the greeting) reached the caller in full."""
-
+    # The utterance's text (a TTS sentence, or the greeting).
     text: str = ""
+    # Seconds of its audio the caller heard (written minus what the far end dropped).
+    playback_position: float = 0.0
+    # Seconds of its audio written to the socket.
+    duration: float = 0.0
+    interrupted: bool = False
+    # Played by the transport outside the pipeline (the cached greeting): Pipecat's
+    # assistant aggregator never saw its text.
+    outside_pipeline: bool = False

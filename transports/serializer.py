@@ -4,7 +4,13 @@ Inbound (FreeSWITCH -> us): BINARY = raw s16le PCM at the stream rate, mono or
 stereo-interleaved (left = the leg the stream is on, i.e. the caller); TEXT =
 the ``start`` metadata or a ``send_text`` payload such as a relayed DTMF digit
 ``{"event":"dtmf","digit":"5"}``. Outbound audio and "stop playback" go through
-the tenant's playback :mod:`dialect <transports.dialects>`.
+the tenant's playback dialect (:mod:`pipeswitch.transports.dialects`).
+
+The serializer owns the wire completely, "stop playback" included (as Pipecat's
+telephony serializers do): the output transport serializes an
+``InterruptionFrame`` and sends what comes back, and asks the serializer - never
+the dialect - how the far end plays (its playout lead, whether a clear drops
+what is buffered there, whether playback needs out-of-band control).
 
 Nothing here touches a socket, so every quirk is unit-testable with bytes.
 """
@@ -44,7 +50,7 @@ def pipeline_rate_for(stream_rate: int) -> int:
 
 @dataclass(slots=True)
 class SerializerStats:
-    """Counters for what was odd on the wire (exposed in call logs and metrics)."""
+    """What crossed (and what was odd on) the wire: the call's closing log line."""
 
     audio_messages: int = 0
     audio_bytes: int = 0
@@ -74,7 +80,7 @@ class ModAudioStreamSerializer(FrameSerializer):
             raise ValueError("channels must be 1 or 2")
         self.stream_rate = stream_rate
         self.channels = channels
-        self.dialect = dialect
+        self._dialect = dialect
         self.max_text_bytes = max_text_bytes
         self.stats = SerializerStats()
         self._frame_bytes = 2 * channels
@@ -185,10 +191,10 @@ class ModAudioStreamSerializer(FrameSerializer):
                 pcm = r.process(pcm)
             if not pcm:
                 return None
-            return self.dialect.encode_audio(pcm, self.stream_rate)
+            return self._dialect.encode_audio(pcm, self.stream_rate)
         if isinstance(frame, InterruptionFrame):
-            self.dialect.discard()
-            return self.dialect.encode_clear()
+            self._dialect.discard()
+            return self._dialect.encode_clear()
         if isinstance(frame, (OutputTransportMessageFrame, OutputTransportMessageUrgentFrame)):
             if self.should_ignore_frame(frame):
                 return None
@@ -197,4 +203,34 @@ class ModAudioStreamSerializer(FrameSerializer):
 
     def flush(self) -> list[str]:
         """Messages for audio a coalescing dialect still holds."""
-        return self.dialect.flush(self.stream_rate)
+        return self._dialect.flush(self.stream_rate)
+
+    # -- what the far end does with our audio ---------------------------------------------
+
+    @property
+    def dialect_name(self) -> str:
+        """The playback dialect's name (logs)."""
+        return self._dialect.name
+
+    @property
+    def playout_lead_secs(self) -> float:
+        """How far ahead of real time audio may be sent (the far end's buffer)."""
+        return self._dialect.lead_secs
+
+    @property
+    def streaming(self) -> bool:
+        """True: audio goes out frame by frame; False: coalesced into files."""
+        return self._dialect.streaming
+
+    @property
+    def clear_drops_buffered(self) -> bool:
+        """Whether stopping playback drops audio the far end has buffered but not played.
+
+        json-stream builds have no clear: everything sent within the lead still plays.
+        """
+        return self._dialect.encode_clear() is not None
+
+    @property
+    def needs_playback_control(self) -> bool:
+        """Whether the far end plays files that only ESL can stop (``uuid_break``)."""
+        return not self._dialect.streaming

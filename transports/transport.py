@@ -34,32 +34,13 @@ from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
 from pipeswitch.transports.call_info import CallInfo
-from pipeswitch.transports.frames import (
-    CallMetadataFrame,
-    PlaybackInterruptedFrame,
-    PromptPlayedFrame,
-)
+from pipeswitch.transports.frames import CallMetadataFrame, PlaybackFinishedFrame
 from pipeswitch.transports.serializer import ModAudioStreamSerializer
 
 # How long a closing call waits for queued audio to finish playing at the far end.
 MAX_DRAIN_SECS = 5.0
 # Coalescing dialects flush when no new audio arrived for this long (end of a TTS burst).
 FLUSH_IDLE_SECS = 0.03
-# Speaking rate used to place a cut inside a sentence until this call has measured its own.
-DEFAULT_CHARS_PER_SEC = 16.0
-
-
-def heard_prefix(sentence: str, heard_secs: float, chars_per_sec: float) -> str:
-    """The words of ``sentence`` spoken in ``heard_secs`` (whole words only)."""
-    n = int(heard_secs * chars_per_sec)
-    if n <= 0:
-        return ""
-    if n >= len(sentence):
-        return sentence
-    cut = sentence.rfind(" ", 0, n + 1)
-    return sentence[:cut].rstrip(" ,;:") if cut > 0 else ""
-
-
 class PlaybackControl(Protocol):
     """Out-of-band playback control (ESL), the seam the ``file`` dialect needs.
 
@@ -73,7 +54,7 @@ class PlaybackControl(Protocol):
 
 
 class CallStats:
-    """Per-call wire counters, read by metrics and the call's closing log line."""
+    """Per-call outbound counters, read by the call's closing log line."""
 
     __slots__ = ("audio_out_bytes", "audio_out_secs", "clears", "messages_out", "started_at")
 
@@ -271,20 +252,18 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
     def __init__(self, transport: FreeSwitchCallTransport, params: TransportParams, **kw: Any):
         super().__init__(params, **kw)
         self._t = transport
-        self._dialect = transport.serializer.dialect
-        self._lead = self._dialect.lead_secs
+        self._lead = transport.serializer.playout_lead_secs
         # Wall-clock time at which the far end finishes playing what we have sent.
         self._play_until = 0.0
         self._audio_since_clear = False
         self._flush_handle: asyncio.TimerHandle | None = None
-        # The sentence being played (its text arrives just before its audio) and how
-        # much of its audio has been written, to tell the context what was heard.
+        # The utterance being played (a sentence's text arrives just before its audio)
+        # and how much of its audio has been written: the playback facts we report.
         self._sentence = ""
         self._sentence_secs = 0.0
-        self._spoken_chars = 0
-        self._spoken_secs = 0.0
+        self._sentence_outside = False
         self._prompt_task: asyncio.Task[None] | None = None
-        self._prompt_done: str | None = None
+        self._prompt_done: PlaybackFinishedFrame | None = None
         self._started = False
 
     async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
@@ -308,7 +287,7 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         self._prompt_task = asyncio.ensure_future(self._play_prompt(pcm, sample_rate, text))
 
     async def _play_prompt(self, pcm: bytes, sample_rate: int, text: str) -> None:
-        self._sentence, self._sentence_secs = text, 0.0
+        self._sentence, self._sentence_secs, self._sentence_outside = text, 0.0, True
         step = int(sample_rate * 0.02) * 2
         for i in range(0, len(pcm), step):
             frame = OutputAudioRawFrame(
@@ -317,15 +296,27 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
             if not await self._write(frame):
                 return
         await self._flush()
-        self._sentence, self._sentence_secs = "", 0.0
-        self._prompt_done = text
+        self._prompt_done = self._finish_sentence()
         if self._started:
             await self._report_prompt()
 
     async def _report_prompt(self) -> None:
-        text, self._prompt_done = self._prompt_done, None
-        if text:
-            await super().push_frame(PromptPlayedFrame(text=text))
+        fact, self._prompt_done = self._prompt_done, None
+        if fact is not None:
+            await super().push_frame(fact)
+
+    def _finish_sentence(self) -> PlaybackFinishedFrame | None:
+        """The fact for the utterance whose audio has all been written, if any."""
+        fact = None
+        if self._sentence:
+            fact = PlaybackFinishedFrame(
+                text=self._sentence,
+                playback_position=self._sentence_secs,
+                duration=self._sentence_secs,
+                outside_pipeline=self._sentence_outside,
+            )
+        self._sentence, self._sentence_secs, self._sentence_outside = "", 0.0, False
+        return fact
 
     async def stop(self, frame: EndFrame) -> None:
         await super().stop(frame)
@@ -345,7 +336,7 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         if isinstance(frame, InterruptionFrame):
-            await self._report_heard()
+            await self._report_interrupted()
         await super().process_frame(frame, direction)
         if isinstance(frame, InterruptionFrame):
             await self._stop_playback()
@@ -357,33 +348,32 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
             if isinstance(frame, OutputAudioRawFrame):
                 return  # written to the caller; nothing downstream uses bot audio
             if isinstance(frame, TTSTextFrame):
-                # The sentence's audio has all been written: it counts as heard.
-                if self._sentence and self._sentence_secs > 0.3:
-                    self._spoken_chars += len(self._sentence)
-                    self._spoken_secs += self._sentence_secs
-                self._sentence, self._sentence_secs = "", 0.0
+                # The sentence's audio has all been written: it played to its end.
+                fact = self._finish_sentence()
+                if fact is not None:
+                    await super().push_frame(fact, direction)
             elif isinstance(frame, AggregatedTextFrame) and frame.will_be_spoken:
                 self._sentence, self._sentence_secs = frame.text, 0.0
+                self._sentence_outside = False
         await super().push_frame(frame, direction)
 
-    async def _report_heard(self) -> None:
-        """Tell downstream how much of the interrupted sentence reached the caller."""
+    async def _report_interrupted(self) -> None:
+        """Report how much of the cut utterance reached the caller (a playback fact)."""
         if not self._sentence or self._sentence_secs <= 0:
             return
         unplayed = 0.0
-        if self._dialect.encode_clear() is not None:  # buffered audio gets flushed
+        if self._t.serializer.clear_drops_buffered:
             unplayed = max(0.0, self._play_until - time.monotonic())
         heard = max(0.0, self._sentence_secs - unplayed)
-        rate = (
-            self._spoken_chars / self._spoken_secs
-            if self._spoken_secs > 1.0
-            else DEFAULT_CHARS_PER_SEC
+        fact = PlaybackFinishedFrame(
+            text=self._sentence,
+            playback_position=heard,
+            duration=self._sentence_secs,
+            interrupted=True,
+            outside_pipeline=self._sentence_outside,
         )
-        text = heard_prefix(self._sentence, heard, rate)
-        sentence, self._sentence, self._sentence_secs = self._sentence, "", 0.0
-        await super().push_frame(
-            PlaybackInterruptedFrame(heard_text=text, sentence=sentence, heard_secs=heard)
-        )
+        self._sentence, self._sentence_secs, self._sentence_outside = "", 0.0, False
+        await super().push_frame(fact)
 
     async def send_message(
         self, frame: OutputTransportMessageFrame | OutputTransportMessageUrgentFrame
@@ -403,7 +393,7 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
             return False
         step = int(frame.sample_rate * 0.02) * 2 * frame.num_channels
         short = len(frame.audio) % step
-        if short and self._dialect.streaming:
+        if short and t.serializer.streaming:
             # Playback builds consume whole 20 ms frames: a partial one at the end of an
             # utterance would sit in their buffer until the next utterance. Pad it.
             frame = OutputAudioRawFrame(
@@ -420,7 +410,7 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         t.stats.audio_out_secs += secs
         self._sentence_secs += secs
         self._audio_since_clear = True
-        if not self._dialect.streaming:
+        if not t.serializer.streaming:
             self._arm_flush()
         # Pace: keep at most `lead` of audio queued at the far end.
         now = time.monotonic()
@@ -437,17 +427,17 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         self._cancel_flush()
         if self._prompt_task is not None and not self._prompt_task.done():
             self._prompt_task.cancel()
-        self._dialect.discard()
         self._play_until = 0.0
+        t = self._t
+        # The serializer owns "stop playback" on the wire (and drops what it coalesced).
+        clear = await t.serializer.serialize(InterruptionFrame())
         if not self._audio_since_clear:
             return
         self._audio_since_clear = False
-        t = self._t
         t.stats.clears += 1
-        clear = self._dialect.encode_clear()
         if clear is not None:
             await t.send(clear)
-        if t.playback_control is not None and not self._dialect.streaming:
+        if t.playback_control is not None and t.serializer.needs_playback_control:
             try:
                 await t.playback_control.break_playback(t.call.call_uuid)
             except Exception as exc:
