@@ -13,10 +13,17 @@ from datetime import date
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 PlaybackDialect = Literal["json-stream", "binary", "file"]
+# Built-in pipeline kinds; which of them this build serves is checked when tenants are
+# loaded (pipelines.compose). A tenant may also name a Python builder
+# ("python:package.module:function") or an entry point ("entrypoint:NAME").
 PipelineKind = Literal["cascade", "openai-realtime", "gemini-live", "elevenlabs-agent"]
+PIPELINE_KINDS: tuple[str, ...] = ("cascade", "openai-realtime", "gemini-live", "elevenlabs-agent")
+_PIPELINE_REF_RE = re.compile(
+    r"^(python:[A-Za-z_][\w.]*:[A-Za-z_][\w.]*|entrypoint:[A-Za-z0-9_.-]+)$"
+)
 
 DEFAULT_TENANT_NAME = "default"
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
@@ -51,11 +58,28 @@ class ProviderSettings(BaseModel):
     stt: Literal["deepgram", "whisper-local"] = "deepgram"
     stt_model: str = "nova-3-general"
     llm: Literal["groq", "openai", "local"] = "groq"
-    llm_model: str = "llama-3.3-70b-versatile"
+    # Groq is retiring llama-3.3-70b-versatile; gpt-oss-120b is Pipecat 1.14's Groq
+    # default (published TTFT p50 98 ms / p95 217 ms). For llm = "openai" set a model
+    # such as "gpt-4.1-mini". Ignored for llm = "local" (the embedded model).
+    llm_model: str = "openai/gpt-oss-120b"
+    # gpt-oss reasons before it answers; "low" keeps a phone turn's first token early.
+    llm_reasoning_effort: Literal["low", "medium", "high"] | None = "low"
     llm_temperature: float | None = 0.6
     llm_max_tokens: int | None = 200
-    tts: Literal["piper", "elevenlabs"] = "piper"
+    tts: Literal["piper"] = "piper"
     realtime_model: str | None = None
+    # Speech-to-speech (pipeline = "openai-realtime" | "gemini-live"): the provider's voice
+    # (None = the provider's default), and who ends the caller's turn: the provider's server
+    # VAD, or local Silero with the provider's VAD off.
+    realtime_voice: str | None = None
+    turn_detection: Literal["server", "local"] = "server"
+    # Server VAD: silence that ends the caller's turn (OpenAI's default is 500 ms).
+    realtime_silence_ms: int = Field(default=500, ge=100, le=3000)
+    # When the provider refuses, does not connect within the budget or drops mid-call, the
+    # call continues on this tenant's cascade after a short apology (False: the call ends).
+    s2s_fallback: bool = True
+    s2s_connect_timeout_secs: float = Field(default=3.0, gt=0, le=30)
+    s2s_apology: str = "Sorry, one moment please."
 
 
 ToolName = Literal["transfer_call", "end_call", "send_dtmf", "take_message", "business_hours"]
@@ -126,6 +150,20 @@ class ToolSettings(BaseModel):
         return self
 
 
+class StreamAccess(BaseModel):
+    """Who may open a call for this tenant (checked before any pipeline is built).
+
+    ``signing_secret`` verifies ``sig=`` (HMAC-SHA256 over call uuid, domain and ``exp``);
+    ``token_sha256`` is the sha256 of a static stream token (URL ``token=`` or a header).
+    Neither set: the deployment's ``accept_unsigned`` policy decides.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    signing_secret: SecretStr | None = None
+    token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
 class Tenant(BaseModel):
     """One tenant's agent. Immutable once loaded; reloads build a new object."""
 
@@ -141,7 +179,7 @@ class Tenant(BaseModel):
     first_message: str | None = "Hello, thanks for calling. How can I help you today?"
     language: str = "en"
     voice: str = "en_US-joe-medium"
-    pipeline: PipelineKind = "cascade"
+    pipeline: str = "cascade"
     providers: ProviderSettings = Field(default_factory=ProviderSettings)
     turns: TurnSettings = Field(default_factory=TurnSettings)
     playback: PlaybackDialect = "json-stream"
@@ -150,6 +188,12 @@ class Tenant(BaseModel):
     max_call_secs: float = 3600.0
     enabled: bool = True
     tools: ToolSettings = Field(default_factory=ToolSettings)
+    # Tenancy (issue 9): filled by the PostgreSQL loader (config/pg_loader.py) or the file.
+    agent_uuid: str | None = None
+    access: StreamAccess = Field(default_factory=StreamAccess)
+    max_concurrent_calls: int | None = Field(default=None, ge=0)  # across all instances
+    # Per-tenant provider keys (``deepgram``, ``groq``, ...) overriding the deployment's.
+    provider_keys: dict[str, SecretStr] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -157,6 +201,16 @@ class Tenant(BaseModel):
         if not _DOMAIN_RE.match(v):
             raise ValueError(f"invalid domain name {v!r}")
         return v.lower()
+
+    @field_validator("pipeline")
+    @classmethod
+    def _check_pipeline(cls, v: str) -> str:
+        if v in PIPELINE_KINDS or _PIPELINE_REF_RE.match(v):
+            return v
+        raise ValueError(
+            f"unknown pipeline {v!r}: one of {', '.join(PIPELINE_KINDS)}, "
+            "'python:package.module:function' or 'entrypoint:NAME'"
+        )
 
     @field_validator("domain_uuid")
     @classmethod

@@ -31,6 +31,9 @@ def endpoints_for(urls: RunningEmulators | object) -> ProviderEndpoints:
         deepgram_api_key=EMULATED_KEY,
         groq_base_url=str(getattr(urls, "groq_base_url")),  # noqa: B009
         groq_api_key=EMULATED_KEY,
+        # The chat emulator speaks OpenAI's chat completions API, as Groq does.
+        openai_base_url=str(getattr(urls, "groq_base_url")),  # noqa: B009
+        openai_api_key=EMULATED_KEY,
     )
 
 

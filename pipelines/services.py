@@ -42,6 +42,15 @@ class ProviderEndpoints:
     deepgram_api_key: str = ""
     groq_base_url: str = "https://api.groq.com/openai/v1"
     groq_api_key: str = ""
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: str = ""
+    # Speech-to-speech: OpenAI Realtime's WebSocket base, Gemini Live's API base (https;
+    # google-genai derives wss:// from it) and, for a private endpoint (the emulator), the
+    # PEM CA file that signs its certificate.
+    openai_realtime_url: str = "wss://api.openai.com/v1/realtime"
+    gemini_url: str = ""
+    google_api_key: str = ""
+    gemini_ca_file: str = ""
     local_stt_base_url: str = ""
     local_llm_base_url: str = ""
     local_api_key: str = ""
@@ -107,6 +116,19 @@ def make_llm(tenant: Tenant, ep: ProviderEndpoints) -> BaseOpenAILLMService:
                 max_tokens=min(p.llm_max_tokens or 80, 80),
             ),
         )
+    if p.llm == "openai":
+        if not ep.openai_api_key:
+            raise ProviderUnavailable("OpenAI needs PIPESWITCH_OPENAI_API_KEY")
+        return OpenAILLMService(
+            api_key=ep.openai_api_key,
+            base_url=ep.openai_base_url,
+            settings=OpenAILLMService.Settings(
+                model=p.llm_model,
+                system_instruction=tenant.system_prompt,
+                temperature=p.llm_temperature,
+                max_tokens=p.llm_max_tokens,
+            ),
+        )
     if not ep.groq_api_key:
         raise ProviderUnavailable("Groq needs PIPESWITCH_GROQ_API_KEY")
     return GroqLLMService(
@@ -117,6 +139,7 @@ def make_llm(tenant: Tenant, ep: ProviderEndpoints) -> BaseOpenAILLMService:
             system_instruction=tenant.system_prompt,
             temperature=p.llm_temperature,
             max_tokens=p.llm_max_tokens,
+            reasoning_effort=p.llm_reasoning_effort,
         ),
     )
 

@@ -16,15 +16,24 @@ from typing import Any
 
 import aiohttp
 from loguru import logger
-from pipecat.frames.frames import TTSSpeakFrame
+from pipecat.frames.frames import EndFrame, ErrorFrame, TTSSpeakFrame
 from pipecat.observers.user_bot_latency_observer import UserBotLatencyObserver
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.utils.errors import ErrorCategory
 from pipecat.workers.runner import WorkerRunner
 
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import Tenant
-from pipeswitch.pipelines.cascade import CallPipeline, build_cascade
+from pipeswitch.pipelines.compose import (
+    BuilderError,
+    CallContext,
+    CallPipeline,
+    ServiceFactory,
+    resolve_builder,
+)
+from pipeswitch.pipelines.piper_client import WavError, synthesize
 from pipeswitch.pipelines.services import ProviderEndpoints
+from pipeswitch.pipelines.tracing import tracing_wanted
 from pipeswitch.transports import metrics
 from pipeswitch.transports.call_info import CallInfo
 from pipeswitch.transports.frames import CallMetadataFrame
@@ -72,6 +81,8 @@ class CallSessions:
         self.endpoints = endpoints
         self.http = http
         self.active: dict[str, CallRecord] = {}
+        # The running worker of each active call, so shutdown can end them (end_all).
+        self._workers: dict[str, PipelineWorker] = {}
         self.finished_hooks: list[CallFinishedHook] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -96,17 +107,13 @@ class CallSessions:
             return False
         url = self.endpoints.piper_for_rate(rate)
         try:
-            async with self.http.post(
-                url,
-                json={"text": tenant.first_message, "voice": tenant.voice},
-                timeout=aiohttp.ClientTimeout(total=3),
-            ) as r:
-                r.raise_for_status()
-                wav = await r.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            pcm, pcm_rate = await synthesize(
+                self.http, url, tenant.first_message, voice=tenant.voice, timeout_secs=3
+            )
+        except (aiohttp.ClientError, TimeoutError, WavError) as exc:
             log.warning("greeting fast path failed ({}); speaking it through the pipeline", exc)
             return False
-        transport.output().play_prompt(wav[44:], rate, tenant.first_message)
+        transport.output().play_prompt(pcm, pcm_rate, tenant.first_message)
         metrics.GREETING.labels(metrics.tenant_label(tenant.name)).observe(
             time.monotonic() - transport.stats.started_at
         )
@@ -121,23 +128,61 @@ class CallSessions:
             self.http, f"{ep.local_llm_root}/warm", {"messages": messages}, ep.local_api_key
         )
 
+    async def end_all(self, goodbye: str, grace_secs: float) -> int:
+        """End every active call (shutdown): a short goodbye where the pipeline can speak it,
+        then EndFrame; calls still up after ``grace_secs`` are cancelled. Returns how many
+        calls had to be cancelled."""
+        workers = dict(self._workers)
+        for uuid, worker in workers.items():
+            rec = self.active.get(uuid)
+            if rec is not None:
+                rec.end_reason = "server shutting down"
+            frames: list[Any] = [TTSSpeakFrame(goodbye)] if goodbye else []
+            try:
+                await worker.queue_frames([*frames, EndFrame()])
+            except Exception as exc:
+                logger.bind(call=uuid).warning("could not queue the goodbye: {}", exc)
+        deadline = asyncio.get_running_loop().time() + grace_secs
+        while self._workers and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # bounded: the goodbye is a second or two
+        stuck = dict(self._workers)
+        for uuid, worker in stuck.items():
+            logger.bind(call=uuid).warning(
+                "goodbye did not finish in {:.1f}s; cancelling", grace_secs
+            )
+            await worker.cancel(reason="server shutting down")
+        return len(stuck)
+
     async def run_call(
         self, call: CallInfo, tenant: Tenant, transport: FreeSwitchCallTransport
     ) -> None:
         """Build and run the call's pipeline until the call ends."""
         log = logger.bind(call=call.call_uuid, tenant=tenant.name)
         record = CallRecord(call=call, tenant=tenant.name)
-        if tenant.pipeline != "cascade":
-            log.error("pipeline kind {!r} is not available in this build", tenant.pipeline)
+        try:
+            # Checked when tenants are loaded; a tenant store may still hand us a new one.
+            builder = resolve_builder(tenant.pipeline)
+        except BuilderError as exc:
+            log.error("call refused: {}", exc)
             metrics.call_failed(tenant.name, tenant.pipeline, "pipeline_unavailable")
             await transport.close(1011, f"pipeline {tenant.pipeline} unavailable")
             return
         rate = transport.params.audio_in_sample_rate or 8000
         # The greeting starts while the pipeline is still being built and connected.
         greeting = asyncio.ensure_future(self._play_greeting(tenant, transport, rate, log))
-        cp = await build_cascade(tenant, transport, self.endpoints, self.http, rate)
+        ctx = CallContext(
+            tenant=tenant,
+            call=call,
+            transport=transport,
+            sample_rate=rate,
+            services=ServiceFactory(tenant, self.endpoints, self.http, rate, call.call_uuid),
+            endpoints=self.endpoints,
+            http=self.http,
+        )
+        cp = await builder(ctx)
         latency = UserBotLatencyObserver()
         provider_metrics = metrics.ProviderMetricsObserver(tenant.name)
+        traced = tracing_wanted(self.settings)
         worker = PipelineWorker(
             cp.pipeline,
             params=PipelineParams(
@@ -148,8 +193,11 @@ class CallSessions:
             ),
             observers=[latency, provider_metrics],
             enable_rtvi=False,
-            # Pipecat's turn tracker observes every frame push; nothing here reads it.
-            enable_turn_tracking=False,
+            # Pipecat's turn tracker observes every frame push; only tracing reads it.
+            enable_turn_tracking=traced,
+            enable_tracing=traced,
+            conversation_id=call.call_uuid,
+            additional_span_attributes={"tenant": tenant.name, "pipeline": tenant.pipeline},
             idle_timeout_secs=self.settings.idle_timeout_secs,
             name=f"call-{call.call_uuid}",
         )
@@ -166,6 +214,23 @@ class CallSessions:
         async def _on_first_speech(_: Any, secs: float) -> None:
             if greeting.done() and not greeting.result():  # spoken through the pipeline
                 metrics.GREETING.labels(metrics.tenant_label(tenant.name)).observe(secs)
+
+        @worker.event_handler("on_pipeline_error")
+        async def _on_error(_: Any, frame: ErrorFrame) -> None:
+            # Pipecat logs an uncaught exception in a processor and carries on; for a
+            # phone call a processor that raised (ours or a developer's) is a broken
+            # call: end this call, and only this one.
+            uncaught = frame.category is ErrorCategory.UNKNOWN and frame.exception is not None
+            if uncaught and not frame.fatal:
+                where = frame.processor.name if frame.processor is not None else "pipeline"
+                log.opt(exception=frame.exception).error(
+                    "call ends: {} raised {}: {}",
+                    where,
+                    type(frame.exception).__name__,
+                    frame.exception,
+                )
+                record.end_reason = f"error in {where}"
+                await worker.cancel(reason=f"error in {where}")
 
         @latency.event_handler("on_latency_breakdown")
         async def _on_breakdown(_: Any, breakdown: Any) -> None:
@@ -198,15 +263,18 @@ class CallSessions:
             lambda: asyncio.ensure_future(worker.end(reason="call time limit")),
         )
         self.active[call.call_uuid] = record
+        self._workers[call.call_uuid] = worker
         try:
             await runner.run()
         finally:
             limit.cancel()
             self.active.pop(call.call_uuid, None)
+            self._workers.pop(call.call_uuid, None)
             record.ended_at = time.monotonic()
-            record.messages = [
-                dict(m.items()) for m in cp.context.get_messages() if isinstance(m, dict)
-            ]
+            if cp.context is not None:
+                record.messages = [
+                    dict(m.items()) for m in cp.context.get_messages() if isinstance(m, dict)
+                ]
             log.info(
                 "call finished: {:.1f}s, {} turns, reason={}",
                 record.ended_at - record.started_at,
