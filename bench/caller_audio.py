@@ -17,6 +17,7 @@ import numpy as np
 from loguru import logger
 
 from pipeswitch.bench.scenario import BARGE_IN, QUESTIONS
+from pipeswitch.pipelines.piper_client import wav_pcm
 
 CACHE_VERSION = 1
 VOICED_RMS = 300.0  # same threshold as StreamConfig.voiced_rms (~ -40 dBFS)
@@ -61,7 +62,7 @@ async def _synthesize(http: aiohttp.ClientSession, url: str, text: str) -> bytes
     async with http.post(url, json={"text": text, "voice": None}) as resp:
         resp.raise_for_status()
         data = await resp.read()
-    return data[44:]  # streaming WAV header
+    return wav_pcm(data)[0]
 
 
 async def load_caller_audio(

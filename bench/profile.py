@@ -28,8 +28,8 @@ from typing import Any
 from loguru import logger
 
 from pipeswitch.bench.caller_audio import load_caller_audio
-from pipeswitch.bench.latency import add_common_arguments, providers_from, server_summary
 from pipeswitch.bench.loadgen import CallSpec, LoadSpec
+from pipeswitch.bench.options import add_common_arguments, providers_from, server_summary
 from pipeswitch.bench.report import SERVER_LABELS, results_dir
 from pipeswitch.bench.run import SessionOptions, run_session
 from pipeswitch.bench.servers import ServerKind, ServerProcess

@@ -1,7 +1,7 @@
 """The reference: a plain Pipecat 1.14 telephone server, built the way the templates build it.
 
-This is the set-up measured in ``capacity-baseline.md`` - the number Pipeswitch
-has to beat - run under the same load, in the same bench run, so every
+This is the set-up a plain Pipecat deployment uses - about 10 calls per process
+on a 2-core machine, the number Pipeswitch has to beat - run under the same load, in the same bench run, so every
 capacity and overhead figure can be reported as a ratio against it:
 
 * an aiohttp WebSocket endpoint; per connection one ``Pipeline``, one

@@ -456,7 +456,7 @@ def rerender(results_dir_: Path) -> str:
     """
     doc = json.loads((results_dir_ / "results.json").read_text())
     if doc["kind"] == "capacity":
-        from pipeswitch.bench.capacity import evaluate, evaluate_near_clean, relative_ceiling
+        from pipeswitch.bench.ceilings import evaluate, evaluate_near_clean, relative_ceiling
 
         budget = float(doc["params"]["overhead_budget_ms"])
         for kind, steps in doc["servers"].items():

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # A gap in bot audio at the emulator longer than this, while the bot talks, is an
-# underrun (capacity-baseline.md: "a gap > 40 ms in bot audio while the bot talks").
+# underrun: two 20 ms frames missing, which a caller hears as a click or a stutter.
 UNDERRUN_GAP_S = 0.040
 
 

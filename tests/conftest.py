@@ -22,6 +22,7 @@ from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import Tenant
 from pipeswitch.pipelines.app import Pipeswitch
 from pipeswitch.pipelines.emulated import endpoints_for
+from pipeswitch.pipelines.piper_client import wav_pcm
 
 QUESTION = "What are your opening hours on Saturday?"
 BARGE_IN = "Sorry, can you hold on a second?"
@@ -52,7 +53,7 @@ class Served:
             async with self.http.post(url, json={"text": text, "voice": "joe"}) as r:
                 r.raise_for_status()
                 wav = await r.read()
-            _speech_cache[key] = trim_silence(wav[44:])
+            _speech_cache[key] = trim_silence(wav_pcm(wav)[0])
         return _speech_cache[key]
 
 

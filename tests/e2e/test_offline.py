@@ -20,8 +20,9 @@ import pytest_asyncio
 from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
 from pipeswitch.config.settings import Settings
 from pipeswitch.pipelines.app import Pipeswitch
-from pipeswitch.pipelines.cascade import CallPipeline
+from pipeswitch.pipelines.compose import CallPipeline
 from pipeswitch.pipelines.local.models import set_offline_env
+from pipeswitch.pipelines.piper_client import wav_pcm
 from pipeswitch.pipelines.session import CallRecord
 from tests.conftest import trim_silence
 from tests.e2e.helpers import is_speech_like, wait_bot_quiet, wait_for_bot_audio
@@ -58,7 +59,7 @@ async def test_offline_call_understands_and_answers(offline_app: Pipeswitch) -> 
     app.sessions.finished_hooks.append(finished)
     url = app.endpoints.piper_for_rate(8000)
     async with aiohttp.ClientSession() as http, http.post(url, json={"text": QUESTION}) as r:
-        question = trim_silence((await r.read())[44:])
+        question = trim_silence(wav_pcm(await r.read())[0])
     stream = FakeSwitchStream(
         StreamConfig(
             url=f"ws://127.0.0.1:{app.port}/fs/offline-1?rate=8000", rate=8000, playback="voxcom"

@@ -9,6 +9,8 @@ import wave
 import aiohttp
 import numpy as np
 
+from pipeswitch.pipelines.piper_client import wav_pcm
+
 # Short caller-style sentences (no digits/abbreviations, so WER needs no number normaliser).
 SENTENCES = [
     "I would like to book an appointment for tomorrow.",
@@ -25,8 +27,7 @@ async def piper_pcm(session: aiohttp.ClientSession, url: str, text: str) -> byte
     async with session.post(url, json={"text": text, "voice": None}) as resp:
         assert resp.status == 200, await resp.text()
         body = await resp.read()
-    assert body[:4] == b"RIFF"
-    return body[44:]
+    return wav_pcm(body)[0]
 
 
 def telephone_band(pcm: bytes, rate: int = 8000) -> bytes:

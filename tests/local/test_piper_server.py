@@ -18,6 +18,7 @@ from pipecat.services.piper.tts import PiperHttpTTSService
 from pipecat.tests.utils import run_test
 
 from pipeswitch.pipelines.local.supervisor import LocalModelServers, LocalServerError
+from pipeswitch.pipelines.piper_client import wav_pcm
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -80,7 +81,7 @@ async def test_stream_format_and_per_sentence_flush(piper_servers: LocalModelSer
     )
     assert (riff_size, rate, data_size) == (0xFFFFFFFF, 16000, 0xFFFFFFFF)
     assert len(chunks) >= 2, "expected audio to arrive sentence by sentence"
-    assert rms(b"".join(chunks)[44:]) > 500
+    assert rms(wav_pcm(b"".join(chunks))[0]) > 500
 
 
 async def test_cache_hit_on_repeat(piper_servers: LocalModelServers) -> None:
@@ -112,7 +113,7 @@ async def test_warm_pins_phrases(piper_servers: LocalModelServers) -> None:
         before = await metrics(session, piper_servers)
         status, body = await post_tts(session, piper_servers.piper_url(8000), phrases[0])
         after = await metrics(session, piper_servers)
-    assert status == 200 and rms(body[44:]) > 500
+    assert status == 200 and rms(wav_pcm(body)[0]) > 500
     assert after["cache_hits"] == before["cache_hits"] + 1
 
 
@@ -224,4 +225,4 @@ async def test_hangup_mid_stream_stops_synthesis(piper_servers: LocalModelServer
         status, body = await post_tts(session, piper_servers.piper_url(8000), "Still here.")
     assert after["disconnects"] == before["disconnects"] + 1
     assert after["sentences"] - before["sentences"] < 12, "kept synthesising after hang-up"
-    assert status == 200 and rms(body[44:]) > 500
+    assert status == 200 and rms(wav_pcm(body)[0]) > 500
