@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from pipeswitch.config.tenants import ToolSettings
+from pipeswitch.config.tenants import ToolSettings, Weekday
 
-WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 # How far ahead "next opening" looks (covers long holiday closures).
 LOOKAHEAD_DAYS = 31
 
@@ -103,9 +103,9 @@ def open_intervals(
         day = first + timedelta(days=k)
         if day in holidays:
             continue
-        for r in settings.business_hours.get(WEEKDAYS[day.weekday()], []):  # type: ignore[call-overload]
-            a, b = _parse_range(r)
-            spans.append((_at(day, a, tz), _at(day, b, tz)))
+        for r in settings.business_hours.get(WEEKDAYS[day.weekday()], []):
+            start, end = _parse_range(r)
+            spans.append((_at(day, start, tz), _at(day, end, tz)))
     spans.sort()
     merged: list[tuple[datetime, datetime]] = []
     for a, b in spans:
