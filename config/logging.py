@@ -8,14 +8,14 @@ from loguru import logger
 
 _FORMAT = (
     "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
-    "<cyan>{extra[call]}</cyan> <magenta>{extra[tenant]}</magenta> {message}"
+    "<cyan>{extra[call]}</cyan> <magenta>{extra[tenant]}</magenta> {extra[pipeline]} {message}"
 )
 
 
 def configure_logging(level: str = "INFO", json: bool = False) -> None:
     """Replace loguru's default sink; ``json=True`` emits one JSON object per line."""
     logger.remove()
-    logger.configure(extra={"call": "-", "tenant": "-"})
+    logger.configure(extra={"call": "-", "tenant": "-", "pipeline": "-"})
     if json:
         logger.add(sys.stderr, level=level.upper(), serialize=True, enqueue=False)
     else:

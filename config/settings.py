@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
     log_json: bool = False
+    # OpenTelemetry: one trace per call, a span per turn, exported over OTLP (the [otel]
+    # extra; OTEL_EXPORTER_OTLP_ENDPOINT alone also turns it on).
+    tracing: bool = False
     # Upper bound on one WebSocket message. FreeSWITCH sends 20 ms frames (320-1920 B, x2 for
     # stereo, x N/20 with STREAM_BUFFER_SIZE); anything far beyond that is not audio we want.
     max_message_bytes: int = 512 * 1024

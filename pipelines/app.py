@@ -27,6 +27,7 @@ from pipeswitch.config.settings import Settings
 from pipeswitch.pipelines.local.supervisor import LocalModelServers
 from pipeswitch.pipelines.services import ProviderEndpoints
 from pipeswitch.pipelines.session import CallSessions
+from pipeswitch.pipelines.tracing import setup_tracing
 from pipeswitch.pipelines.vad import shared_batcher
 from pipeswitch.transports import metrics
 from pipeswitch.transports.server import CallServer
@@ -139,6 +140,7 @@ class Pipeswitch:
             ep = endpoints_with_local(ep, self._local)
         self._endpoints = ep
         shared_batcher()  # build the Silero session now, not on the first call
+        setup_tracing(s)
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
         )

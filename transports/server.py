@@ -185,7 +185,12 @@ class CallServer:
                 call.caller or "-",
                 (time.monotonic() - t0) * 1000.0,
             )
-            await self.handler.run_call(call, tenant, transport)
+            # Every log line of the call, Pipecat's own included (its tasks inherit the
+            # context), carries the call uuid, the tenant and the pipeline kind.
+            with logger.contextualize(
+                call=call.call_uuid, tenant=tenant.name, pipeline=tenant.pipeline
+            ):
+                await self.handler.run_call(call, tenant, transport)
         except Exception as exc:
             log.exception("call failed: {}", exc)
             metrics.call_failed(tenant.name, tenant.pipeline, "exception")
