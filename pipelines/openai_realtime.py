@@ -1,0 +1,219 @@
+"""OpenAI Realtime (speech-to-speech) pipeline: caller audio in, the model's voice out.
+
+Pipeline: transport in -> user aggregator (turns) -> 24 kHz edge resampler ->
+``OpenAIRealtimeLLMService`` -> transport out (24 kHz -> stream rate, once) ->
+assistant aggregator -> heard-context.
+
+Turn detection per tenant: OpenAI's server VAD (the service proposes turn
+starts/stops, Pipecat's external strategies resolve them), or local Silero with
+the server VAD off (``turn_detection=False``; the service commits the buffer and
+asks for a response when the local turn ends).
+
+Barge-in trims the model's memory to what the caller heard: the
+``conversation.item.truncate`` carries the played-out milliseconds measured at the
+FreeSWITCH socket (:class:`~pipeswitch.pipelines.s2s_fallback.TransportPlayout`),
+not Pipecat's default (received audio capped by wall-clock time since the first
+delta), which counts audio still queued in the server or dropped at the far end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from loguru import logger
+from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
+from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import (
+    LLMContextAggregatorPair,
+    LLMUserAggregatorParams,
+)
+from pipecat.services.openai.realtime import events
+from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
+from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import (
+    SpeechTimeoutUserTurnStopStrategy,
+)
+from pipecat.turns.user_turn_strategies import UserTurnStrategies
+
+from pipeswitch.pipelines.compose import CallContext, CallPipeline, register_builder
+from pipeswitch.pipelines.s2s_fallback import (
+    ProviderRateAdapter,
+    TransportPlayout,
+    s2s_instructions,
+)
+from pipeswitch.pipelines.services import ProviderUnavailable
+from pipeswitch.processors.barge_in import BargeInStartStrategy
+
+OPENAI_REALTIME_RATE: Literal[24000] = 24000
+DEFAULT_REALTIME_MODEL = "gpt-realtime-2.1"
+
+
+@dataclass
+class TruncationFact:
+    """One truncation this call sent: where it cut, against what had been received."""
+
+    item_id: str
+    audio_end_ms: int
+    received_ms: int
+    heard_ms: int
+
+
+class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
+    """``OpenAIRealtimeLLMService`` whose barge-in truncation uses played-out audio.
+
+    Everything else is Pipecat's: the wire protocol, turn handling, function calls.
+    """
+
+    def __init__(self, *, playout: TransportPlayout, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._playout = playout
+        self._reply_mark = 0.0
+        self.truncations: list[TruncationFact] = []
+
+    @property
+    def connected(self) -> bool:
+        """Whether the provider session is up (session.updated received)."""
+        return bool(self._api_session_ready)
+
+    async def _handle_context(self, context: LLMContext, direction: Any) -> None:
+        if self._context is None:
+            # The caller speaks first (the greeting already played from cache, and the
+            # session's instructions say so): adopt the context without asking for a
+            # response, or the model would answer the first turn twice (server VAD
+            # already created that response).
+            self._context = context
+            self._llm_needs_conversation_setup = False
+            await self._process_completed_function_calls(send_new_results=False)
+            return
+        await super()._handle_context(context, direction)
+
+    async def _handle_evt_audio_delta(self, evt: Any) -> None:
+        if self._current_audio_response is None:
+            # First audio of a reply: everything written before it is someone else's.
+            self._reply_mark = self._playout.mark()
+        await super()._handle_evt_audio_delta(evt)
+
+    async def _truncate_current_audio_response(self) -> None:
+        current = self._current_audio_response
+        if current is None:
+            return
+        self._current_audio_response = None
+        received_ms = self._calculate_audio_duration_ms(current.total_size)
+        heard_ms = int(self._playout.heard_since(self._reply_mark) * 1000)
+        end_ms = max(0, min(heard_ms, received_ms))
+        self.truncations.append(TruncationFact(current.item_id, end_ms, received_ms, heard_ms))
+        try:
+            await self.send_client_event(
+                events.ConversationItemTruncateEvent(
+                    item_id=current.item_id,
+                    content_index=current.content_index,
+                    audio_end_ms=end_ms,
+                )
+            )
+        except Exception as exc:  # the session goes on without the trim
+            logger.warning("realtime truncation failed (non-fatal): {}", exc)
+
+
+def session_properties(ctx: CallContext) -> events.SessionProperties:
+    """The Realtime session for this tenant: PCM 24 kHz both ways, its VAD choice, voice."""
+    p = ctx.tenant.providers
+    turn_detection: events.TurnDetection | bool = (
+        False
+        if p.turn_detection == "local"
+        else events.TurnDetection(silence_duration_ms=p.realtime_silence_ms)
+    )
+    return events.SessionProperties(
+        instructions=s2s_instructions(ctx.tenant.system_prompt, ctx.tenant.first_message),
+        audio=events.AudioConfiguration(
+            input=events.AudioInput(
+                format=events.PCMAudioFormat(rate=OPENAI_REALTIME_RATE),
+                transcription=events.InputAudioTranscription(),
+                turn_detection=turn_detection,
+            ),
+            output=events.AudioOutput(
+                format=events.PCMAudioFormat(rate=OPENAI_REALTIME_RATE),
+                voice=p.realtime_voice,
+            ),
+        ),
+    )
+
+
+def make_openai_realtime(ctx: CallContext) -> PlayedOutRealtimeService:
+    """The Realtime service for one call (blocking constructor: call in a thread)."""
+    ep = ctx.endpoints
+    if not ep.openai_api_key:
+        raise ProviderUnavailable("OpenAI Realtime needs PIPESWITCH_OPENAI_API_KEY")
+    p = ctx.tenant.providers
+    return PlayedOutRealtimeService(
+        api_key=ep.openai_api_key,
+        base_url=ep.openai_realtime_url,
+        playout=TransportPlayout(ctx.transport),
+        settings=OpenAIRealtimeLLMService.Settings(
+            model=p.realtime_model or DEFAULT_REALTIME_MODEL,
+            session_properties=session_properties(ctx),
+        ),
+    )
+
+
+def s2s_aggregators(ctx: CallContext, context: LLMContext) -> LLMContextAggregatorPair:
+    """Server VAD: the service proposes turns. Local: Silero with the barge-in gate."""
+    if ctx.tenant.providers.turn_detection != "local":
+        return LLMContextAggregatorPair(context)
+    t = ctx.tenant.turns
+    return LLMContextAggregatorPair(
+        context,
+        user_params=LLMUserAggregatorParams(
+            vad_analyzer=ctx.vad(),
+            user_turn_strategies=UserTurnStrategies(
+                start=[BargeInStartStrategy(t.barge_in_min_secs)],
+                # No transcript exists before the provider has the committed turn.
+                stop=[
+                    SpeechTimeoutUserTurnStopStrategy(
+                        user_speech_timeout=t.vad_stop_secs, wait_for_transcript=False
+                    )
+                ],
+            ),
+        ),
+    )
+
+
+def tenant_tools(ctx: CallContext) -> list[FunctionSchema]:
+    """The receptionist tools this tenant enables, as Pipecat ``FunctionSchema``s.
+
+    The definitions (and handlers) live with the cascade's in ``processors.tools``;
+    a build without that module offers no tools.
+    """
+    try:
+        from pipeswitch.processors import tools as receptionist
+    except ImportError:
+        return []
+    make = getattr(receptionist, "function_schemas", None)
+    return list(make(ctx)) if callable(make) else []
+
+
+async def build_openai_realtime(
+    ctx: CallContext, tools: list[FunctionSchema] | None = None
+) -> CallPipeline:
+    """Compose the OpenAI Realtime pipeline for one call."""
+    llm = await asyncio.to_thread(make_openai_realtime, ctx)
+    fns = tenant_tools(ctx) if tools is None else tools
+    context = LLMContext(tools=ToolsSchema(standard_tools=list(fns))) if fns else LLMContext()
+    aggregators = s2s_aggregators(ctx, context)
+    pipeline = Pipeline(
+        [
+            ctx.transport.input(),
+            aggregators.user(),
+            ProviderRateAdapter(OPENAI_REALTIME_RATE),
+            llm,
+            ctx.transport.output(),
+            aggregators.assistant(),
+            ctx.heard_context(context),
+        ]
+    )
+    return CallPipeline(pipeline, context, parts={"llm": llm})
+
+
+register_builder("openai-realtime", build_openai_realtime)

@@ -1,0 +1,129 @@
+"""One Pipeswitch server with speech-to-speech tenants, against wire-level emulators.
+
+The OpenAI Realtime and Gemini Live emulators speak the providers' real protocols
+to Pipecat's unmodified services; the Deepgram/Groq emulators back the cascade the
+calls fall back to; Piper is real (the greeting, the fallback's voice, and the
+emulators' reply audio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import pytest_asyncio
+from aiohttp import web
+
+from pipeswitch.bench.emulators.latency import LatencyModel
+from pipeswitch.bench.emulators.openai_realtime import (
+    OpenAIRealtimeEmulator,
+    RealtimeFaults,
+    piper_speech,
+    serve_realtime,
+)
+from pipeswitch.bench.emulators.runner import EmulatorConfig, RunningEmulators, run_emulators
+from pipeswitch.bench.emulators.scripts import resolve_llm_script
+from pipeswitch.config.loaders import StaticTenantLoader
+from pipeswitch.config.settings import Settings
+from pipeswitch.config.tenants import ProviderSettings, Tenant
+from pipeswitch.pipelines import openai_realtime  # noqa: F401  (registers the builder)
+from pipeswitch.pipelines.app import Pipeswitch
+from pipeswitch.pipelines.emulated import EMULATED_KEY, endpoints_for
+from pipeswitch.pipelines.piper_client import wav_pcm
+from tests.conftest import trim_silence
+
+QUESTION = "What are your opening hours on Saturday?"
+BARGE_IN = "Sorry, can you hold on a second?"
+
+
+def s2s_tenants() -> StaticTenantLoader:
+    """Speech-to-speech tenants per provider, turn detection and dialect."""
+    tenants = [Tenant(name="default")]
+    for dialect in ("json-stream", "binary"):
+        tenants.append(
+            Tenant(
+                name=f"rt-{dialect}.test",
+                pipeline="openai-realtime",
+                playback=dialect,
+                providers=ProviderSettings(realtime_silence_ms=300),
+            )
+        )
+    tenants.append(
+        Tenant(
+            name="rt-local.test",
+            pipeline="openai-realtime",
+            playback="binary",
+            providers=ProviderSettings(turn_detection="local"),
+        )
+    )
+    return StaticTenantLoader(tenants, default="default")
+
+
+@dataclass
+class S2SServed:
+    """The running server, the emulators, and speech to say."""
+
+    app: Pipeswitch
+    emu: RunningEmulators
+    realtime: OpenAIRealtimeEmulator
+    http: aiohttp.ClientSession
+
+    def url(self, domain: str, rate: int = 8000, uuid: str = "call") -> str:
+        return f"ws://127.0.0.1:{self.app.port}/fs/{uuid}?rate={rate}&mix=mono&domain={domain}"
+
+    async def speech(self, text: str, rate: int) -> bytes:
+        key = (text, rate)
+        if key not in _cache:
+            url = self.app.endpoints.piper_for_rate(rate)
+            async with self.http.post(url, json={"text": text, "voice": "joe"}) as r:
+                r.raise_for_status()
+                _cache[key] = trim_silence(wav_pcm(await r.read())[0])
+        return _cache[key]
+
+
+_cache: dict[tuple[str, int], bytes] = {}
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def s2s() -> AsyncIterator[S2SServed]:
+    cfg = EmulatorConfig(llm_script="office", stt_script="office", seed=1)
+    realtime = OpenAIRealtimeEmulator(
+        ttfa=LatencyModel.constant(300),
+        script=resolve_llm_script("office"),
+        transcripts=("What are your opening hours on Saturday?",),
+    )
+    rt_runner, rt_port = await serve_realtime(realtime)
+    try:
+        async with run_emulators(cfg) as emu:
+            endpoints = dataclasses.replace(
+                endpoints_for(emu),
+                openai_realtime_url=f"ws://127.0.0.1:{rt_port}/v1/realtime",
+                openai_api_key=EMULATED_KEY,
+            )
+            settings = Settings(
+                host="127.0.0.1", port=0, providers="emulated", idle_timeout_secs=30
+            )
+            app = Pipeswitch(
+                settings, loader=s2s_tenants(), default_tenant="default", endpoints=endpoints
+            )
+            await app.start()
+            async with aiohttp.ClientSession() as http:
+                realtime.speech = piper_speech(app.endpoints.piper_url, session=http)
+                try:
+                    yield S2SServed(app, emu, realtime, http)
+                finally:
+                    await app.stop(drain_secs=2.0)
+                    await asyncio.sleep(0)
+    finally:
+        await rt_runner.cleanup()
+
+
+def reset_faults(s: S2SServed) -> None:
+    """Back to a healthy provider."""
+    s.realtime.set_faults(RealtimeFaults())
+
+
+__all__ = ["BARGE_IN", "QUESTION", "S2SServed", "reset_faults", "s2s", "web"]
