@@ -25,6 +25,7 @@ from pipeswitch.pipelines.emulated import endpoints_for
 from pipeswitch.pipelines.piper_client import wav_pcm
 
 QUESTION = "What are your opening hours on Saturday?"
+KEYWORD_ROUTER = "python:pipeswitch.pipelines.examples.keyword_router:build"
 BARGE_IN = "Sorry, can you hold on a second?"
 
 
@@ -74,6 +75,10 @@ def make_tenants() -> StaticTenantLoader:
     tenants = [Tenant(name="default")]
     for dialect in ("json-stream", "binary", "file"):
         tenants.append(Tenant(name=f"{dialect}.test", playback=dialect))
+    tenants.append(Tenant(name="router.test", pipeline=KEYWORD_ROUTER))
+    tenants.append(
+        Tenant(name="raises.test", pipeline="python:tests.pipelines.builders:build_raising")
+    )
     return StaticTenantLoader(tenants, default="default")
 
 
