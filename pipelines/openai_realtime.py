@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from loguru import logger
-from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
@@ -31,6 +30,7 @@ from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
     LLMUserAggregatorParams,
 )
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.openai.realtime import events
 from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
 from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import (
@@ -46,6 +46,7 @@ from pipeswitch.pipelines.s2s_fallback import (
 )
 from pipeswitch.pipelines.services import ProviderUnavailable
 from pipeswitch.processors.barge_in import BargeInStartStrategy
+from pipeswitch.processors.tools import ReceptionistTools, register_tools, tools_schema
 
 OPENAI_REALTIME_RATE: Literal[24000] = 24000
 DEFAULT_REALTIME_MODEL = "gpt-realtime-2.1"
@@ -72,6 +73,8 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
         self._playout = playout
         self._reply_mark = 0.0
         self.truncations: list[TruncationFact] = []
+        # The call's receptionist tools (what they did), when the tenant enables any.
+        self.receptionist: ReceptionistTools | None = None
 
     @property
     def connected(self) -> bool:
@@ -87,6 +90,9 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
             self._context = context
             self._llm_needs_conversation_setup = False
             await self._process_completed_function_calls(send_new_results=False)
+            if direction == FrameDirection.UPSTREAM and self._results_awaiting_response:
+                # A tool result came back before any other context: answer it.
+                await self._create_response()
             return
         await super()._handle_context(context, direction)
 
@@ -117,7 +123,9 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
             logger.warning("realtime truncation failed (non-fatal): {}", exc)
 
 
-def session_properties(ctx: CallContext) -> events.SessionProperties:
+def session_properties(
+    ctx: CallContext, tools: ToolsSchema | None = None
+) -> events.SessionProperties:
     """The Realtime session for this tenant: PCM 24 kHz both ways, its VAD choice, voice."""
     p = ctx.tenant.providers
     turn_detection: events.TurnDetection | bool = (
@@ -138,10 +146,15 @@ def session_properties(ctx: CallContext) -> events.SessionProperties:
                 voice=p.realtime_voice,
             ),
         ),
+        # In the first session.update already: the first turn may call a tool before any
+        # context reaches the service.
+        tools=tools,
     )
 
 
-def make_openai_realtime(ctx: CallContext) -> PlayedOutRealtimeService:
+def make_openai_realtime(
+    ctx: CallContext, tools: ToolsSchema | None = None
+) -> PlayedOutRealtimeService:
     """The Realtime service for one call (blocking constructor: call in a thread)."""
     ep = ctx.endpoints
     if not ep.openai_api_key:
@@ -153,7 +166,7 @@ def make_openai_realtime(ctx: CallContext) -> PlayedOutRealtimeService:
         playout=TransportPlayout(ctx.transport),
         settings=OpenAIRealtimeLLMService.Settings(
             model=p.realtime_model or DEFAULT_REALTIME_MODEL,
-            session_properties=session_properties(ctx),
+            session_properties=session_properties(ctx, tools),
         ),
     )
 
@@ -180,27 +193,12 @@ def s2s_aggregators(ctx: CallContext, context: LLMContext) -> LLMContextAggregat
     )
 
 
-def tenant_tools(ctx: CallContext) -> list[FunctionSchema]:
-    """The receptionist tools this tenant enables, as Pipecat ``FunctionSchema``s.
-
-    The definitions (and handlers) live with the cascade's in ``processors.tools``;
-    a build without that module offers no tools.
-    """
-    try:
-        from pipeswitch.processors import tools as receptionist
-    except ImportError:
-        return []
-    make = getattr(receptionist, "function_schemas", None)
-    return list(make(ctx)) if callable(make) else []
-
-
-async def build_openai_realtime(
-    ctx: CallContext, tools: list[FunctionSchema] | None = None
-) -> CallPipeline:
+async def build_openai_realtime(ctx: CallContext) -> CallPipeline:
     """Compose the OpenAI Realtime pipeline for one call."""
-    llm = await asyncio.to_thread(make_openai_realtime, ctx)
-    fns = tenant_tools(ctx) if tools is None else tools
-    context = LLMContext(tools=ToolsSchema(standard_tools=list(fns))) if fns else LLMContext()
+    schema = tools_schema(ctx.tenant.tools) if ctx.tenant.tools.enabled else None
+    llm = await asyncio.to_thread(make_openai_realtime, ctx, schema)
+    context = LLMContext()
+    tools = register_tools(llm, context, None, ctx.tenant, ctx.call.call_uuid)
     aggregators = s2s_aggregators(ctx, context)
     pipeline = Pipeline(
         [
@@ -213,6 +211,7 @@ async def build_openai_realtime(
             ctx.heard_context(context),
         ]
     )
+    llm.receptionist = tools
     return CallPipeline(pipeline, context, parts={"llm": llm})
 
 

@@ -28,7 +28,7 @@ from pipeswitch.bench.emulators.runner import EmulatorConfig, RunningEmulators, 
 from pipeswitch.bench.emulators.scripts import resolve_llm_script
 from pipeswitch.config.loaders import StaticTenantLoader
 from pipeswitch.config.settings import Settings
-from pipeswitch.config.tenants import ProviderSettings, Tenant
+from pipeswitch.config.tenants import ProviderSettings, Tenant, ToolSettings
 from pipeswitch.pipelines import openai_realtime  # noqa: F401  (registers the builder)
 from pipeswitch.pipelines.app import Pipeswitch
 from pipeswitch.pipelines.emulated import EMULATED_KEY, endpoints_for
@@ -51,6 +51,18 @@ def s2s_tenants() -> StaticTenantLoader:
                 providers=ProviderSettings(realtime_silence_ms=300),
             )
         )
+    tenants.append(
+        Tenant(
+            name="rt-tools.test",
+            pipeline="openai-realtime",
+            playback="binary",
+            providers=ProviderSettings(realtime_silence_ms=300),
+            tools=ToolSettings(
+                enabled=["business_hours"],
+                business_hours={d: ["09:00-17:00"] for d in ("mon", "tue", "wed", "thu", "fri")},
+            ),
+        )
+    )
     tenants.append(
         Tenant(
             name="rt-local.test",

@@ -6,8 +6,10 @@ import asyncio
 
 import pytest
 
+from pipeswitch.bench.emulators.openai_chat import ToolCall, keyword_script
+from pipeswitch.bench.emulators.scripts import LLM_SCRIPTS
 from tests.e2e.helpers import ask, is_speech_like, open_call, wait_bot_quiet
-from tests.s2s.conftest import QUESTION, S2SServed
+from tests.s2s.conftest import BARGE_IN, QUESTION, S2SServed
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -43,3 +45,71 @@ async def test_call_answers_with_provider_speech(s2s: S2SServed, rate: int) -> N
     answer_ms = sum(a.nbytes for a in rx if a.t > end) * 1000 // (2 * rate)
     # All of the reply's audio (Piper at 24 kHz -> stream rate once) reached the caller.
     assert abs(answer_ms - sess.responses[0].audio_ms_total) < 300
+
+
+async def test_barge_in_truncates_at_played_out_ms(s2s: S2SServed) -> None:
+    """The truncation names what the caller heard, not the (much longer) audio received."""
+    rate = 8000
+    question = await s2s.speech(QUESTION, rate)
+    interrupt = await s2s.speech(BARGE_IN, rate)
+    rt = s2s.realtime
+    saved = rt.script
+    rt.script = LLM_SCRIPTS["long"]  # type: ignore[assignment]
+    n_sessions = len(rt.sessions)
+    stream = await open_call(s2s.url("rt-binary.test", rate, "rt-barge"), rate, "binary")
+    try:
+        await wait_bot_quiet(stream, timeout_s=10.0)
+        _, answer = await ask(stream, question, rate, timeout_s=8.0)
+        assert answer is not None
+        await asyncio.sleep(2.0)  # ~2 s of a ~20 s reply heard; all of it already received
+        stream.queue_caller_audio(interrupt)
+        stream.queue_caller_silence(0.6)
+        await wait_bot_quiet(stream, quiet_s=0.3, timeout_s=5.0)
+        await asyncio.sleep(0.5)
+    finally:
+        rt.script = saved
+        await stream.hangup()
+    sess = rt.sessions[n_sessions]
+    reply = sess.responses[0]
+    assert sess.truncations, "no conversation.item.truncate reached the provider"
+    cut = sess.truncations[0]
+    assert cut.item_id == reply.item_id
+    # What the caller heard of the reply: the bot audio that reached the emulated module
+    # between the reply's first audio and the barge-in (binary: the clear drops the rest).
+    _, rx = stream.received_audio()
+    onset = next(f.t for f in stream.sent_frames if f.voiced and f.t > answer + 1.0)
+    heard_ms = sum(a.nbytes for a in rx if answer - 0.01 <= a.t <= onset + 0.3) * 1000 // (2 * rate)
+    assert abs(cut.audio_end_ms - heard_ms) < 400, (cut.audio_end_ms, heard_ms)
+    # Far less than what the provider had sent (and Pipecat had received) by then.
+    assert cut.audio_ms_sent is not None and cut.audio_ms_sent - cut.audio_end_ms > 3000
+    # The model's memory of its reply now ends where the caller stopped hearing it.
+    assert 0 < len(cut.heard_text.split()) < len(reply.text.split()) / 2
+
+
+async def test_tool_call_through_realtime(s2s: S2SServed) -> None:
+    """A receptionist tool runs from the realtime model's function call; the model answers."""
+    rate = 8000
+    question = await s2s.speech(QUESTION, rate)
+    rt = s2s.realtime
+    saved = rt.script
+    rt.script = keyword_script({"hours": ToolCall(name="business_hours", arguments={})})
+    n_sessions = len(rt.sessions)
+    stream = await open_call(s2s.url("rt-tools.test", rate, "rt-tools"), rate, "binary")
+    try:
+        await wait_bot_quiet(stream, timeout_s=10.0)
+        _, answer = await ask(stream, question, rate, timeout_s=10.0)
+        assert answer is not None, "no spoken answer after the tool call"
+        await wait_bot_quiet(stream, timeout_s=15.0)
+    finally:
+        rt.script = saved
+        await stream.hangup()
+    sess = rt.sessions[n_sessions]
+    tools = sess.session_updates[0].get("tools") or []
+    assert [t["name"] for t in tools] == ["business_hours"]
+    call = sess.responses[0].tool_calls[0]
+    outputs = [i for i in sess.items_created if i.get("type") == "function_call_output"]
+    assert outputs and outputs[0]["call_id"] == call["call_id"]
+    assert "open" in outputs[0]["output"]
+    # The tool's result was spoken: a second response, with audio, answering it.
+    assert sess.responses[1].status == "completed" and sess.responses[1].audio_ms_total > 0
+    assert "result is" in sess.responses[1].text
