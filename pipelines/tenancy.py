@@ -1,0 +1,215 @@
+"""Multi-tenant wiring: PostgreSQL tenants, Redis call state, call records, the admin API.
+
+:class:`Tenancy` is what :class:`~pipeswitch.pipelines.app.Pipeswitch` starts next to the call
+server. With neither ``PIPESWITCH_DATABASE_URL`` nor ``PIPESWITCH_REDIS_URL`` it adds only an
+in-process per-tenant limit (file tenants, no records, as before).
+
+Per call, :class:`TenancyCallHandler` wraps the call controller: it takes a slot in the
+tenant's concurrent-call limit (shared across instances through Redis) before the pipeline is
+built - over the limit the call is closed with 4503 and a reason FreeSWITCH's
+``mod_audio_stream::disconnect`` handler can act on (e.g. transfer to a human queue) - and
+releases it when the call ends. Call records are handed to the batched writer from the call
+controller's finished hook, after the call, never on the audio path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from loguru import logger
+
+from pipeswitch.config.call_state import CallState, default_instance_id, make_call_state
+from pipeswitch.config.db import SecretBox
+from pipeswitch.config.pg_loader import PgTenantLoader
+from pipeswitch.config.records import RecordWriter, call_rows
+from pipeswitch.config.settings import Settings
+from pipeswitch.config.tenant_store import TenantStore
+from pipeswitch.config.tenants import Tenant
+from pipeswitch.pipelines.services import ProviderEndpoints
+from pipeswitch.transports.call_info import CallInfo
+from pipeswitch.transports.server import CLOSE_TRY_AGAIN, CallHandler, ServerStats
+from pipeswitch.transports.transport import FreeSwitchCallTransport
+
+if TYPE_CHECKING:
+    from pipeswitch.pipelines.compose import CallPipeline
+    from pipeswitch.pipelines.session import CallRecord, CallSessions
+
+
+def secret(value: Any) -> str:
+    """A SecretStr (or None) setting as a plain string; '' when unset."""
+    return value.get_secret_value() if value is not None else ""
+
+
+# Tenant provider_keys names -> the ProviderEndpoints field each overrides.
+_KEY_FIELDS = {
+    "deepgram": "deepgram_api_key",
+    "groq": "groq_api_key",
+    "openai": "openai_api_key",
+    "google": "google_api_key",
+}
+
+
+def endpoints_for_tenant(ep: ProviderEndpoints, tenant: Tenant) -> ProviderEndpoints:
+    """The deployment's endpoints with the tenant's own provider keys in place of its keys."""
+    if not tenant.provider_keys:
+        return ep
+    changes = {
+        f: tenant.provider_keys[p].get_secret_value()
+        for p, f in _KEY_FIELDS.items()
+        if p in tenant.provider_keys
+    }
+    return replace(ep, **changes) if changes else ep  # type: ignore[arg-type]
+
+
+def transcript_turns(
+    messages: list[dict[str, Any]], latencies: list[float]
+) -> list[dict[str, Any]]:
+    """The conversation as turns (system prompt left out); latencies go to the assistant turns
+    that answered a caller turn, in order."""
+    out: list[dict[str, Any]] = []
+    lat = iter(latencies)
+    after_user = False
+    for m in messages:
+        role = str(m.get("role", ""))
+        if role not in ("user", "assistant"):
+            continue
+        content = m.get("content", "")
+        if isinstance(content, list):
+            content = " ".join(
+                str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p
+            )
+        turn: dict[str, Any] = {"role": role, "text": str(content or "")}
+        if role == "assistant":
+            # The context keeps what the caller heard (barge-in trims it), so this is heard text.
+            turn["heard_text"] = turn["text"]
+            if after_user:
+                secs = next(lat, None)
+                turn["latency_ms"] = None if secs is None else secs * 1000.0
+        after_user = role == "user"
+        out.append(turn)
+    return out
+
+
+@dataclass
+class _LiveCall:
+    tenant: Tenant
+    started_wall: float
+
+
+class TenancyCallHandler:
+    """Per-tenant admission around the call controller (a ``CallHandler`` itself)."""
+
+    def __init__(self, inner: CallHandler, state: CallState) -> None:
+        self.inner = inner
+        self.state = state
+        self.stats: ServerStats | None = None  # the server's counters, once bound
+        self.live: dict[str, _LiveCall] = {}
+
+    async def run_call(
+        self, call: CallInfo, tenant: Tenant, transport: FreeSwitchCallTransport
+    ) -> None:
+        log = logger.bind(call=call.call_uuid, tenant=tenant.name)
+        info = {
+            "domain_uuid": tenant.domain_uuid or "",
+            "agent": tenant.agent_name,
+            "agent_uuid": tenant.agent_uuid or "",
+        }
+        admission = await self.state.admit(call.call_uuid, tenant, info)
+        if not admission.allowed:
+            if self.stats is not None:
+                self.stats.refused["tenant_limit"] += 1
+            log.warning("call refused (tenant limit): {}", admission.reason)
+            await transport.close(CLOSE_TRY_AGAIN, admission.reason)
+            return
+        self.live[call.call_uuid] = _LiveCall(tenant, time.time())
+        try:
+            await self.inner.run_call(call, tenant, transport)
+        finally:
+            self.live.pop(call.call_uuid, None)
+            await self.state.release(call.call_uuid, tenant)
+
+
+class Tenancy:
+    """Everything multi-tenant for one server process; inert when nothing is configured."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.instance_id = settings.instance_id or default_instance_id()
+        self.box = SecretBox(secret(settings.secrets_key) or None)
+        dsn = secret(settings.database_url)
+        self.loader: PgTenantLoader | None = PgTenantLoader(dsn, self.box) if dsn else None
+        self.state: CallState = make_call_state(
+            secret(settings.redis_url) or None,
+            instance_id=self.instance_id,
+            degrade=settings.limits_degrade,
+        )
+        self.records: RecordWriter | None = None
+        self.handler: TenancyCallHandler | None = None
+
+    async def start(self, sessions: CallSessions) -> TenancyCallHandler:
+        """Start the stores and return the call handler wrapping ``sessions``."""
+        if self.loader is not None:
+            await self.loader.start()
+            self.records = RecordWriter(self.loader.store)
+            await self.records.start()
+            sessions.finished_hooks.append(self._on_call_finished)
+        await self.state.start()
+        self.handler = TenancyCallHandler(sessions, self.state)
+        return self.handler
+
+    def bind(self, stats: ServerStats) -> None:
+        """Count refusals with the server's other refusals (/metrics)."""
+        if self.handler is not None:
+            self.handler.stats = stats
+
+    def mounts(self) -> dict[str, web.Application]:
+        """The admin API at /admin when tenants live in PostgreSQL."""
+        if self.loader is None:
+            return {}
+        from pipeswitch.pipelines.admin_api import admin_app
+
+        return {
+            "/admin": admin_app(lambda: self.loader.store if self.loader else None, self.settings)
+        }
+
+    async def _on_call_finished(self, record: CallRecord, cp: CallPipeline) -> None:
+        """Hand the finished call to the record writer (an append, no I/O here)."""
+        if self.records is None or self.handler is None:
+            return
+        live = self.handler.live.get(record.call.call_uuid)
+        if live is None or not live.tenant.domain_uuid:
+            return
+        ended = record.ended_at if record.ended_at is not None else time.monotonic()
+        ended_wall = time.time() - (time.monotonic() - ended)
+        started_wall = ended_wall - (ended - record.started_at)
+        taken = getattr(record, "taken_messages", None) or []
+        rows = call_rows(
+            domain_uuid=live.tenant.domain_uuid,
+            call_uuid=record.call.call_uuid,
+            agent_uuid=live.tenant.agent_uuid,
+            caller=record.call.caller,
+            destination=record.call.destination,
+            instance=self.instance_id,
+            started_wall=started_wall,
+            ended_wall=ended_wall,
+            end_reason=record.end_reason or "pipeline ended",
+            metadata=record.metadata,
+            turns=transcript_turns(record.messages, record.turn_latencies),
+            messages=[m if isinstance(m, dict) else vars(m) for m in taken],
+        )
+        self.records.submit(rows)
+
+    @property
+    def store(self) -> TenantStore | None:
+        return self.loader.store if self.loader is not None else None
+
+    async def close(self) -> None:
+        """Flush call records, then close Redis and PostgreSQL (after the calls have ended)."""
+        if self.records is not None:
+            await self.records.close()
+        await self.state.close()
+        if self.loader is not None:
+            await self.loader.stop()
