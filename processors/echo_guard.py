@@ -1,0 +1,395 @@
+"""Echo-safe barge-in: the caller's voice interrupts the bot, the bot's own echo does not.
+
+Phone lines echo the bot's voice back into the caller's leg (hybrid echo, -10 to
+-25 dB, 40-120 ms late). A provider with server-side VAD (ElevenLabs Agents, OpenAI
+Realtime) hears that echo as the caller talking and cuts itself off; users of other
+stacks report exactly this on PBXs. While the bot is audible, this guard lets caller
+audio count as speech only when it is louder than the echo could be:
+
+    threshold = max(noise floor + noise margin, bot level + echo return loss + echo margin)
+
+* **bot level**: the loudest bot audio that can be echoing now, from the bot's own
+  outgoing audio (the :meth:`EchoGuard.reference` tap schedules each chunk on a
+  playout clock, as the output transport paces it) over the echo-delay window;
+* **echo return loss (ERL)**: an ERLE-style running estimate of caller level minus
+  bot level, learned while the bot talks and the caller is silent (fast up, slow
+  down, clamped), starting from a cautious -6 dB;
+* a barge-in needs ``min_speech_secs`` of such speech (short gaps allowed).
+
+Until a barge-in is confirmed, caller audio heard over the bot is *held* (the
+provider gets silence in its place, so its VAD never sees echo); on confirmation the
+held onset is released with the rest and the bot is interrupted at once (local
+playback stops; the provider follows). Held audio that never became a barge-in (a
+cough, a click, the echo itself, a short "mm-hm") goes as silence.
+
+Backchannels are transcript based: a transcript made only of "mm-hm", "okay",
+"yeah", "uh-huh" and the like, said while the bot was talking, is swapped for
+Pipecat's ``UserBackchannelFrame``, so it starts no turn and stays out of the
+context. Such a word shorter than ``min_speech_secs`` never interrupted the bot;
+a longer one did (the 250 ms stop budget leaves no time to wait for its words).
+
+:class:`EchoGuardCore` is the decision logic: no clock, no tasks, no frames; the
+thin processors feed it levels and times.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+from pipecat.frames.frames import (
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    TranscriptionFrame,
+    UserBackchannelFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+SILENCE_DB = -96.0
+
+BACKCHANNEL_WORDS = frozenset(
+    [
+        "mm",
+        "mmm",
+        "hmm",
+        "mhm",
+        "mmhm",
+        "mm-hm",
+        "mm-hmm",
+        "uh-huh",
+        "uhhuh",
+        "uh",
+        "um",
+        "okay",
+        "ok",
+        "yeah",
+        "yep",
+        "yup",
+        "yes",
+        "right",
+        "sure",
+        "alright",
+        "i",
+        "see",
+        "got",
+        "it",
+        "cool",
+        "great",
+    ]
+)
+_TOKEN = re.compile(r"[a-z]+(?:-[a-z]+)*")
+
+
+def is_backchannel(text: str, max_words: int = 3) -> bool:
+    """Whether ``text`` is only an acknowledgement ("mm-hm", "okay", "yeah, right")."""
+    words = _TOKEN.findall(text.lower())
+    return 0 < len(words) <= max_words and all(w in BACKCHANNEL_WORDS for w in words)
+
+
+def level_db(pcm: bytes) -> float:
+    """RMS level of s16le audio in dBFS (``SILENCE_DB`` for digital silence)."""
+    a = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
+    if a.size == 0:
+        return SILENCE_DB
+    ms = float(np.dot(a, a)) / a.size
+    return SILENCE_DB if ms <= 1.0 else 10.0 * math.log10(ms / (32768.0 * 32768.0))
+
+
+@dataclass(frozen=True, slots=True)
+class EchoGuardParams:
+    """Tunables; the defaults are what ``bench/echo.py`` measured (README).
+
+    Attributes:
+        min_speech_secs: Speech over the bot needed before it counts as a barge-in.
+        max_gap_secs: Quiet allowed inside that speech (between syllables).
+        echo_margin_db: How far above the estimated echo speech must be.
+        noise_margin_db: How far above the noise floor speech must be.
+        initial_erl_db: Echo return loss assumed before any is measured (cautious).
+        min_erl_db / max_erl_db: Bounds of the running ERL estimate.
+        erl_rise / erl_fall: Estimator step towards louder / quieter echo.
+        min_delay_secs / max_delay_secs: Echo delay window, covering the line's echo
+            path plus the transport's playout lead and the far end's buffering.
+        tail_secs: The bot counts as audible this long after its last audio.
+        backchannel_window_secs: A transcript this soon after the bot was audible may
+            be a backchannel.
+    """
+
+    min_speech_secs: float = 0.2
+    max_gap_secs: float = 0.06
+    echo_margin_db: float = 6.0
+    noise_margin_db: float = 12.0
+    initial_erl_db: float = -6.0
+    min_erl_db: float = -40.0
+    max_erl_db: float = 0.0
+    erl_rise: float = 0.3
+    erl_fall: float = 0.03
+    min_delay_secs: float = 0.0
+    max_delay_secs: float = 0.3
+    tail_secs: float = 0.1
+    backchannel_window_secs: float = 1.5
+
+
+class Verdict(Enum):
+    """What to do with one caller frame."""
+
+    PASS = "pass"  # the bot is silent: caller audio as is
+    HOLD = "hold"  # maybe a barge-in: keep it, send nothing yet
+    MUTE = "mute"  # echo (and any held audio was not speech): send silence
+    BARGE_IN = "barge_in"  # confirmed: release held audio, interrupt the bot
+
+
+@dataclass
+class GuardStats:
+    """Counters for the bench and the call record."""
+
+    frames_over_bot: int = 0
+    candidates: int = 0
+    barge_ins: int = 0
+    rejected: int = 0
+    backchannels: int = 0
+    barge_in_at: list[float] = field(default_factory=list)
+
+
+class EchoGuardCore:
+    """Decides, frame by frame, whether caller audio over the bot is the caller.
+
+    Times are the caller's clock (``time.monotonic()`` in the processors); nothing
+    here reads a clock. Cost per 20 ms frame: a scan of the bot segments inside the
+    echo window (a handful).
+    """
+
+    def __init__(self, params: EchoGuardParams | None = None) -> None:
+        """Start with no bot audio, a -60 dBFS floor and the cautious ERL."""
+        self.p = params or EchoGuardParams()
+        self.erl_db = self.p.initial_erl_db
+        self.noise_db = -60.0
+        self.stats = GuardStats()
+        self._play_until = 0.0
+        # (start, end, level dB) of scheduled bot audio, oldest first
+        self._bot: deque[tuple[float, float, float]] = deque()
+        self._run = 0.0
+        self._gap = 0.0
+        self._held = False
+        self._confirmed = False
+        self._last_audible = -math.inf
+
+    # -- bot side -------------------------------------------------------------
+
+    def bot_audio(self, now: float, secs: float, level: float) -> None:
+        """The bot sent ``secs`` of audio at ``level`` dBFS; it plays after what is queued."""
+        start = max(now, self._play_until)
+        self._play_until = start + secs
+        bot = self._bot
+        if bot and abs(bot[-1][2] - level) < 1.0 and abs(bot[-1][1] - start) < 1e-6:
+            s, _, lv = bot[-1]
+            bot[-1] = (s, self._play_until, max(lv, level))
+        else:
+            bot.append((start, self._play_until, level))
+
+    def bot_interrupted(self, now: float) -> None:
+        """Playback was cut: nothing more of the bot will play (its echo may linger)."""
+        bot = self._bot
+        while bot and bot[-1][0] >= now:
+            bot.pop()
+        if bot and bot[-1][1] > now:
+            s, _, lv = bot[-1]
+            bot[-1] = (s, now, lv)
+        self._play_until = now
+
+    def echo_reference(self, now: float, secs: float) -> float | None:
+        """Loudest bot level that can be echoing in the frame ending ``now`` (None: none)."""
+        lo = now - secs - self.p.max_delay_secs
+        hi = now - self.p.min_delay_secs
+        bot = self._bot
+        while bot and bot[0][1] < lo - 1.0:
+            bot.popleft()
+        best: float | None = None
+        for s, e, lv in bot:
+            if s > hi:
+                break
+            if e >= lo and (best is None or lv > best):
+                best = lv
+        return best
+
+    def bot_audible(self, now: float) -> bool:
+        """Whether bot audio (or its echo tail) may be in the caller's leg now."""
+        return now < self._play_until + self.p.max_delay_secs + self.p.tail_secs
+
+    # -- caller side ----------------------------------------------------------
+
+    def caller_frame(self, now: float, secs: float, level: float) -> Verdict:
+        """Classify one caller frame of ``secs`` at ``level`` dBFS ending at ``now``."""
+        p = self.p
+        ref = self.echo_reference(now, secs)
+        if ref is None and not self.bot_audible(now):
+            if self._held:
+                # The bot stopped while a candidate was pending: the caller is talking.
+                return self._confirm(now)
+            self._confirmed = False
+            self._run = self._gap = 0.0
+            if level < self.noise_db + p.noise_margin_db:
+                self._track_noise(level)
+            return Verdict.PASS
+        self._last_audible = now
+        if self._confirmed:
+            return Verdict.PASS  # this barge-in goes on until the bot is silent
+        self.stats.frames_over_bot += 1
+        echo = (ref if ref is not None else SILENCE_DB) + self.erl_db
+        threshold = max(self.noise_db + p.noise_margin_db, echo + p.echo_margin_db)
+        if level > threshold:
+            if not self._held:
+                self.stats.candidates += 1
+            self._held = True
+            self._run += secs
+            self._gap = 0.0
+            if self._run >= p.min_speech_secs - 1e-9:
+                return self._confirm(now)
+            return Verdict.HOLD
+        if self._held:
+            self._gap += secs
+            if self._gap <= p.max_gap_secs:
+                return Verdict.HOLD
+            self.stats.rejected += 1
+            self._held = False
+            self._run = self._gap = 0.0
+            return Verdict.MUTE
+        if ref is not None:
+            self._track_erl(level - ref)
+        return Verdict.MUTE
+
+    def _confirm(self, now: float) -> Verdict:
+        self._held = False
+        self._confirmed = True
+        self._run = self._gap = 0.0
+        self.stats.barge_ins += 1
+        self.stats.barge_in_at.append(now)
+        return Verdict.BARGE_IN
+
+    def _track_erl(self, observed: float) -> None:
+        step = self.p.erl_rise if observed > self.erl_db else self.p.erl_fall
+        self.erl_db += step * (observed - self.erl_db)
+        self.erl_db = min(self.p.max_erl_db, max(self.p.min_erl_db, self.erl_db))
+
+    def _track_noise(self, level: float) -> None:
+        # Minimum tracking: drop at once to a quieter floor, creep up slowly.
+        self.noise_db = (
+            level if level < self.noise_db else self.noise_db + 0.02 * (level - self.noise_db)
+        )
+
+    # -- transcripts ----------------------------------------------------------
+
+    def is_backchannel_now(self, now: float, text: str) -> bool:
+        """A transcript that only acknowledges the bot, said while it was talking."""
+        recent = now - self._last_audible <= self.p.backchannel_window_secs
+        if recent and is_backchannel(text):
+            self.stats.backchannels += 1
+            return True
+        return False
+
+
+class EchoGuard:
+    """The guard for one call: a core and the processors that feed it.
+
+    ``input()`` goes right after the transport input (before the provider or STT);
+    ``reference()`` right before the transport output (it sees the bot's audio and,
+    in speech-to-speech pipelines, the provider's transcripts).
+    """
+
+    def __init__(self, params: EchoGuardParams | None = None, *, interrupt: bool = True) -> None:
+        """``interrupt``: broadcast Pipecat's interruption on a barge-in (speech-to-speech).
+
+        The cascade leaves it False: its user aggregator already interrupts on the
+        speech the guard lets through.
+        """
+        self.core = EchoGuardCore(params)
+        self._input = EchoGuardInput(self, interrupt=interrupt)
+        self._reference = EchoGuardReference(self)
+
+    def input(self) -> EchoGuardInput:
+        """The caller-audio gate."""
+        return self._input
+
+    def reference(self) -> EchoGuardReference:
+        """The bot-audio tap and backchannel filter."""
+        return self._reference
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+class EchoGuardInput(FrameProcessor):
+    """Gates caller audio with the core's verdicts (see the module docstring)."""
+
+    def __init__(self, guard: EchoGuard, *, interrupt: bool, **kwargs: Any) -> None:
+        """Bind to the call's guard."""
+        super().__init__(**kwargs)
+        self._guard = guard
+        self._interrupt = interrupt
+        self._held: list[InputAudioRawFrame] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Caller audio through the gate; everything else unchanged."""
+        await super().process_frame(frame, direction)
+        if not isinstance(frame, InputAudioRawFrame):
+            if isinstance(frame, InterruptionFrame):
+                self._guard.core.bot_interrupted(_now())
+            await self.push_frame(frame, direction)
+            return
+        secs = len(frame.audio) / (2 * frame.sample_rate * frame.num_channels)
+        verdict = self._guard.core.caller_frame(_now(), secs, level_db(frame.audio))
+        if verdict is Verdict.PASS:
+            await self.push_frame(frame, direction)
+        elif verdict is Verdict.HOLD:
+            self._held.append(frame)
+        elif verdict is Verdict.MUTE:
+            for f in [*self._held, frame]:
+                await self.push_frame(_silent(f), direction)
+            self._held.clear()
+        else:
+            release, self._held = [*self._held, frame], []
+            if self._interrupt:
+                self._guard.core.bot_interrupted(_now())
+                await self.broadcast_interruption()
+            for f in release:
+                await self.push_frame(f, direction)
+
+
+class EchoGuardReference(FrameProcessor):
+    """Feeds the bot's outgoing audio to the core; swaps backchannel transcripts."""
+
+    def __init__(self, guard: EchoGuard, **kwargs: Any) -> None:
+        """Bind to the call's guard."""
+        super().__init__(**kwargs)
+        self._guard = guard
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Bot audio is measured and passed on; backchannels become ``UserBackchannelFrame``."""
+        await super().process_frame(frame, direction)
+        core = self._guard.core
+        if isinstance(frame, OutputAudioRawFrame) and direction is FrameDirection.DOWNSTREAM:
+            secs = len(frame.audio) / (2 * frame.sample_rate * frame.num_channels)
+            core.bot_audio(_now(), secs, level_db(frame.audio))
+        elif isinstance(frame, InterruptionFrame):
+            core.bot_interrupted(_now())
+        elif isinstance(frame, TranscriptionFrame) and core.is_backchannel_now(_now(), frame.text):
+            frame = UserBackchannelFrame(
+                text=frame.text, user_id=frame.user_id, timestamp=frame.timestamp
+            )
+        await self.push_frame(frame, direction)
+
+
+def _silent(frame: InputAudioRawFrame) -> InputAudioRawFrame:
+    return InputAudioRawFrame(
+        audio=bytes(len(frame.audio)),
+        sample_rate=frame.sample_rate,
+        num_channels=frame.num_channels,
+    )
