@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipecat.frames.frames import Frame, LLMContextFrame
+from pipecat.frames.frames import (
+    AggregatedTextFrame,
+    Frame,
+    InputDTMFFrame,
+    InterruptionFrame,
+    LLMContextFrame,
+    OutputAudioRawFrame,
+    TTSTextFrame,
+)
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.utils.text.base_text_aggregator import TextType
 
 from pipeswitch.pipelines.compose import CallContext, CallPipeline
 
@@ -53,3 +62,40 @@ async def two_args(ctx: CallContext, extra: Any) -> CallPipeline:  # pragma: no 
 
 
 NOT_CALLABLE = 42
+
+
+class DigitBot(FrameProcessor):
+    """A provider-free bot: DTMF ``1`` speaks a sentence, ``9`` interrupts whatever plays."""
+
+    def __init__(self, rate: int) -> None:
+        super().__init__()
+        self._rate = rate
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InputDTMFFrame) and frame.button.value == "1":
+            await self._say("You pressed one, here is a sentence.", secs=0.6)
+        elif isinstance(frame, InputDTMFFrame) and frame.button.value == "9":
+            await self.push_frame(InterruptionFrame())
+        await self.push_frame(frame, direction)
+
+    async def _say(self, text: str, secs: float) -> None:
+        sentence = AggregatedTextFrame(text=text, text_type=TextType.SENTENCE)
+        sentence.will_be_spoken = True
+        await self.push_frame(sentence)
+        chunk = b"\x00\x10" * (self._rate // 50)
+        for _ in range(int(secs / 0.02)):
+            await self.push_frame(
+                OutputAudioRawFrame(audio=chunk, sample_rate=self._rate, num_channels=1)
+            )
+        await self.push_frame(TTSTextFrame(text=text, text_type=TextType.SENTENCE))
+
+
+async def build_digit_bot(ctx: CallContext) -> CallPipeline:
+    """Transport, a DTMF-driven bot and the heard-context processor: no providers at all."""
+    context = LLMContext()
+    bot = DigitBot(ctx.sample_rate)
+    pipeline = Pipeline(
+        [ctx.transport.input(), bot, ctx.transport.output(), ctx.heard_context(context)]
+    )
+    return CallPipeline(pipeline, context, parts={"bot": bot})
