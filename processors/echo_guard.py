@@ -172,7 +172,7 @@ class EchoGuardCore:
         self.erl_db = self.p.initial_erl_db
         self.noise_db = -60.0
         self.stats = GuardStats()
-        self._play_until = 0.0
+        self._play_until = -math.inf
         # (start, end, level dB) of scheduled bot audio, oldest first
         self._bot: deque[tuple[float, float, float]] = deque()
         self._run = 0.0
@@ -288,7 +288,7 @@ class EchoGuardCore:
 
     def is_backchannel_now(self, now: float, text: str) -> bool:
         """A transcript that only acknowledges the bot, said while it was talking."""
-        recent = now - self._last_audible <= self.p.backchannel_window_secs
+        recent = self.bot_audible(now) or now - self._last_audible <= self.p.backchannel_window_secs
         if recent and is_backchannel(text):
             self.stats.backchannels += 1
             return True

@@ -1,0 +1,193 @@
+"""Echo guard: the decision core (no clock, no frames) and its processors in a pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from pipecat.frames.frames import (
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+    UserBackchannelFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.tests.utils import SleepFrame, run_test
+
+from pipeswitch.processors.echo_guard import (
+    EchoGuard,
+    EchoGuardCore,
+    EchoGuardParams,
+    Verdict,
+    is_backchannel,
+    level_db,
+)
+
+F = 0.02  # one 20 ms frame
+
+
+def run_frames(core: EchoGuardCore, t0: float, levels: list[float]) -> list[Verdict]:
+    return [core.caller_frame(t0 + (i + 1) * F, F, lv) for i, lv in enumerate(levels)]
+
+
+def bot_speaks(core: EchoGuardCore, t0: float, secs: float, level: float = -20.0) -> None:
+    """The bot's audio arrives in one burst (providers stream faster than real time)."""
+    n = round(secs / F)
+    for _ in range(n):
+        core.bot_audio(t0, F, level)
+
+
+def test_bot_silent_everything_passes() -> None:
+    core = EchoGuardCore()
+    assert set(run_frames(core, 0.0, [-60.0, -20.0, -20.0])) == {Verdict.PASS}
+
+
+@pytest.mark.parametrize("erl", [-10.0, -15.0, -20.0, -25.0])
+def test_echo_alone_is_muted_and_never_a_barge_in(erl: float) -> None:
+    core = EchoGuardCore()
+    bot_speaks(core, 0.0, 4.0)
+    rng = np.random.default_rng(1)
+    # Echo follows the bot's level (-20 dBFS) at the line's return loss, with jitter.
+    levels = list(-20.0 + erl + rng.normal(0, 2.0, 190))
+    verdicts = run_frames(core, 0.0, levels)
+    assert Verdict.BARGE_IN not in verdicts
+    assert verdicts.count(Verdict.MUTE) > 150
+    assert core.stats.barge_ins == 0
+
+
+def test_erl_estimate_learns_the_line() -> None:
+    core = EchoGuardCore()
+    bot_speaks(core, 0.0, 3.0)
+    run_frames(core, 0.0, [-40.0] * 140)  # -20 dB echo of a -20 dBFS bot
+    assert -22.0 < core.erl_db < -17.0
+
+
+def test_caller_over_bot_barges_in_after_min_speech() -> None:
+    p = EchoGuardParams(min_speech_secs=0.2)
+    core = EchoGuardCore(p)
+    bot_speaks(core, 0.0, 4.0)
+    run_frames(core, 0.0, [-35.0] * 50)  # echo only, the estimate settles at -15 dB
+    verdicts = run_frames(core, 1.0, [-18.0] * 15)
+    first = verdicts.index(Verdict.BARGE_IN)
+    assert verdicts[:first] == [Verdict.HOLD] * first
+    assert (first + 1) * F == pytest.approx(0.2)
+    assert core.stats.barge_ins == 1
+
+
+def test_short_burst_over_bot_is_rejected() -> None:
+    core = EchoGuardCore()
+    bot_speaks(core, 0.0, 4.0)
+    run_frames(core, 0.0, [-35.0] * 50)
+    verdicts = run_frames(core, 1.0, [-18.0] * 5 + [-36.0] * 10)  # a 100 ms cough
+    assert Verdict.BARGE_IN not in verdicts
+    assert core.stats.rejected == 1
+
+
+def test_barge_in_after_bot_interrupted_and_silence_passes() -> None:
+    core = EchoGuardCore()
+    bot_speaks(core, 0.0, 4.0)
+    run_frames(core, 0.0, [-35.0] * 10)
+    core.bot_interrupted(0.25)
+    later = run_frames(core, 1.0, [-20.0] * 3)
+    assert later == [Verdict.PASS] * 3
+
+
+def test_pending_candidate_becomes_turn_when_bot_stops() -> None:
+    core = EchoGuardCore()
+    bot_speaks(core, 0.0, 0.3)
+    v = run_frames(core, 0.0, [-15.0] * 5)
+    assert v == [Verdict.HOLD] * 5
+    # The bot's audio (and its echo tail) is over; the caller is still talking.
+    assert core.caller_frame(1.0, F, -15.0) is Verdict.BARGE_IN
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Mm-hm.", True),
+        ("Okay.", True),
+        ("yeah, right", True),
+        ("Uh-huh", True),
+        ("Okay, but what about Sunday?", False),
+        ("Hold on", False),
+        ("", False),
+    ],
+)
+def test_backchannel_words(text: str, expected: bool) -> None:
+    assert is_backchannel(text) is expected
+
+
+def test_backchannel_only_while_bot_was_audible() -> None:
+    core = EchoGuardCore()
+    assert not core.is_backchannel_now(0.0, "okay")
+    bot_speaks(core, 0.0, 2.0)
+    core.caller_frame(1.0, F, -60.0)
+    assert core.is_backchannel_now(1.5, "okay")
+    assert not core.is_backchannel_now(1.5, "okay what time")
+    assert not core.is_backchannel_now(10.0, "okay")  # long after the bot stopped
+
+
+def test_level_db() -> None:
+    tone = (np.sin(np.arange(160) / 3.0) * 3276.8).astype("<i2").tobytes()
+    assert level_db(tone) == pytest.approx(-23.0, abs=0.5)
+    assert level_db(bytes(320)) < -90
+
+
+# -- processors in a pipeline ------------------------------------------------------
+
+
+def _pcm(level: float, secs: float = F, rate: int = 8000) -> bytes:
+    n = int(rate * secs)
+    amp = 32768.0 * 10 ** (level / 20.0) * np.sqrt(2)
+    return (np.sin(np.arange(n) * 0.3) * amp).astype("<i2").tobytes()
+
+
+class _Pace(FrameProcessor):
+    """Lets each caller frame take its real 20 ms, as the transport delivers them."""
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InputAudioRawFrame):
+            await asyncio.sleep(F)
+        await self.push_frame(frame, direction)
+
+
+async def test_processors_mute_echo_and_release_a_barge_in() -> None:
+    guard = EchoGuard(EchoGuardParams(min_speech_secs=0.1))
+    bot = [TTSAudioRawFrame(audio=_pcm(-20.0, 1.0), sample_rate=8000, num_channels=1)]
+    echo = [InputAudioRawFrame(audio=_pcm(-38.0), sample_rate=8000, num_channels=1)] * 20
+    voice = [InputAudioRawFrame(audio=_pcm(-14.0), sample_rate=8000, num_channels=1)] * 8
+    pipeline = Pipeline([_Pace(), guard.input(), guard.reference()])
+    down, up = await run_test(
+        pipeline,
+        frames_to_send=[*bot, SleepFrame(0.05), *echo, *voice],
+        expected_down_frames=None,
+        expected_up_frames=None,
+    )
+    audio = [f for f in down if isinstance(f, InputAudioRawFrame)]
+    muted = [f for f in audio if not any(f.audio)]
+    assert len(muted) >= 15, "echo over the bot went through"
+    released = [f for f in audio if any(f.audio) and level_db(f.audio) > -20]
+    assert len(released) == 8, "the barge-in (onset included) was not released"
+    assert any(isinstance(f, InterruptionFrame) for f in up)
+    assert guard.core.stats.barge_ins == 1
+
+
+async def test_reference_swaps_backchannel_transcripts() -> None:
+    guard = EchoGuard()
+    guard.core.bot_audio(time.monotonic(), 3600.0, -20.0)  # the bot talks throughout
+    frames = [
+        TranscriptionFrame("Mm-hm.", "caller", "t"),
+        TranscriptionFrame("What about Sunday?", "caller", "t"),
+    ]
+    down, _ = await run_test(
+        Pipeline([guard.reference()]),
+        frames_to_send=frames,
+        expected_down_frames=[UserBackchannelFrame, TranscriptionFrame],
+    )
+    assert down[1].text == "What about Sunday?"
