@@ -110,7 +110,11 @@ def test_emulator_command_modules_are_only_imported_lazily() -> None:
 
 
 def test_no_import_cycles() -> None:
-    """No cycle among module-level imports (Tarjan's strongly connected components)."""
+    """No cycle among imports, lazy ones included (Tarjan's strongly connected components).
+
+    A lazy import that closes a cycle is still a cycle: it only hides it from Python.
+    """
+    graph = {m: GRAPH[m] | LAZY[m] for m in GRAPH}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -123,8 +127,8 @@ def test_no_import_cycles() -> None:
         counter[0] += 1
         stack.append(v)
         on_stack.add(v)
-        for w in GRAPH.get(v, set()):
-            if w not in GRAPH:
+        for w in graph.get(v, set()):
+            if w not in graph:
                 continue
             if w not in index:
                 strongconnect(w)
