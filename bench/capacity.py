@@ -27,7 +27,7 @@ from typing import Any
 from loguru import logger
 from tqdm import tqdm
 
-from pipeswitch.bench.caller_audio import load_caller_audio
+from pipeswitch.bench.caller_speech import load_caller_audio
 from pipeswitch.bench.ceilings import evaluate, evaluate_near_clean, relative_ceiling
 from pipeswitch.bench.loadgen import CallSpec, LoadSpec, TurnResult
 from pipeswitch.bench.options import add_common_arguments, providers_from, server_summary

@@ -8,7 +8,7 @@ timestamp is ``time.monotonic()`` - the same clock in every process here - so
 the bench can line the caller's view up with the server's and the emulators'.
 
 All calls of one process share one event loop; audio is precomputed
-(:mod:`bench.caller_audio`), so a tick only slices bytes. With
+(:mod:`bench.caller_speech`), so a tick only slices bytes. With
 ``python -m pipeswitch.bench.loadgen SPEC.json OUT.json`` a second process can run a share
 of the calls (the capacity bench's ``--loadgen-procs 2``).
 """
@@ -30,7 +30,7 @@ from typing import Any
 
 from loguru import logger
 
-from pipeswitch.bench.caller_audio import CallerAudio, load_caller_audio
+from pipeswitch.bench.caller_speech import CallerAudio, load_caller_audio
 from pipeswitch.bench.fakeswitch.audio import peak_above
 from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
 from pipeswitch.bench.probe import LoopLagMonitor

@@ -27,7 +27,7 @@ from typing import Any
 
 from loguru import logger
 
-from pipeswitch.bench.caller_audio import load_caller_audio
+from pipeswitch.bench.caller_speech import load_caller_audio
 from pipeswitch.bench.loadgen import CallSpec, LoadSpec
 from pipeswitch.bench.options import add_common_arguments, providers_from, server_summary
 from pipeswitch.bench.report import SERVER_LABELS, results_dir

@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 from loguru import logger
 
-from pipeswitch.bench.caller_audio import CallerAudio
+from pipeswitch.bench.caller_speech import CallerAudio
 from pipeswitch.bench.emulators.runner import (
     EmulatorConfig,
     EmulatorProcess,

@@ -13,7 +13,7 @@ import path (``bench.scenario:stt_line`` …), so this module is imported there.
   the bench measures the media server, like the baseline's fake TTS).
 
 The caller's questions themselves are real speech, synthesized once with Piper
-(:mod:`bench.caller_audio`); their words do not matter to the emulators, which
+(:mod:`bench.caller_speech`); their words do not matter to the emulators, which
 detect speech by energy.
 """
 
