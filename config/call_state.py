@@ -155,7 +155,9 @@ class RedisCallState:
         ttl_secs: float = 30.0,
         degrade: Literal["open", "closed"] = "open",
         op_timeout_secs: float = 0.5,
+        key_prefix: str = PREFIX,
     ) -> None:
+        self.prefix = key_prefix
         self.instance_id = instance_id or default_instance_id()
         self.ttl_ms = int(ttl_secs * 1000)
         self.degrade = degrade
@@ -175,13 +177,13 @@ class RedisCallState:
         self.stats = CallStateStats()
 
     def _set_key(self, tkey: str) -> str:
-        return f"{PREFIX}tenant:{tkey}:calls"
+        return f"{self.prefix}tenant:{tkey}:calls"
 
     def _call_key(self, call_uuid: str) -> str:
-        return f"{PREFIX}call:{call_uuid}"
+        return f"{self.prefix}call:{call_uuid}"
 
     def _transfer_key(self, call_uuid: str) -> str:
-        return f"{PREFIX}transfer:{call_uuid}"
+        return f"{self.prefix}transfer:{call_uuid}"
 
     def _unavailable(self, what: str, exc: BaseException) -> None:
         self.stats.errors += 1

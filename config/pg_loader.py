@@ -43,6 +43,11 @@ class DomainEntry:
     routes: dict[str, str] = field(default_factory=dict)  # destination -> agent uuid
 
 
+def normalize_destination(dest: str) -> str:
+    """``+4420555`` and ``4420555`` are the same DID (FreeSWITCH hands either form over)."""
+    return dest.strip().lstrip("+")
+
+
 def _enabled(value: Any) -> bool:
     """FusionPBX stores ``domain_enabled`` as text ('true'/'false') or boolean."""
     return str(value).lower() in ("true", "t", "1", "yes", "on")
@@ -126,7 +131,7 @@ def build_entry(
             entry.default = tenant
     for r in routes:
         if r["route_enabled"]:
-            entry.routes[str(r["destination"])] = str(r["voice_agent_uuid"])
+            entry.routes[normalize_destination(str(r["destination"]))] = str(r["voice_agent_uuid"])
     return entry
 
 
@@ -200,8 +205,7 @@ class PgTenantLoader:
         entry = self._entries.get(tenant.domain_uuid or "")
         if entry is None:
             return None
-        dest = destination.strip()
-        auid = entry.routes.get(dest) or entry.routes.get(dest.lstrip("+"))
+        auid = entry.routes.get(normalize_destination(destination))
         return entry.agents.get(auid) if auid else None
 
     def tenants(self) -> list[Tenant]:

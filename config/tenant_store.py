@@ -128,7 +128,7 @@ class TenantStore:
             "SELECT * FROM v_voice_domains WHERE domain_uuid = $1", domain_uuid
         )
 
-    async def set_domain_settings(self, domain_uuid: uuidlib.UUID, **fields: Any) -> Json:
+    async def set_domain_settings(self, domain_uuid: uuidlib.UUID, fields: Json) -> Json:
         """Upsert the domain's policy row (limit, retention, audio recording, enabled)."""
         cols = {k: v for k, v in fields.items() if k in _DOMAIN_SETTING_COLS}
         if set(fields) - set(cols):
@@ -479,15 +479,19 @@ class TenantStore:
     async def delete_caller_data(self, domain_uuid: uuidlib.UUID, caller: str, actor: str) -> Json:
         """Erase one caller's calls, transcripts and messages in this domain; audited."""
         async with _tx(self.db) as conn:
-            calls = await conn.fetchval(
-                "WITH d AS (DELETE FROM v_voice_calls WHERE domain_uuid = $1 AND caller = $2"
+            # Messages first: those taken on the caller's calls would go with the calls
+            # (cascade) and not be counted.
+            msgs = await conn.fetchval(
+                "WITH d AS (DELETE FROM v_voice_messages WHERE domain_uuid = $1"
+                " AND (caller_number = $2 OR voice_call_uuid IN (SELECT voice_call_uuid"
+                " FROM v_voice_calls WHERE domain_uuid = $1 AND caller = $2))"
                 " RETURNING 1) SELECT count(*) FROM d",
                 domain_uuid,
                 caller,
             )
-            msgs = await conn.fetchval(
-                "WITH d AS (DELETE FROM v_voice_messages WHERE domain_uuid = $1"
-                " AND caller_number = $2 RETURNING 1) SELECT count(*) FROM d",
+            calls = await conn.fetchval(
+                "WITH d AS (DELETE FROM v_voice_calls WHERE domain_uuid = $1 AND caller = $2"
+                " RETURNING 1) SELECT count(*) FROM d",
                 domain_uuid,
                 caller,
             )

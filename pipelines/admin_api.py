@@ -229,7 +229,7 @@ async def new_stream_token(r: web.Request, c: Caller) -> Any:
 
 
 async def set_settings(r: web.Request, c: Caller) -> Any:
-    out = await c.store.set_domain_settings(c.domain_uuid, **await _body(r))
+    out = await c.store.set_domain_settings(c.domain_uuid, await _body(r))
     await c.store.audit(
         c.domain_uuid,
         c.actor,

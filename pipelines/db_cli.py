@@ -276,7 +276,7 @@ async def _with_store(args: argparse.Namespace, conn: Any, box: Any) -> int:
                 changes["retention_days"] = args.retention_days
             if args.disabled is not None:
                 changes["voice_domain_enabled"] = not args.disabled
-            out = await store.set_domain_settings(duid, **changes)
+            out = await store.set_domain_settings(duid, changes)
             await store.audit(duid, actor, "domain_settings", changes)
             _out(out)
         elif args.what == "stream-secret":
