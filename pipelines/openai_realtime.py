@@ -171,10 +171,8 @@ def make_openai_realtime(
     )
 
 
-def s2s_aggregators(ctx: CallContext, context: LLMContext) -> LLMContextAggregatorPair:
-    """Server VAD: the service proposes turns. Local: Silero with the barge-in gate."""
-    if ctx.tenant.providers.turn_detection != "local":
-        return LLMContextAggregatorPair(context)
+def local_turn_aggregators(ctx: CallContext, context: LLMContext) -> LLMContextAggregatorPair:
+    """Silero in the user aggregator, with the barge-in gate while the bot talks."""
     t = ctx.tenant.turns
     return LLMContextAggregatorPair(
         context,
@@ -191,6 +189,13 @@ def s2s_aggregators(ctx: CallContext, context: LLMContext) -> LLMContextAggregat
             ),
         ),
     )
+
+
+def s2s_aggregators(ctx: CallContext, context: LLMContext) -> LLMContextAggregatorPair:
+    """Server VAD: the service proposes turns. Local: Silero with the barge-in gate."""
+    if ctx.tenant.providers.turn_detection != "local":
+        return LLMContextAggregatorPair(context)
+    return local_turn_aggregators(ctx, context)
 
 
 async def build_openai_realtime(ctx: CallContext) -> CallPipeline:

@@ -12,11 +12,14 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 import aiohttp
+import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from pipeswitch.bench.emulators.gemini_live import GeminiFaults, GeminiLiveEmulator, serve_gemini
 from pipeswitch.bench.emulators.latency import LatencyModel
 from pipeswitch.bench.emulators.openai_realtime import (
     OpenAIRealtimeEmulator,
@@ -26,10 +29,11 @@ from pipeswitch.bench.emulators.openai_realtime import (
 )
 from pipeswitch.bench.emulators.runner import EmulatorConfig, RunningEmulators, run_emulators
 from pipeswitch.bench.emulators.scripts import resolve_llm_script
+from pipeswitch.bench.emulators.tls import make_test_ca
 from pipeswitch.config.loaders import StaticTenantLoader
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import ProviderSettings, Tenant, ToolSettings
-from pipeswitch.pipelines import openai_realtime  # noqa: F401  (registers the builder)
+from pipeswitch.pipelines import gemini_live, openai_realtime  # noqa: F401  (registers builders)
 from pipeswitch.pipelines.app import Pipeswitch
 from pipeswitch.pipelines.emulated import EMULATED_KEY, endpoints_for
 from pipeswitch.pipelines.piper_client import wav_pcm
@@ -71,6 +75,31 @@ def s2s_tenants() -> StaticTenantLoader:
             providers=ProviderSettings(turn_detection="local"),
         )
     )
+    turn_modes: tuple[tuple[str, Literal["server", "local"]], ...] = (
+        ("gm-binary", "server"),
+        ("gm-local", "local"),
+    )
+    for name, turns in turn_modes:
+        tenants.append(
+            Tenant(
+                name=f"{name}.test",
+                pipeline="gemini-live",
+                playback="binary",
+                providers=ProviderSettings(realtime_silence_ms=300, turn_detection=turns),
+            )
+        )
+    tenants.append(
+        Tenant(
+            name="gm-tools.test",
+            pipeline="gemini-live",
+            playback="binary",
+            providers=ProviderSettings(realtime_silence_ms=300),
+            tools=ToolSettings(
+                enabled=["business_hours"],
+                business_hours={d: ["09:00-17:00"] for d in ("mon", "tue", "wed", "thu", "fri")},
+            ),
+        )
+    )
     return StaticTenantLoader(tenants, default="default")
 
 
@@ -81,6 +110,7 @@ class S2SServed:
     app: Pipeswitch
     emu: RunningEmulators
     realtime: OpenAIRealtimeEmulator
+    gemini: GeminiLiveEmulator
     http: aiohttp.ClientSession
 
     def url(self, domain: str, rate: int = 8000, uuid: str = "call") -> str:
@@ -100,7 +130,7 @@ _cache: dict[tuple[str, int], bytes] = {}
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def s2s() -> AsyncIterator[S2SServed]:
+async def s2s(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[S2SServed]:
     cfg = EmulatorConfig(llm_script="office", stt_script="office", seed=1)
     realtime = OpenAIRealtimeEmulator(
         ttfa=LatencyModel.constant(300),
@@ -108,12 +138,22 @@ async def s2s() -> AsyncIterator[S2SServed]:
         transcripts=("What are your opening hours on Saturday?",),
     )
     rt_runner, rt_port = await serve_realtime(realtime)
+    ca = make_test_ca(tmp_path_factory.mktemp("tls"))
+    gemini = GeminiLiveEmulator(
+        ttfa=LatencyModel.constant(300),
+        script=resolve_llm_script("office"),
+        transcripts=("What are your opening hours on Saturday?",),
+    )
+    gm_runner, gm_port = await serve_gemini(gemini, ca.server_context())
     try:
         async with run_emulators(cfg) as emu:
             endpoints = dataclasses.replace(
                 endpoints_for(emu),
                 openai_realtime_url=f"ws://127.0.0.1:{rt_port}/v1/realtime",
                 openai_api_key=EMULATED_KEY,
+                gemini_url=f"https://127.0.0.1:{gm_port}",
+                gemini_ca_file=str(ca.ca_file),
+                google_api_key=EMULATED_KEY,
             )
             settings = Settings(
                 host="127.0.0.1", port=0, providers="emulated", idle_timeout_secs=30
@@ -124,18 +164,21 @@ async def s2s() -> AsyncIterator[S2SServed]:
             await app.start()
             async with aiohttp.ClientSession() as http:
                 realtime.speech = piper_speech(app.endpoints.piper_url, session=http)
+                gemini.speech = realtime.speech
                 try:
-                    yield S2SServed(app, emu, realtime, http)
+                    yield S2SServed(app, emu, realtime, gemini, http)
                 finally:
                     await app.stop(drain_secs=2.0)
                     await asyncio.sleep(0)
     finally:
+        await gm_runner.cleanup()
         await rt_runner.cleanup()
 
 
 def reset_faults(s: S2SServed) -> None:
-    """Back to a healthy provider."""
+    """Back to healthy providers."""
     s.realtime.set_faults(RealtimeFaults())
+    s.gemini.set_faults(GeminiFaults())
 
 
 __all__ = ["BARGE_IN", "QUESTION", "S2SServed", "reset_faults", "s2s", "web"]

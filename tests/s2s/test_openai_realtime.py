@@ -54,7 +54,7 @@ async def test_barge_in_truncates_at_played_out_ms(s2s: S2SServed) -> None:
     interrupt = await s2s.speech(BARGE_IN, rate)
     rt = s2s.realtime
     saved = rt.script
-    rt.script = LLM_SCRIPTS["long"]  # type: ignore[assignment]
+    rt.script = LLM_SCRIPTS["long"]
     n_sessions = len(rt.sessions)
     stream = await open_call(s2s.url("rt-binary.test", rate, "rt-barge"), rate, "binary")
     try:
