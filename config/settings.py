@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ProviderMode = Literal["real", "emulated", "local"]
@@ -51,3 +51,9 @@ class Settings(BaseSettings):
     elevenlabs_api_key: str = ""
     deepgram_url: str = ""
     groq_base_url: str = "https://api.groq.com/openai/v1"
+    # FreeSWITCH Event Socket (call control: playback for the community build, DTMF,
+    # hangup, transfer). One connection per server process, shared by all calls.
+    esl_enabled: bool = False
+    esl_host: str = "127.0.0.1"
+    esl_port: int = 8021
+    esl_password: SecretStr = SecretStr("ClueCon")

@@ -30,6 +30,7 @@ from pipeswitch.pipelines.session import CallSessions
 from pipeswitch.pipelines.tracing import setup_tracing
 from pipeswitch.pipelines.vad import shared_batcher
 from pipeswitch.transports import metrics
+from pipeswitch.transports.esl import EslClient
 from pipeswitch.transports.server import CallServer
 
 
@@ -115,6 +116,8 @@ class Pipeswitch:
         self.sessions: CallSessions | None = None
         self.server: CallServer | None = None
         self.port: int = settings.port
+        # One ESL connection per process, shared by all calls (call control).
+        self.esl: EslClient | None = None
 
     @property
     def endpoints(self) -> ProviderEndpoints:
@@ -145,7 +148,8 @@ class Pipeswitch:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
         )
         self.sessions = CallSessions(s, self._endpoints, self._http)
-        self.server = CallServer(s, self.resolver, self.sessions)
+        self.esl = await self._start_esl()
+        self.server = CallServer(s, self.resolver, self.sessions, call_control=self.esl)
         self._metrics_source = metrics.model_queue_source(
             self._http,
             {
@@ -174,6 +178,20 @@ class Pipeswitch:
             ", ".join(self._local.children) if self._local else "shared",
         )
 
+    async def _start_esl(self) -> EslClient | None:
+        """The event socket client, when enabled or a tenant plays files (community build).
+
+        It connects in the background (and keeps reconnecting); calls placed while it
+        is down keep their audio and lose only ESL playback and call control.
+        """
+        s = self.settings
+        tenants = self.loader.all() if isinstance(self.loader, StaticTenantLoader) else []
+        if not (s.esl_enabled or any(t.playback == "file" for t in tenants)):
+            return None
+        esl = EslClient(s.esl_host, s.esl_port, s.esl_password.get_secret_value())
+        await esl.start()  # the client logs whether (and when) it gets through
+        return esl
+
     async def stop(self, drain_secs: float = 0.0) -> None:
         """Stop taking calls, let active ones finish up to ``drain_secs``, then shut down."""
         if self.server is not None:
@@ -185,6 +203,9 @@ class Pipeswitch:
             await self._runner.cleanup()
             self._runner = None
             metrics.remove_external_source(self._metrics_source)
+        if self.esl is not None:
+            await self.esl.close()
+            self.esl = None
         if self._http is not None:
             await self._http.close()
             self._http = None

@@ -13,6 +13,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
 
 from pipeswitch.pipelines.compose import CallContext, CallPipeline, register_builder
+from pipeswitch.processors.dtmf import dtmf_aggregator
 
 
 async def build_cascade(ctx: CallContext) -> CallPipeline:
@@ -25,6 +26,7 @@ async def build_cascade(ctx: CallContext) -> CallPipeline:
         [
             ctx.transport.input(),
             stt,
+            dtmf_aggregator(),  # keys pressed -> a caller turn the LLM reads
             aggregators.user(),
             ctx.caller_audio_sink(),
             llm,

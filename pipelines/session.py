@@ -258,9 +258,11 @@ class CallSessions:
 
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
         await runner.add_workers(worker)
+        # An EndFrame, not worker.end(): the runner answers end() by cancelling, which
+        # cuts the bot off mid-word and (with ESL) leaves the channel parked in silence.
         limit = asyncio.get_running_loop().call_later(
             tenant.max_call_secs,
-            lambda: asyncio.ensure_future(worker.end(reason="call time limit")),
+            lambda: asyncio.ensure_future(worker.queue_frame(EndFrame(reason="call time limit"))),
         )
         self.active[call.call_uuid] = record
         self._workers[call.call_uuid] = worker

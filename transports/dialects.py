@@ -134,6 +134,11 @@ class FileDialect:
         del self._buf[: self.max_chunk_bytes]
         return self._message(chunk, rate)
 
+    @property
+    def next_seq(self) -> int:
+        """The ``seq`` the next message will carry (earlier ones are already sent)."""
+        return self._seq
+
     def _message(self, chunk: bytes, rate: int) -> str:
         msg = stream_audio_message(chunk, rate, f',"seq":{self._seq:d}')
         self._seq += 1

@@ -407,16 +407,22 @@ class EslClient:
 
     async def _run(self) -> None:
         delay = self.backoff_initial
+        failures = 0
         while not self._closing:
             try:
                 conn = await self._connect()
             except (OSError, TimeoutError, CallControlError, EslProtocolError) as exc:
-                self.log.warning("ESL connect failed: {}; retry in {:.1f}s", exc, delay)
+                failures += 1
+                # The first failure of an outage is a warning; the retries are not news.
+                level = "WARNING" if failures == 1 else "DEBUG"
+                self.log.log(
+                    level, "ESL connect failed: {}; retrying (backoff {:.1f}s)", exc, delay
+                )
                 await self._close_writer()
                 await asyncio.sleep(delay)
                 delay = min(self.backoff_max, delay * 2)
                 continue
-            delay = self.backoff_initial
+            delay, failures = self.backoff_initial, 0
             await self._after_connect()
             reason = await self._read_loop(*conn)
             self._lost(reason)

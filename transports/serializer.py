@@ -36,7 +36,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameProcessorSetup
 from pipecat.serializers.base_serializer import FrameSerializer
 
-from pipeswitch.transports.dialects import Dialect
+from pipeswitch.transports.dialects import Dialect, FileDialect
 from pipeswitch.transports.frames import CallMetadataFrame
 from pipeswitch.transports.resample import StreamResampler
 
@@ -229,6 +229,14 @@ class ModAudioStreamSerializer(FrameSerializer):
         json-stream builds have no clear: everything sent within the lead still plays.
         """
         return self._dialect.encode_clear() is not None
+
+    @property
+    def next_play_seq(self) -> int:
+        """``seq`` of the next coalesced ``streamAudio`` message (-1: messages carry none).
+
+        ESL playback drops ``::play`` events below the value read at a barge-in.
+        """
+        return self._dialect.next_seq if isinstance(self._dialect, FileDialect) else -1
 
     @property
     def needs_playback_control(self) -> bool:

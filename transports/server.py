@@ -27,6 +27,8 @@ from pipeswitch.config.loaders import TenantNotFound, TenantResolver
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import Tenant
 from pipeswitch.transports import metrics
+from pipeswitch.transports.call_control import CallControl
+from pipeswitch.transports.call_events import CallEventBridge
 from pipeswitch.transports.call_info import BadCallRequest, CallInfo, parse_call_request
 from pipeswitch.transports.dialects import make_dialect
 from pipeswitch.transports.serializer import ModAudioStreamSerializer, pipeline_rate_for
@@ -80,11 +82,15 @@ class CallServer:
         handler: CallHandler,
         *,
         playback_control: PlaybackControl | None = None,
+        call_control: CallControl | None = None,
     ) -> None:
         self.settings = settings
         self.resolver = resolver
         self.handler = handler
         self.playback_control = playback_control
+        # The switch's event socket (ESL), shared by all calls: each call gets a
+        # CallEventBridge (ESL playback, DTMF, hangup; transports/call_events.py).
+        self.call_control = call_control
         self.stats = ServerStats()
         self.draining = False
         self.ready = True
@@ -175,8 +181,11 @@ class CallServer:
         self.stats.calls_active += 1
         metrics.call_started(tenant.name, tenant.pipeline)
         transport: FreeSwitchCallTransport | None = None
+        bridge: CallEventBridge | None = None
         try:
             transport = self._transport(ws, call, tenant, log)
+            if self.call_control is not None:
+                bridge = CallEventBridge(self.call_control, transport).attach()
             log.info(
                 "call up: rate={} mix={} dialect={} caller={} upgrade={:.1f}ms",
                 transport.serializer.stream_rate,
@@ -203,6 +212,8 @@ class CallServer:
                 await transport.close(1000, "call ended")
             elif not ws.closed:
                 await ws.close(code=1000, message=b"call ended")
+            if bridge is not None:
+                await bridge.finish()
             log.info("call down after {:.1f}s", time.monotonic() - t0)
         return ws
 

@@ -20,6 +20,7 @@ from pipecat.frames.frames import (
     EndFrame,
     Frame,
     InputAudioRawFrame,
+    InputDTMFFrame,
     InputTransportMessageFrame,
     InterruptionFrame,
     OutputAudioRawFrame,
@@ -33,6 +34,7 @@ from pipecat.transports.base_input import BaseInputTransport
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
+from pipeswitch.transports.call_events import DtmfDeduplicator, keypad_entry
 from pipeswitch.transports.call_info import CallInfo
 from pipeswitch.transports.frames import CallMetadataFrame, PlaybackFinishedFrame
 from pipeswitch.transports.serializer import ModAudioStreamSerializer
@@ -93,6 +95,9 @@ class FreeSwitchCallTransport(BaseTransport):
         self.log = logger.bind(**(log_context or {"call": call.call_uuid}))
         self.closed = asyncio.Event()
         self.close_code: int | None = None
+        # The pipeline ended on our side (EndFrame, goodbye played out): with call control
+        # the channel is then hung up (transports/call_events.py).
+        self.ended_by_bot = False
         self._input = FreeSwitchInputTransport(self, params, name=f"{self.name}.input")
         self._output = FreeSwitchOutputTransport(self, params, name=f"{self.name}.output")
         self._register_event_handler("on_client_connected")
@@ -138,6 +143,11 @@ class FreeSwitchCallTransport(BaseTransport):
                 self.log.info("close handshake incomplete: {}", exc)
         await self._mark_closed(code, reason)
 
+    async def hung_up(self, reason: str) -> None:
+        """The switch says the channel is gone (ESL): end the call now, whatever the
+        socket does (a module stuck in cleanup may never close it)."""
+        await self._mark_closed(None, reason)
+
     async def _mark_closed(self, code: int | None, reason: str) -> None:
         if self.closed.is_set():
             return
@@ -153,6 +163,7 @@ class FreeSwitchInputTransport(BaseInputTransport):
         super().__init__(params, **kw)
         self._t = transport
         self._receive_task: asyncio.Task[None] | None = None
+        self._dtmf = DtmfDeduplicator()
 
     async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         await super().setup(setup)
@@ -240,10 +251,22 @@ class FreeSwitchInputTransport(BaseInputTransport):
             await self.push_frame(frame)
         elif isinstance(frame, InputTransportMessageFrame):
             await self.broadcast_frame(InputTransportMessageFrame, message=frame.message)
+        elif isinstance(frame, InputDTMFFrame):
+            await self.push_dtmf(frame.button.value, "socket")
         elif isinstance(frame, InputAudioRawFrame):  # pragma: no cover - text never is
             await self.push_audio_frame(frame)
         else:
             await self.push_frame(frame)
+
+    async def push_dtmf(self, digit: str, source: str) -> None:
+        """The one path for a key press, relayed over the socket or heard over ESL:
+        pushed once (a press both sources report is deduplicated) as InputDTMFFrame."""
+        entry = keypad_entry(digit)
+        if entry is None:
+            self._t.log.warning("DTMF digit {!r} from {} ignored", digit[:4], source)
+            return
+        if self._dtmf.accept(digit, source):
+            await self.push_frame(InputDTMFFrame(button=entry))
 
 
 class FreeSwitchOutputTransport(BaseOutputTransport):
@@ -325,6 +348,7 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         drain = min(MAX_DRAIN_SECS, self._play_until - time.monotonic())
         if drain > 0 and self._t.is_open:
             await asyncio.sleep(drain)
+        self._t.ended_by_bot = not self._t.closed.is_set()
         await self._t.close(1000, "call ended")
 
     async def cancel(self, frame: CancelFrame) -> None:

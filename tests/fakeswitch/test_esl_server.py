@@ -21,7 +21,7 @@ from pipeswitch.transports.call_control import (
     CallEvent,
     CommandFailed,
 )
-from pipeswitch.transports.esl import EslClient, EslParser, parse_event_plain
+from pipeswitch.transports.esl import EslClient, EslMessage, EslParser, parse_event_plain
 from tests.fakeswitch.wsserver import FakeServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -59,8 +59,8 @@ async def test_raw_protocol_login_api_and_disconnect_notice(fs: FakeSwitchEsl) -
     reader, writer = await asyncio.open_connection("127.0.0.1", fs.port)
     p = EslParser()
 
-    async def read_msgs(n: int) -> list:  # type: ignore[type-arg]
-        got: list = []  # type: ignore[type-arg]
+    async def read_msgs(n: int) -> list[EslMessage]:
+        got: list[EslMessage] = []
         while len(got) < n:
             got.extend(p.feed(await asyncio.wait_for(reader.read(65536), 2)))
         return got
