@@ -375,7 +375,7 @@ async def _amain(args: argparse.Namespace) -> None:
     greeting = builtin_default_tenant().first_message
     # Piper exactly as Pipeswitch starts it (its own process, greeting pre-synthesized).
     local = LocalModelServers.piper_only(
-        piper_warm=[greeting] if greeting else None, piper_warm_rate=8000, log_level="WARNING"
+        piper_warm=[greeting] if greeting else None, piper_warm_rates=(8000,), log_level="WARNING"
     )
     await local.start()
     http = aiohttp.ClientSession(

@@ -102,7 +102,8 @@ class PiperServerConfig:
     cache_mb: float = 32.0
     cache_max_chars: int = 200
     warm_texts: list[str] = field(default_factory=list)
-    warm_rate: int | None = None
+    # Rates to pre-synthesize at (None = the voice's own): every rate a tenant's calls use.
+    warm_rates: list[int | None] = field(default_factory=lambda: [None])
     watch_parent: bool = False
 
 
@@ -525,8 +526,9 @@ class PiperServer:
         async def on_startup(_: web.Application) -> None:
             self._slots = DeadlineSlots(max(1, self.cfg.max_concurrent))
             if self.cfg.warm_texts:
-                result = await self.warm(self.cfg.warm_texts, self.cfg.warm_rate, None)
-                logger.info(f"warmed {result}")
+                for rate in self.cfg.warm_rates:
+                    result = await self.warm(self.cfg.warm_texts, rate, None)
+                    logger.info(f"warmed {result}")
 
         async def on_cleanup(_: web.Application) -> None:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -553,7 +555,9 @@ def parse_args(argv: list[str] | None = None) -> PiperServerConfig:
     p.add_argument("--cache-mb", type=float, default=32.0)
     p.add_argument("--cache-max-chars", type=int, default=200, help="longer texts aren't cached")
     p.add_argument("--warm", action="append", default=[], help="text to pre-synthesize; repeatable")
-    p.add_argument("--warm-rate", type=int, default=None)
+    p.add_argument(
+        "--warm-rate", type=int, action="append", default=[], help="rate to warm at; repeatable"
+    )
     p.add_argument("--watch-parent", action="store_true", help="exit when stdin closes")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
@@ -569,7 +573,7 @@ def parse_args(argv: list[str] | None = None) -> PiperServerConfig:
         cache_mb=a.cache_mb,
         cache_max_chars=a.cache_max_chars,
         warm_texts=a.warm,
-        warm_rate=a.warm_rate,
+        warm_rates=list(a.warm_rate) or [None],
         watch_parent=a.watch_parent,
     )
 

@@ -117,7 +117,7 @@ class LocalModelServers:
         piper_threads: ONNX intra-op threads for Piper (1 keeps concurrent calls from
             thrashing 2 cores).
         piper_warm: phrases to pre-synthesize (and pin in the cache) at start-up, at
-            ``piper_warm_rate``.
+            each of ``piper_warm_rates`` (a greeting must be ready at the call's rate).
         whisper_threads / llm_threads: CPU threads per server.
         whisper_compute_type: CTranslate2 compute type (``int8`` or ``float32``).
         llm_parallel: llama.cpp slots (concurrent conversations).
@@ -139,7 +139,7 @@ class LocalModelServers:
         piper_voice: str = "joe",
         piper_threads: int = 1,
         piper_warm: list[str] | None = None,
-        piper_warm_rate: int = 8000,
+        piper_warm_rates: tuple[int, ...] = (8000,),
         whisper_threads: int = 2,
         whisper_compute_type: str = "int8",
         llm_threads: int = 2,
@@ -163,7 +163,8 @@ class LocalModelServers:
             for text in piper_warm or []:
                 args += ["--warm", text]
             if piper_warm:
-                args += ["--warm-rate", str(piper_warm_rate)]
+                for rate in piper_warm_rates:
+                    args += ["--warm-rate", str(rate)]
             self._children["piper"] = ChildServer(
                 "piper",
                 "pipeswitch.pipelines.local.piper_server",
