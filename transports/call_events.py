@@ -196,6 +196,9 @@ class CallEventBridge:
 
     async def finish(self) -> None:
         """The call is over on our side: unsubscribe; hang up if the bot ended it."""
+        # A call transferred through the shared client is someone else's now.
+        handed_over: set[str] = getattr(self.control, "handed_over", set())
+        self.transferred = self.transferred or self.call_uuid in handed_over
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None

@@ -362,6 +362,9 @@ class EslClient:
         self._closing = False
         self._on_connect: list[Callable[[], Awaitable[None] | None]] = []
         self._bg: set[asyncio.Task[Any]] = set()
+        # Calls handed to someone else with uuid_transfer: when their pipeline ends, the
+        # channel must not be hung up (CallEventBridge.finish reads this).
+        self.handed_over: set[str] = set()
 
     def __repr__(self) -> str:  # never shows the password
         return f"EslClient({self.host}:{self.port}, connected={self.connected})"
@@ -708,7 +711,12 @@ class EslClient:
             _word(x, n)
             for x, n in ((destination, "destination"), (dialplan, "dialplan"), (context, "context"))
         )
-        await self.bgapi(f"uuid_transfer {call_uuid} {args}")
+        self.handed_over.add(call_uuid)
+        try:
+            await self.bgapi(f"uuid_transfer {call_uuid} {args}")
+        except BaseException:
+            self.handed_over.discard(call_uuid)
+            raise
 
     async def send_dtmf(self, call_uuid: str, digits: str) -> None:
         """``bgapi uuid_send_dtmf <uuid> <digits>`` (digits 0-9 * # A-D, w/W pauses)."""
@@ -729,6 +737,7 @@ class EslClient:
                 subs.remove(sub)
                 if not subs:
                     del self._subs[call_uuid]
+                    self.handed_over.discard(call_uuid)
 
         return unsubscribe
 

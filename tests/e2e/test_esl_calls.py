@@ -37,9 +37,7 @@ class EslServed:
     base: Served
 
     def url(self, uuid: str, domain: str, rate: int = 8000) -> str:
-        return (
-            f"ws://127.0.0.1:{self.app.port}/fs/{uuid}?domain={domain}&rate={rate}&mix=mono"
-        )
+        return f"ws://127.0.0.1:{self.app.port}/fs/{uuid}?domain={domain}&rate={rate}&mix=mono"
 
     async def call(self, uuid: str, dialect: str, domain: str | None = None) -> Channel:
         build = PLAYBACK_FOR_DIALECT[dialect]
@@ -289,3 +287,21 @@ async def test_esl_lost_and_restored_mid_call(esl_served: EslServed) -> None:
     finally:
         await esl_served.fs.hangup(uuid)
     assert await until(lambda: uuid not in sessions.active, 2.0)
+
+
+async def test_a_transferred_call_is_not_hung_up_when_its_pipeline_ends(
+    esl_served: EslServed,
+) -> None:
+    esl = esl_served.app.esl
+    assert esl is not None
+    uuid = "limit-transfer"
+    ch = await esl_served.call(uuid, "file", domain="limit.esl")
+    await esl.transfer(uuid, "1001", "XML", "limit.esl")
+    assert ch.transfers == [("1001", "XML", "limit.esl")]
+    sessions = esl_served.app.sessions
+    assert sessions is not None
+    assert await until(lambda: uuid not in sessions.active, 8.0)
+    await asyncio.sleep(0.5)
+    assert ch.up, "the transferred caller was hung up"
+    assert not any(c.command.startswith(f"bgapi uuid_kill {uuid}") for c in esl_served.fs.commands)
+    await esl_served.fs.hangup(uuid)
