@@ -56,7 +56,7 @@ class EslServed:
 async def esl_served(served: Served) -> AsyncIterator[EslServed]:
     fs = FakeSwitchEsl(password="pbx-secret")
     await fs.start()
-    tenants = [Tenant(name=f"{d}.esl", playback=d) for d in DIALECTS]
+    tenants = [Tenant(name=f"{d}.esl", playback=d) for d in DIALECTS]  # type: ignore[arg-type]
     tenants.append(Tenant(name="limit.esl", playback="file", max_call_secs=3.0))
     settings = Settings(
         host="127.0.0.1",
