@@ -13,10 +13,11 @@ import time
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import yaml
 from loguru import logger
+from pydantic import ValidationError
 
 from pipeswitch.config.tenants import DEFAULT_TENANT_NAME, Tenant, builtin_default_tenant
 
@@ -30,6 +31,15 @@ class TenantLoader(Protocol):
 
     async def load(self, key: str) -> Tenant | None:
         """Return the tenant for ``key`` (a domain name or uuid), or None."""
+        ...
+
+
+@runtime_checkable
+class RoutingTenantLoader(Protocol):
+    """A loader that also routes a domain's destinations (DIDs, extensions) to agents."""
+
+    async def load_route(self, tenant: Tenant, destination: str) -> Tenant | None:
+        """The agent answering ``destination`` in ``tenant``'s domain, or None (default agent)."""
         ...
 
 
@@ -53,36 +63,120 @@ class StaticTenantLoader:
         return list({id(t): t for t in self._by_key.values()}.values())
 
 
-def parse_tenant_document(doc: Mapping[str, Any]) -> StaticTenantLoader:
-    """Build a loader from a parsed TOML/YAML document.
+class ConfigError(ValueError):
+    """A tenant file cannot be used; the message is one line naming file, place and problem."""
+
+
+_TOP_LEVEL_KEYS = ("tenants", "default_tenant")
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(tenant)"
+
+
+def _validation_problem(exc: ValidationError) -> str:
+    """The first problem pydantic found, as ``field: what is wrong`` (one line)."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    where = _field_path(tuple(first.get("loc", ())))
+    what = str(first.get("msg", "invalid value")).replace("\n", " ").removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        what = "unknown key"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {what}{more}"
+
+
+def parse_tenant_document(doc: Mapping[str, Any], source: str = "<tenants>") -> StaticTenantLoader:
+    """Build a loader from a parsed TOML/YAML document; :class:`ConfigError` when unusable.
 
     Format::
 
-        default_tenant = "default"      # optional: answers calls with no/unknown domain
+        default_tenant = "pbx.example.com"  # optional: answers calls that carry no domain
         [[tenants]]
         name = "pbx.example.com"
         ...
+
+    A call whose domain matches no tenant is refused (close 1008), default or not, unless
+    the deployment sets ``PIPESWITCH_DEFAULT_TENANT_ANSWERS_ANY_DOMAIN``.
     """
+    unknown = sorted(str(k) for k in doc if k not in _TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown top-level key {unknown[0]!r} (allowed: {', '.join(_TOP_LEVEL_KEYS)})"
+        )
     raw = doc.get("tenants", [])
     if not isinstance(raw, list):
-        raise ValueError("'tenants' must be a list of tables")
-    tenants = [Tenant.model_validate(item) for item in raw]
+        raise ConfigError(f"{source}: 'tenants' must be a list of tables ([[tenants]])")
+    if not raw:
+        raise ConfigError(f"{source}: no tenants defined (add at least one [[tenants]] table)")
+    tenants: list[Tenant] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        label = f"tenants[{i}]"
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            label += f" ({item['name']})"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{source}: {label}: must be a table, got {type(item).__name__}")
+        try:
+            tenant = Tenant.model_validate(item)
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: {label}: {_validation_problem(exc)}") from None
+        for key in (tenant.name, tenant.domain_uuid):
+            if key is None:
+                continue
+            if key in seen:
+                raise ConfigError(
+                    f"{source}: {label}: duplicate tenant {key!r} (also tenants[{seen[key]}])"
+                )
+            seen[key] = i
+        tenants.append(tenant)
     default = doc.get("default_tenant")
     if default is not None and not any(t.name == str(default).lower() for t in tenants):
-        raise ValueError(f"default_tenant {default!r} is not defined")
+        raise ConfigError(f"{source}: default_tenant {default!r} is not one of the tenants")
     return StaticTenantLoader(tenants, default=str(default).lower() if default else None)
 
 
-def load_tenant_file(path: Path) -> StaticTenantLoader:
-    """Read tenants from a ``.toml`` or ``.yaml``/``.yml`` file."""
-    text = path.read_text(encoding="utf-8")
+def _parse_text(path: Path, text: str) -> Any:
+    """TOML or YAML by suffix; syntax errors become one line with the line number."""
     if path.suffix in (".yaml", ".yml"):
-        doc = yaml.safe_load(text) or {}
-    else:
-        doc = tomllib.loads(text)
+        try:
+            return yaml.safe_load(text)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = f"line {mark.line + 1}: " if mark is not None else ""
+            raise ConfigError(f"{path}: {line}invalid YAML: {exc.problem or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if path.suffix != ".toml":
+        raise ConfigError(f"{path}: unknown file type (use .toml, .yaml or .yml)")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message ends "(at line L, column C)"; put the place first, as the rest do.
+        msg = str(exc)
+        place = ""
+        if "(at line " in msg:
+            msg, _, tail = msg.rpartition(" (at ")
+            place = tail.rstrip(")") + ": "
+        raise ConfigError(f"{path}: {place}invalid TOML: {msg}") from None
+
+
+def load_tenant_file(path: Path) -> StaticTenantLoader:
+    """Read tenants from a ``.toml`` or ``.yaml``/``.yml`` file; :class:`ConfigError` if unusable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    if not text.strip():
+        raise ConfigError(f"{path}: the file is empty (define at least one [[tenants]] table)")
+    doc = _parse_text(path, text)
+    if doc is None:
+        raise ConfigError(f"{path}: the file is empty (define at least one [[tenants]] table)")
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: top level must be a table/mapping")
-    return parse_tenant_document(doc)
+        raise ConfigError(f"{path}: top level must be a table/mapping")
+    return parse_tenant_document(doc, str(path))
 
 
 def builtin_loader() -> StaticTenantLoader:
@@ -95,20 +189,33 @@ class TenantResolver:
 
     Calls with no domain go to the configured default tenant; calls for an
     unknown domain are refused (:class:`TenantNotFound`) - a wrong dialplan
-    must not silently land on someone else's agent.
+    must not silently land on someone else's agent. ``answer_any_domain``
+    (a fresh single-tenant install) sends unknown domains to the default
+    tenant instead, with a WARNING per call naming the domain.
     """
 
     def __init__(
-        self, loader: TenantLoader, default: str | None = None, ttl_secs: float = 30.0
+        self,
+        loader: TenantLoader,
+        default: str | None = None,
+        ttl_secs: float = 30.0,
+        *,
+        answer_any_domain: bool = False,
     ) -> None:
         self._loader = loader
+        if getattr(loader, "self_caching", False):
+            ttl_secs = 0.0  # a live cache of its own (PostgreSQL + NOTIFY): a TTL here would hide changes
         self._default = default
+        self._any_domain = answer_any_domain and bool(default)
         self._ttl = ttl_secs
         self._cache: dict[str, tuple[float, Tenant | None]] = {}
         self._inflight: dict[str, asyncio.Future[Tenant | None]] = {}
 
-    async def resolve(self, domain: str | None) -> Tenant:
-        """Return the tenant for a call, or raise :class:`TenantNotFound` with a reason."""
+    async def resolve(self, domain: str | None, destination: str | None = None) -> Tenant:
+        """Return the tenant for a call, or raise :class:`TenantNotFound` with a reason.
+
+        With a routing loader (PostgreSQL), ``destination`` picks the domain's routed agent.
+        """
         key = (domain or "").strip().lower()
         if not key:
             if not self._default:
@@ -117,8 +224,19 @@ class TenantResolver:
         tenant = await self._cached(key)
         if tenant is None and key == DEFAULT_TENANT_NAME and self._default:
             tenant = await self._cached(self._default)
+        if tenant is None and self._any_domain and self._default:
+            tenant = await self._cached(self._default)
+            if tenant is not None:
+                logger.bind(tenant=tenant.name).warning(
+                    "domain {!r} matches no tenant; answered by the default tenant {!r} "
+                    "(PIPESWITCH_DEFAULT_TENANT_ANSWERS_ANY_DOMAIN)",
+                    key,
+                    tenant.name,
+                )
         if tenant is None:
             raise TenantNotFound(f"unknown tenant domain {key!r}")
+        if destination and isinstance(self._loader, RoutingTenantLoader):
+            tenant = await self._loader.load_route(tenant, destination) or tenant
         if not tenant.enabled:
             raise TenantNotFound(f"tenant {tenant.name!r} is disabled")
         return tenant

@@ -1,4 +1,9 @@
-"""Structured logs: every line carries the call uuid and tenant when it has them."""
+"""Structured logs: every line carries the call uuid and tenant when it has them.
+
+Tracebacks are printed without variable values (loguru's ``diagnose``) and without the
+frames above the catch point (``backtrace``): a value shown in a traceback can be an API
+key, a password or a caller's words, and production logs must carry none of them.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,20 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
     logger.remove()
     logger.configure(extra={"call": "-", "tenant": "-", "pipeline": "-"})
     if json:
-        logger.add(sys.stderr, level=level.upper(), serialize=True, enqueue=False)
+        logger.add(
+            sys.stderr,
+            level=level.upper(),
+            serialize=True,
+            enqueue=False,
+            diagnose=False,
+            backtrace=False,
+        )
     else:
-        logger.add(sys.stderr, level=level.upper(), format=_FORMAT, enqueue=False)
+        logger.add(
+            sys.stderr,
+            level=level.upper(),
+            format=_FORMAT,
+            enqueue=False,
+            diagnose=False,
+            backtrace=False,
+        )

@@ -7,8 +7,12 @@ bench all start, so they exercise the same wiring.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import os
 import signal
+import socket
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +21,7 @@ from aiohttp import web
 from loguru import logger
 
 from pipeswitch.config.loaders import (
+    ConfigError,
     StaticTenantLoader,
     TenantLoader,
     TenantResolver,
@@ -24,9 +29,18 @@ from pipeswitch.config.loaders import (
     load_tenant_file,
 )
 from pipeswitch.config.settings import Settings
+from pipeswitch.config.tenants import Tenant
+from pipeswitch.pipelines.compose import BuilderError, check_tenant
+from pipeswitch.pipelines.local.models import (
+    STT_MODEL_ENV,
+    ModelSourceError,
+    piper_voice_name,
+    resolve_model_sources,
+)
 from pipeswitch.pipelines.local.supervisor import LocalModelServers
 from pipeswitch.pipelines.services import ProviderEndpoints
 from pipeswitch.pipelines.session import CallSessions
+from pipeswitch.pipelines.tenancy import Tenancy
 from pipeswitch.pipelines.tracing import setup_tracing
 from pipeswitch.pipelines.vad import shared_batcher
 from pipeswitch.transports import metrics
@@ -34,12 +48,103 @@ from pipeswitch.transports.esl import EslClient
 from pipeswitch.transports.server import CallServer
 
 
+class StartupError(RuntimeError):
+    """The server cannot start as configured; the message is one line for the operator."""
+
+
+class PortInUse(StartupError):
+    """Another process (not a sibling worker of this ``serve``) listens on the port."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` without SO_REUSEPORT and let go: :class:`PortInUse` if taken.
+
+    The server itself binds with SO_REUSEPORT so ``serve --workers N`` can share the port;
+    the kernel would also let an unrelated second ``serve`` (same user) join the group and
+    split calls with it. A plain bind fails against any listener, reuse-port or not, so
+    every ``serve`` that is not a worker of a parent probes first. SO_REUSEADDR keeps a
+    just-stopped server's TIME_WAIT sockets from failing the probe.
+    """
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc}") from None
+    for family, type_, proto, _, addr in infos:
+        with socket.socket(family, type_, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(
+                        f"port {port} on {host} is already in use (another pipeswitch serve?); "
+                        "stop it or choose another --port"
+                    ) from None
+                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+# Which setting each cloud provider needs with --providers real (env var = PIPESWITCH_<NAME>).
+_PROVIDER_KEYS = {
+    "deepgram": "deepgram_api_key",
+    "groq": "groq_api_key",
+    "openai": "openai_api_key",
+}
+
+
+def required_keys(tenants: list[Tenant]) -> dict[str, list[str]]:
+    """Setting name -> tenants that need it, for the cloud providers these tenants use."""
+    need: dict[str, list[str]] = {}
+    for t in tenants:
+        p = t.providers
+        used = []
+        if p.stt != "whisper-local":
+            used.append("deepgram")
+        if p.llm != "local":
+            used.append(p.llm)
+        for provider in used:
+            need.setdefault(_PROVIDER_KEYS[provider], []).append(t.name)
+    return need
+
+
+def check_provider_keys(settings: Settings, tenants: list[Tenant]) -> None:
+    """With real providers, every key a loaded tenant needs must be set (StartupError)."""
+    if settings.providers != "real":
+        return
+    for name, users in required_keys(tenants).items():
+        if not getattr(settings, name).get_secret_value():
+            raise StartupError(
+                f"--providers real: PIPESWITCH_{name.upper()} is not set "
+                f"(needed by tenant {', '.join(sorted(users))})"
+            )
+
+
 def load_tenants(settings: Settings) -> tuple[TenantLoader, str | None]:
-    """The tenant loader for this deployment and its default tenant, if any."""
+    """The tenant loader for this deployment and its default tenant, if any.
+
+    Raises :class:`~pipeswitch.config.loaders.ConfigError` (one line) for an unusable file.
+    """
     if settings.config_file is None:
         loader = builtin_loader()
+        if settings.piper_voice:
+            # The user's own voice replaces the embedded one for the built-in tenant.
+            voice = piper_voice_name(settings.piper_voice)
+            loader = StaticTenantLoader(
+                [t.model_copy(update={"voice": voice}) for t in loader.all()],
+                default=loader.default,
+            )
         return loader, loader.default
     static = load_tenant_file(settings.config_file)
+    for tenant in static.all():
+        try:
+            check_tenant(tenant)
+        except BuilderError as exc:
+            raise ConfigError(f"{settings.config_file}: tenant {tenant.name!r}: {exc}") from None
     return static, static.default
 
 
@@ -49,9 +154,11 @@ def settings_endpoints(settings: Settings) -> ProviderEndpoints:
         mode=settings.providers,
         piper_url="",
         deepgram_url=settings.deepgram_url,
-        deepgram_api_key=settings.deepgram_api_key,
+        deepgram_api_key=settings.deepgram_api_key.get_secret_value(),
         groq_base_url=settings.groq_base_url,
-        groq_api_key=settings.groq_api_key,
+        groq_api_key=settings.groq_api_key.get_secret_value(),
+        openai_base_url=settings.openai_base_url,
+        openai_api_key=settings.openai_api_key.get_secret_value(),
     )
 
 
@@ -62,15 +169,39 @@ def needs_local_models(ep: ProviderEndpoints) -> bool:
     return ep.mode == "local" and not (ep.local_stt_base_url and ep.local_llm_base_url)
 
 
-def start_local_models(settings: Settings, greetings: list[str]) -> LocalModelServers:
+def start_local_models(
+    settings: Settings, greetings: list[str], rates: tuple[int, ...] = (8000, 16000)
+) -> LocalModelServers:
     """The model processes this deployment needs (Piper always; STT/LLM when local)."""
     local = settings.providers == "local"
+    try:
+        sources = resolve_model_sources(
+            llm=settings.local_llm_model if local else "",
+            stt=settings.local_stt_model if local else "",
+            piper=settings.piper_voice,
+            allow_download=settings.allow_model_download,
+        )
+    except ModelSourceError as exc:
+        raise StartupError(str(exc)) from None
+    extra: dict[str, list[str]] = {}
+    if sources.llm is not None:
+        extra["llm"] = ["--model", str(sources.llm)]
+    if sources.stt is not None:
+        # The Whisper server finds its model through the environment it inherits.
+        os.environ[STT_MODEL_ENV] = str(sources.stt)
+    if sources.piper is not None:
+        # The user's voice is the default; the embedded one stays loaded for tenants naming it.
+        extra["piper"] = ["--voice", "joe"]
     return LocalModelServers(
         piper=True,
         whisper=local,
         llm=local,
+        piper_voice=str(sources.piper) if sources.piper is not None else "joe",
+        extra_args=extra,
         piper_warm=greetings,
-        piper_warm_rate=8000,
+        # Every rate a call can arrive at: a greeting synthesized on demand at 16 kHz cost
+        # 170-210 ms before the first word; from the cache it is tens of ms at any rate.
+        piper_warm_rates=rates,
         # Piper alone on the CPU: 2 ONNX threads cut time to first audio ~20 %; next to
         # the local LLM, 1 thread was faster (both measured).
         piper_threads=1 if local else 2,
@@ -102,15 +233,28 @@ class Pipeswitch:
         default_tenant: str | None = None,
         endpoints: ProviderEndpoints | None = None,
         local_servers: LocalModelServers | None = None,
+        port_shared: bool = False,
     ) -> None:
         self.settings = settings
+        # PostgreSQL tenants, Redis call state, records, admin API - when configured.
+        self.tenancy = Tenancy(settings)
+        if loader is None and self.tenancy.loader is not None:
+            loader, default_tenant = self.tenancy.loader, None
         if loader is None:
             loader, default_tenant = load_tenants(settings)
         self.loader = loader
-        self.resolver = TenantResolver(loader, default=default_tenant)
+        self.resolver = TenantResolver(
+            loader,
+            default=default_tenant,
+            answer_any_domain=settings.default_tenant_answers_any_domain,
+        )
+        self._default_tenant = default_tenant
         self._endpoints = endpoints
         self._local = local_servers
         self._own_local = False
+        # True in a worker of ``serve --workers N``: its siblings hold the port on purpose.
+        self._port_shared = port_shared
+        self._checked = False
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.sessions: CallSessions | None = None
@@ -125,17 +269,70 @@ class Pipeswitch:
         assert self._endpoints is not None, "start() first"
         return self._endpoints
 
-    def _greetings(self) -> list[str]:
+    def _tenants(self) -> list[Tenant]:
         if isinstance(self.loader, StaticTenantLoader):
-            return sorted({t.first_message for t in self.loader.all() if t.first_message})
+            return self.loader.all()
         return []
 
+    def _greetings(self) -> list[str]:
+        """Phrases Piper synthesizes at start-up: greetings, and the shutdown goodbye."""
+        texts = {t.first_message for t in self._tenants() if t.first_message}
+        if self.settings.shutdown_goodbye:
+            texts.add(self.settings.shutdown_goodbye)
+        return sorted(texts)
+
+    def _log_tenants(self) -> None:
+        tenants = self._tenants()
+        if isinstance(self.loader, StaticTenantLoader):
+            logger.info(
+                "tenants loaded from {}: {} (default: {})",
+                self.settings.config_file or "built-in configuration",
+                ", ".join(sorted(t.name for t in tenants)) or "none",
+                self._default_tenant or "none",
+            )
+        else:
+            logger.info("tenants come from {}", type(self.loader).__name__)
+        if self.settings.default_tenant_answers_any_domain:
+            if self._default_tenant:
+                logger.warning(
+                    "PIPESWITCH_DEFAULT_TENANT_ANSWERS_ANY_DOMAIN is on: tenant {!r} answers "
+                    "calls for every domain no tenant claims (single-tenant installs only)",
+                    self._default_tenant,
+                )
+            else:
+                logger.warning(
+                    "PIPESWITCH_DEFAULT_TENANT_ANSWERS_ANY_DOMAIN is on but there is no "
+                    "default tenant; unknown domains are still refused"
+                )
+
+    def check_startup(self) -> None:
+        """Fail fast, before any process starts: port taken, keys missing (StartupError)."""
+        if not self._port_shared:
+            check_port_free(self.settings.host, self.settings.port)
+        ep = self._endpoints or settings_endpoints(self.settings)
+        if ep.mode == "real":
+            check_provider_keys(self.settings, self._tenants())
+        self._checked = True
+
+    def use_endpoints(self, endpoints: ProviderEndpoints) -> None:
+        """Providers started after construction (the emulators of ``--providers emulated``)."""
+        self._endpoints = endpoints
+
     async def start(self) -> None:
-        """Start model processes, then listen. Returns once calls can be taken."""
+        """Start model processes, then listen. Returns once calls can be taken.
+
+        Raises :class:`StartupError` (one line for the operator) when the port is taken or
+        a key the tenants need is missing, before any model process starts.
+        """
         s = self.settings
+        if not self._checked:
+            self.check_startup()
         ep = self._endpoints or settings_endpoints(s)
+        self._log_tenants()
         if self._local is None and needs_local_models(ep):
-            self._local = start_local_models(s, self._greetings())
+            # Greetings are fetched at the call's pipeline rate: 8 or 16 kHz, whatever the
+            # stream rate (pipeline_rate_for).
+            self._local = start_local_models(s, self._greetings(), (8000, 16000))
             self._own_local = True
         if self._local is not None:
             if self._own_local:
@@ -148,8 +345,10 @@ class Pipeswitch:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
         )
         self.sessions = CallSessions(s, self._endpoints, self._http)
+        handler = await self.tenancy.start(self.sessions)
         self.esl = await self._start_esl()
-        self.server = CallServer(s, self.resolver, self.sessions, call_control=self.esl)
+        self.server = CallServer(s, self.resolver, handler, call_control=self.esl)
+        self.tenancy.bind(self.server.stats)
         self._metrics_source = metrics.model_queue_source(
             self._http,
             {
@@ -160,9 +359,13 @@ class Pipeswitch:
             self._endpoints.local_api_key,
         )
         metrics.add_external_source(self._metrics_source)
-        self._runner = web.AppRunner(self.server.app(), handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(
+            self.server.app(mounts=self.tenancy.mounts()), handle_signals=False, access_log=None
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, s.host, s.port, reuse_port=True)
+        # Only the workers of one ``serve --workers N`` share a port (SO_REUSEPORT); a single
+        # server binds exclusively, so nothing else can join its port either.
+        site = web.TCPSite(self._runner, s.host, s.port, reuse_port=self._port_shared)
         await site.start()
         if self._runner.addresses:
             self.port = int(self._runner.addresses[0][1])
@@ -185,24 +388,55 @@ class Pipeswitch:
         is down keep their audio and lose only ESL playback and call control.
         """
         s = self.settings
-        tenants = self.loader.all() if isinstance(self.loader, StaticTenantLoader) else []
-        if not (s.esl_enabled or any(t.playback == "file" for t in tenants)):
+        if not (s.esl_enabled or any(t.playback == "file" for t in self._tenants())):
             return None
         esl = EslClient(s.esl_host, s.esl_port, s.esl_password.get_secret_value())
         await esl.start()  # the client logs whether (and when) it gets through
         return esl
 
-    async def stop(self, drain_secs: float = 0.0) -> None:
-        """Stop taking calls, let active ones finish up to ``drain_secs``, then shut down."""
+    def stop_accepting(self) -> None:
+        """From now on /ready answers 503 and new calls are refused with 4503."""
         if self.server is not None:
             self.server.draining = True
-            deadline = asyncio.get_running_loop().time() + drain_secs
-            while self.server.stats.calls_active and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)  # bounded drain poll
+
+    async def drain(self, timeout_secs: float, now: asyncio.Event | None = None) -> None:
+        """Let active calls finish on their own for up to ``timeout_secs`` (or until ``now``)."""
+        if self.server is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_secs
+        while self.server.stats.calls_active and loop.time() < deadline:  # noqa: ASYNC110
+            if now is not None and now.is_set():
+                return
+            await asyncio.sleep(0.1)  # bounded drain poll
+
+    async def end_calls(self, goodbye: str, grace_secs: float) -> None:
+        """End the calls still up: goodbye + EndFrame, cancelled after ``grace_secs``."""
+        if self.sessions is None or self.server is None or not self.server.stats.calls_active:
+            return
+        n = self.server.stats.calls_active
+        cancelled = await self.sessions.end_all(goodbye, grace_secs)
+        logger.info("ended {} calls at shutdown ({} cancelled)", n, cancelled)
+        # Let each call's handler close its socket (1000) before the runner goes away.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 0.5
+        while self.server.stats.calls_active and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+    async def stop(self, drain_secs: float = 0.0) -> None:
+        """Stop taking calls, let active ones finish up to ``drain_secs``, end the rest."""
+        self.stop_accepting()
+        await self.drain(drain_secs)
+        await self.end_calls("", GOODBYE_GRACE_SECS)
+        await self.close()
+
+    async def close(self) -> None:
+        """Release the socket, the HTTP pool and the model processes this server started."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
             metrics.remove_external_source(self._metrics_source)
+        await self.tenancy.close()  # calls are over: flush their records
         if self.esl is not None:
             await self.esl.close()
             self.esl = None
@@ -211,6 +445,7 @@ class Pipeswitch:
             self._http = None
         if self._local is not None and self._own_local:
             await self._local.stop()
+            self._own_local = False
 
     async def __aenter__(self) -> Pipeswitch:
         await self.start()
@@ -220,18 +455,45 @@ class Pipeswitch:
         await self.stop()
 
 
-async def serve_forever(app: Pipeswitch, drain_secs: float = 30.0) -> None:
-    """Run until SIGINT/SIGTERM, then drain active calls."""
+# How long a call ended by shutdown may take to say its goodbye before it is cancelled.
+GOODBYE_GRACE_SECS = 1.5
+
+
+async def serve_forever(app: Pipeswitch, drain_secs: float | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then shut down within ``drain_secs`` + ~2 s.
+
+    First signal: stop accepting (/ready 503, new calls 4503), let active calls finish up
+    to the drain timeout, end the rest with a short goodbye, close. A second signal skips
+    the waits: calls are cancelled and closed at once.
+    """
+    drain = app.settings.drain_timeout_secs if drain_secs is None else drain_secs
     stop = asyncio.Event()
+    now = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def _on_signal() -> None:
+        if stop.is_set():
+            if not now.is_set():
+                logger.warning("second signal: ending all calls now")
+            now.set()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await app.start()
+        loop.add_signal_handler(sig, _on_signal)
     try:
+        await app.start()
         await stop.wait()
-        logger.info(
-            "shutting down: draining {} active calls",
-            app.server.stats.calls_active if app.server else 0,
+        t0 = time.monotonic()
+        active = app.server.stats.calls_active if app.server else 0
+        logger.info("shutting down: {} active calls may finish for up to {:.0f}s", active, drain)
+        app.stop_accepting()
+        await app.drain(drain, now)
+        await app.end_calls(
+            "" if now.is_set() else app.settings.shutdown_goodbye,
+            0.0 if now.is_set() else GOODBYE_GRACE_SECS,
         )
+        logger.info("calls ended after {:.1f}s; closing", time.monotonic() - t0)
     finally:
-        await app.stop(drain_secs=drain_secs)
+        await app.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

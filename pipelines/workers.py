@@ -6,6 +6,10 @@ processes (Piper, and Whisper/LLM on the offline default) once, then N worker
 processes that each run a full server on the same port (SO_REUSEPORT: the
 kernel spreads new connections across them). Workers get the model endpoints
 from the parent, so models are loaded once per machine, not per worker.
+
+Only these workers share the port: the parent first binds it without SO_REUSEPORT (which
+fails against any listener), and a single ``serve`` binds without SO_REUSEPORT at all, so a
+second ``serve`` on a taken port exits 2 instead of splitting calls with the first.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from loguru import logger
 
 from pipeswitch.config.settings import Settings
 from pipeswitch.pipelines.app import (
+    StartupError,
+    check_port_free,
     endpoints_with_local,
     load_tenants,
     needs_local_models,
@@ -45,13 +51,16 @@ async def serve_workers(
 ) -> int:
     """Run ``workers`` server processes sharing ``settings.port`` until SIGINT/SIGTERM."""
     if settings.port == 0:
-        raise SystemExit("--workers needs a fixed --port (each worker binds the same one)")
+        raise StartupError("--workers needs a fixed --port (each worker binds the same one)")
+    # Only this serve's own workers may share the port: anyone else's listener fails us here.
+    check_port_free(settings.host, settings.port)
     models = None
     ep = endpoints
     if needs_local_models(ep):
         loader, _ = load_tenants(settings)
         greetings = sorted(
             {t.first_message for t in getattr(loader, "all", list)() if t.first_message}
+            | ({settings.shutdown_goodbye} if settings.shutdown_goodbye else set())
         )
         models = start_local_models(settings, greetings)
         await models.start()
@@ -61,8 +70,10 @@ async def serve_workers(
     own_prom_dir = metrics.MULTIPROC_ENV not in os.environ
     env = {**os.environ, ENDPOINTS_ENV: json.dumps(asdict(ep)), metrics.MULTIPROC_ENV: prom_dir}
     procs = [
+        # Own session: a terminal's Ctrl-C reaches the parent only, which forwards it once
+        # (a worker counts a second signal as "end all calls now").
         await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pipeswitch.pipelines.cli", *argv, env=env
+            sys.executable, "-m", "pipeswitch.pipelines.cli", *argv, env=env, start_new_session=True
         )
         for _ in range(workers)
     ]
@@ -71,8 +82,16 @@ async def serve_workers(
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def _on_signal() -> None:
+        if stop.is_set():  # second signal: the workers end their calls now
+            for p in procs:
+                if p.returncode is None:
+                    p.send_signal(signal.SIGTERM)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _on_signal)
 
     async def reap(p: asyncio.subprocess.Process) -> int:
         rc = await p.wait()
@@ -87,7 +106,8 @@ async def serve_workers(
     for p in procs:
         if p.returncode is None:
             p.send_signal(signal.SIGTERM)
-    await asyncio.wait(waiters, timeout=40)
+    # Each worker drains, says goodbye and exits within the drain timeout + 2 s.
+    await asyncio.wait(waiters, timeout=settings.drain_timeout_secs + 5)
     for p in procs:
         if p.returncode is None:
             p.kill()

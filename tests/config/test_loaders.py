@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from pipeswitch.config.loaders import (
+    ConfigError,
     TenantNotFound,
     TenantResolver,
     builtin_loader,
@@ -81,11 +81,11 @@ async def test_builtin_default_answers_only_default_or_absent_domain() -> None:
 def test_invalid_tenant_values_are_rejected(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[[tenants]]\nname = "x.example"\naudio_rate = 44100\n')
-    with pytest.raises(ValidationError):
+    with pytest.raises(ConfigError, match="audio_rate"):
         load_tenant_file(bad)
     bad.write_text('[[tenants]]\nname = "x.example"\nplayback = "mp3"\n')
-    with pytest.raises(ValidationError):
+    with pytest.raises(ConfigError, match="playback"):
         load_tenant_file(bad)
     bad.write_text('default_tenant = "nope"\n[[tenants]]\nname = "x.example"\n')
-    with pytest.raises(ValueError, match="default_tenant"):
+    with pytest.raises(ConfigError, match="default_tenant"):
         load_tenant_file(bad)
