@@ -27,7 +27,9 @@ from pipeswitch.pipelines.session import CallRecord
 from tests.conftest import trim_silence
 from tests.e2e.helpers import is_speech_like, wait_bot_quiet, wait_for_bot_audio
 
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.local_models]
+# Async tests run on the session loop (asyncio_mode = "auto", asyncio_default_test_loop_scope);
+# a module-wide asyncio mark would also mark the sync demo test below.
+pytestmark = [pytest.mark.local_models]
 
 QUESTION = "I would like to book an appointment for tomorrow afternoon."
 
