@@ -30,8 +30,10 @@ from typing import Any
 
 from google.genai.types import Content, HttpOptions, LiveServerMessage, Part
 from loguru import logger
+from pipecat.frames.frames import BotStoppedSpeakingFrame, Frame, InterruptionFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.google.gemini_live.llm import GeminiLiveLLMService, GeminiVADParams
 
 from pipeswitch.pipelines.compose import CallContext, CallPipeline, register_builder
@@ -72,6 +74,8 @@ class ResumingGeminiService(GeminiLiveLLMService):
         self._reply_mark = 0.0
         self._reply_bytes = 0
         self._reply_text = ""
+        self._reply_open = False
+        self._turn_pending = False
         self._resume_task: asyncio.Task[None] | None = None
         self.heard_notes: list[str] = []
         self.resumptions = 0
@@ -103,28 +107,39 @@ class ResumingGeminiService(GeminiLiveLLMService):
 
     # -- what the caller heard -------------------------------------------------------
 
-    async def _handle_msg_model_turn(self, msg: LiveServerMessage) -> None:
-        if not self._bot_is_responding:
+    def _reply_started(self) -> None:
+        self._turn_pending = False
+        if not self._reply_open:
+            self._reply_open = True
             self._reply_mark = self._playout.mark()
             self._reply_bytes = 0
             self._reply_text = ""
+
+    async def _handle_msg_model_turn(self, msg: LiveServerMessage) -> None:
         sc = msg.server_content
         parts = sc.model_turn.parts if sc is not None and sc.model_turn is not None else None
         if parts and parts[0].inline_data is not None and parts[0].inline_data.data:
+            self._reply_started()
             self._reply_bytes += len(parts[0].inline_data.data)
         await super()._handle_msg_model_turn(msg)
 
     async def _handle_msg_output_transcription(self, message: LiveServerMessage) -> None:
-        if not self._bot_is_responding:
-            self._reply_mark = self._playout.mark()
-            self._reply_bytes = 0
-            self._reply_text = ""
         sc = message.server_content
         if sc is not None and sc.output_transcription is not None:
+            self._reply_started()
             self._reply_text += sc.output_transcription.text or ""
         await super()._handle_msg_output_transcription(message)
 
     async def _send_heard_note(self) -> None:
+        """After a barge-in: tell the model which words of its reply the caller heard.
+
+        The reply is "open" from its first audio until the caller has heard all of it
+        (the output transport's BotStoppedSpeaking), which is usually long after
+        Gemini's turnComplete: it generates faster than real time.
+        """
+        if not self._reply_open:
+            return
+        self._reply_open = False
         received = self._reply_bytes / (2 * GEMINI_OUTPUT_RATE)
         heard_secs = min(received, self._playout.heard_since(self._reply_mark))
         heard = heard_words(self._reply_text.strip(), heard_secs, received)
@@ -139,19 +154,36 @@ class ResumingGeminiService(GeminiLiveLLMService):
         except Exception as exc:
             await self._handle_send_error(exc)
 
-    async def _handle_interruption(self) -> None:
-        responding = self._bot_is_responding
-        await super()._handle_interruption()
-        if responding:
+    async def _handle_user_stopped_speaking(self, frame: Any) -> None:
+        self._turn_pending = True  # the caller waits for a reply: no resume now
+        await super()._handle_user_stopped_speaking(frame)
+
+    async def _handle_msg_input_transcription(self, message: LiveServerMessage) -> None:
+        self._turn_pending = True
+        await super()._handle_msg_input_transcription(message)
+
+    async def _handle_msg_turn_complete(self, message: LiveServerMessage) -> None:
+        self._turn_pending = False
+        await super()._handle_msg_turn_complete(message)
+
+    @property
+    def busy(self) -> bool:
+        """A turn is under way (caller speaking, reply awaited or being generated)."""
+        return self._bot_is_responding or self._user_is_speaking or self._turn_pending
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        if isinstance(frame, InterruptionFrame):
             await self._send_heard_note()
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self._reply_open = False  # played to its end
+        await super().process_frame(frame, direction)
 
     # -- server messages ----------------------------------------------------------------
 
     async def _handle_server_message(self, message: LiveServerMessage) -> None:
         sc = message.server_content
-        if sc is not None and sc.interrupted and self._bot_is_responding:
-            # Gemini's own VAD cut the reply: the base class broadcasts the interruption
-            # without passing through _handle_interruption.
+        if sc is not None and sc.interrupted:
+            # Gemini's own VAD cut the reply: measure before the interruption stops playback.
             await self._send_heard_note()
         if message.go_away is not None:
             self._on_go_away(message.go_away.time_left)
@@ -160,13 +192,13 @@ class ResumingGeminiService(GeminiLiveLLMService):
     def _on_go_away(self, time_left: str | None) -> None:
         m = _SECS_RE.match(time_left or "")
         secs = float(m.group(1)) if m else 1.0
-        logger.info("Gemini goAway: {:.1f}s left; resuming when the model is quiet", secs)
+        logger.info("Gemini goAway: {:.1f}s left; resuming between turns", secs)
         if self._resume_task is None or self._resume_task.done():
             self._resume_task = self.create_task(self._resume_before(secs), "gemini-resume")
 
     async def _resume_before(self, secs: float) -> None:
         deadline = time.monotonic() + max(0.0, secs - RESUME_MARGIN_SECS)
-        while self._bot_is_responding and time.monotonic() < deadline:  # noqa: ASYNC110
+        while self.busy and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)  # bounded by the goAway's time left
         self.resumptions += 1
         await self._disconnect()
