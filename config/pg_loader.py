@@ -281,11 +281,13 @@ class PgTenantLoader:
             # min_size=0: creating the pool opens no connection, so start-up survives an outage.
             self._pool = await create_pool(self._dsn, min_size=0)
             self._store = TenantStore(self._pool, self._box)
-        try:
-            await asyncio.wait_for(self.refresh_all(), 10.0)
-        except Exception as exc:
-            logger.error("tenant cache warm-up failed ({}); retrying in the background", exc)
+        # LISTEN first, then read: a change committed in between is either in the read or
+        # heard as a NOTIFY - never lost.
         self._listener = asyncio.ensure_future(self._listen_forever())
+        try:
+            await asyncio.wait_for(self.listening.wait(), 10.0)
+        except TimeoutError:
+            logger.error("tenant database unreachable at start-up; retrying in the background")
 
     async def _listen_forever(self) -> None:
         backoff = 0.2
@@ -297,8 +299,9 @@ class PgTenantLoader:
                 conn = await connect(self._dsn)
                 conn.add_termination_listener(lambda _c, ev=lost: ev.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-                if not first:  # changes may have been missed while we were not listening
-                    await self.refresh_all()
+                # (Re)read everything: changes before the LISTEN were never notified to us.
+                await self.refresh_all()
+                if not first:
                     logger.info("tenant change listener reconnected; cache re-read")
                 first = False
                 backoff = 0.2
