@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid as uuidlib
 from collections.abc import AsyncIterator
+from typing import Literal
 
 import pytest
 import pytest_asyncio
@@ -90,12 +91,14 @@ async def test_transfer_state_is_visible_to_every_instance(
 
 
 @pytest.mark.parametrize("degrade", ["open", "closed"])
-async def test_redis_down_degrades_as_configured(redis_proxy: CuttableProxy, degrade: str) -> None:
+async def test_redis_down_degrades_as_configured(
+    redis_proxy: CuttableProxy, degrade: Literal["open", "closed"]
+) -> None:
     t = tenant(1)
     s = RedisCallState(
         f"redis://127.0.0.1:{redis_proxy.port}/0",
         degrade=degrade,
-        ttl_secs=1.0,  # type: ignore[arg-type]
+        ttl_secs=1.0,
     )
     assert (await s.admit("before", t, {})).allowed
     await s.release("before", t)
