@@ -33,6 +33,7 @@ from pipeswitch.pipelines.compose import (
 )
 from pipeswitch.pipelines.piper_client import WavError, synthesize
 from pipeswitch.pipelines.services import ProviderEndpoints
+from pipeswitch.pipelines.tenancy import endpoints_for_tenant
 from pipeswitch.pipelines.tracing import tracing_wanted
 from pipeswitch.transports import metrics
 from pipeswitch.transports.call_info import CallInfo
@@ -170,13 +171,14 @@ class CallSessions:
         rate = transport.params.audio_in_sample_rate or 8000
         # The greeting starts while the pipeline is still being built and connected.
         greeting = asyncio.ensure_future(self._play_greeting(tenant, transport, rate, log))
+        endpoints = endpoints_for_tenant(self.endpoints, tenant)  # the tenant's own keys win
         ctx = CallContext(
             tenant=tenant,
             call=call,
             transport=transport,
             sample_rate=rate,
-            services=ServiceFactory(tenant, self.endpoints, self.http, rate, call.call_uuid),
-            endpoints=self.endpoints,
+            services=ServiceFactory(tenant, endpoints, self.http, rate, call.call_uuid),
+            endpoints=endpoints,
             http=self.http,
         )
         cp = await builder(ctx)

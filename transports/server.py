@@ -27,6 +27,7 @@ from pipeswitch.config.loaders import TenantNotFound, TenantResolver
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import Tenant
 from pipeswitch.transports import metrics
+from pipeswitch.transports.auth import check_access
 from pipeswitch.transports.call_control import CallControl
 from pipeswitch.transports.call_events import CallEventBridge
 from pipeswitch.transports.call_info import BadCallRequest, CallInfo, parse_call_request
@@ -97,13 +98,18 @@ class CallServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self.sampler = metrics.RuntimeSampler()
 
-    def app(self) -> web.Application:
-        """The aiohttp application (routes for health, readiness, metrics, calls)."""
+    def app(self, mounts: dict[str, web.Application] | None = None) -> web.Application:
+        """The aiohttp application (routes for health, readiness, metrics, calls).
+
+        ``mounts``: sub-applications by path prefix (the admin API), matched before calls.
+        """
         app = web.Application(client_max_size=self.settings.max_message_bytes)
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/metrics", self._prometheus)
         app.router.add_get("/metrics.json", self._metrics)
+        for prefix, sub in (mounts or {}).items():
+            app.add_subapp(prefix, sub)
         app.router.add_get("/{tail:.*}", self._call)
         app.on_startup.append(self._start_sampler)
         app.on_cleanup.append(self._stop_sampler)
@@ -169,7 +175,7 @@ class CallServer:
             reason = "draining" if self.draining else "over capacity"
             return await self._refuse(ws, log, "capacity", reason, CLOSE_TRY_AGAIN)
         try:
-            tenant = await self.resolver.resolve(call.domain)
+            tenant = await self.resolver.resolve(call.domain, call.destination)
         except TenantNotFound as exc:
             return await self._refuse(ws, log, "unknown_tenant", str(exc))
         except Exception as exc:  # the tenant store is down: refuse this call, keep serving
@@ -177,6 +183,18 @@ class CallServer:
                 ws, log, "tenant_error", f"tenant lookup failed: {exc}", CLOSE_INTERNAL
             )
         log = logger.bind(call=call.call_uuid, tenant=tenant.name)
+        access = check_access(  # before any pipeline or provider connection (transports/auth.py)
+            call_uuid=call.call_uuid,
+            domain=call.domain,
+            query=call.extra,
+            headers=request.headers,
+            peer=request.remote,
+            access=tenant.access,
+            policy=self.settings.accept_unsigned,
+            now=time.time(),
+        )
+        if not access.allowed:
+            return await self._refuse(ws, log, "auth", f"not authorized: {access.reason}")
         self.stats.calls_total += 1
         self.stats.calls_active += 1
         metrics.call_started(tenant.name, tenant.pipeline)
