@@ -93,6 +93,22 @@ def transcript_turns(
     return out
 
 
+def taken_messages(record: Any, cp: Any) -> list[dict[str, Any]]:
+    """Messages the receptionist tools took on this call, as dicts.
+
+    Looked up where the call controller may keep them (``record.taken_messages``, or the
+    pipeline's ``receptionist.state.messages``) until the record carries them directly.
+    """
+    found = getattr(record, "taken_messages", None)
+    if found is None:
+        receptionist = getattr(cp, "receptionist", None) or getattr(cp, "tools", None)
+        found = getattr(getattr(receptionist, "state", None), "messages", None)
+    out = []
+    for m in found or []:
+        out.append(dict(m) if isinstance(m, dict) else dict(vars(m)))
+    return out
+
+
 @dataclass
 class _LiveCall:
     tenant: Tenant
@@ -185,7 +201,7 @@ class Tenancy:
         ended = record.ended_at if record.ended_at is not None else time.monotonic()
         ended_wall = time.time() - (time.monotonic() - ended)
         started_wall = ended_wall - (ended - record.started_at)
-        taken = getattr(record, "taken_messages", None) or []
+        taken = taken_messages(record, cp)
         rows = call_rows(
             domain_uuid=live.tenant.domain_uuid,
             call_uuid=record.call.call_uuid,
@@ -198,7 +214,7 @@ class Tenancy:
             end_reason=record.end_reason or "pipeline ended",
             metadata=record.metadata,
             turns=transcript_turns(record.messages, record.turn_latencies),
-            messages=[m if isinstance(m, dict) else vars(m) for m in taken],
+            messages=taken,
         )
         self.records.submit(rows)
 

@@ -124,3 +124,20 @@ def test_unsigned_policy(policy: str, peer: str | None, allowed: bool) -> None:
 def test_is_loopback() -> None:
     assert is_loopback("127.0.0.2") and is_loopback("::1")
     assert not is_loopback("192.168.1.1") and not is_loopback("not-an-ip") and not is_loopback("")
+
+
+def test_the_readmes_openssl_line_computes_the_same_signature() -> None:
+    """The Lua dialplan helper in the README shells out to openssl: it must agree with us."""
+    import shutil
+    import subprocess
+
+    assert shutil.which("openssl"), "openssl is part of every FreeSWITCH host image"
+    payload = f"{CALL}|pbx.example.com|1800000000"
+    out = subprocess.run(
+        f"printf '%s' '{payload}' | openssl dgst -sha256 -hmac '{SECRET_A}' -r",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.split()[0] == sign_call(SECRET_A, CALL, "PBX.example.com", 1800000000)
