@@ -208,7 +208,7 @@ async def bench(
 
         # --- Redis admission ------------------------------------------------------------
         state = RedisCallState(redis_url, instance_id="bench")
-        t = Tenant(
+        bt = Tenant(
             name="bench.example.com", domain_uuid=str(uuidlib.uuid4()), max_concurrent_calls=1000
         )
         adm = []
