@@ -248,12 +248,145 @@ def main() -> None:
     p.add_argument("--domains", type=int, default=200)
     p.add_argument("--calls", type=int, default=1000)
     p.add_argument("--turns", type=int, default=10)
+    p.add_argument(
+        "--audio-path",
+        type=int,
+        default=0,
+        metavar="CALLS",
+        help="instead: CALLS emulated calls without and with tenancy (DB+Redis+records)",
+    )
     a = p.parse_args()
     with contextlib.suppress(ImportError):
         from loguru import logger
 
         logger.remove()
-    print(json.dumps(asyncio.run(bench(a.dsn, a.redis, a.domains, a.calls, a.turns)), indent=2))
+    if a.audio_path:
+        result = asyncio.run(audio_path(a.dsn, a.redis, a.audio_path, 3))
+    else:
+        result = asyncio.run(bench(a.dsn, a.redis, a.domains, a.calls, a.turns))
+    print(json.dumps(result, indent=2))
+
+
+# --- the audio path with and without tenancy ---------------------------------------------
+
+
+async def calls_run(
+    dsn: str | None, redis_url: str | None, calls: int, turns: int, stagger: float
+) -> dict[str, Any]:
+    """``calls`` emulated calls (FreeSWITCH emulator, emulated providers, real Piper) with
+    ``turns`` questions each; wire turn latency and event-loop lag. With ``dsn``, the tenant
+    lives in a domain, so every call is admitted through Redis and its record is written."""
+    import aiohttp
+    from pydantic import SecretStr
+
+    from pipeswitch.bench.emulators.runner import EmulatorConfig, run_emulators
+    from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
+    from pipeswitch.config.loaders import StaticTenantLoader
+    from pipeswitch.config.settings import Settings
+    from pipeswitch.pipelines.app import Pipeswitch
+    from pipeswitch.pipelines.emulated import endpoints_for
+
+    duid = uuidlib.uuid4()
+    if dsn:
+        conn = await connect(dsn)
+        await conn.execute(
+            "INSERT INTO v_domains (domain_uuid, domain_name, domain_enabled) VALUES ($1, $2, 'true')",
+            duid,
+            "calls.example.com",
+        )
+        await conn.close()
+    tenant = Tenant(name="calls.example.com", domain_uuid=str(duid))
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        providers="emulated",
+        database_url=SecretStr(dsn) if dsn else None,
+        redis_url=SecretStr(redis_url) if redis_url else None,
+        secrets_key=SecretStr(generate_key()),
+    )
+    latencies: list[float] = []
+    async with run_emulators(
+        EmulatorConfig(llm_script="office", stt_script="office", seed=1)
+    ) as emu:
+        app = Pipeswitch(
+            settings,
+            loader=StaticTenantLoader([tenant], default=tenant.name),
+            default_tenant=tenant.name,
+            endpoints=endpoints_for(emu),
+        )
+        await app.start()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                app.endpoints.piper_for_rate(8000),
+                json={"text": "What are your opening hours on Saturday?", "voice": "joe"},
+            ) as r,
+        ):
+            wav = await r.read()
+        import numpy as np
+
+        a = np.frombuffer(wav[44:], dtype="<i2")
+        idx = np.flatnonzero(np.abs(a) > 300)
+        speech = a[idx[0] : idx[-1] + 1].tobytes()
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(i * stagger)
+            url = f"ws://127.0.0.1:{app.port}/fs/c{i}-{uuidlib.uuid4().hex[:6]}?domain={tenant.name}&rate=8000&mix=mono"
+            s = FakeSwitchStream(StreamConfig(url=url, rate=8000, playback="voxcom"))
+            await s.start()
+            await s.wait_connected(5.0)
+            await asyncio.sleep(2.5)  # the greeting
+            for _ in range(turns):
+                s.queue_caller_audio(speech)
+                s.queue_caller_silence(0.3)
+                await s.wait_caller_drained(timeout_s=10)
+                end = s.last_voiced_sent_at()
+                t0 = time.monotonic()
+                got = None
+                while time.monotonic() - t0 < 8 and got is None:
+                    got = s.first_bot_audio_received_after(end or 0)
+                    await asyncio.sleep(0.01)
+                if got is not None and end is not None:
+                    latencies.append(got - end)
+                await asyncio.sleep(2.5)  # let the reply play out
+            await s.hangup()
+
+        with LoopLag(0.005) as lag:
+            await asyncio.gather(*[one(i) for i in range(calls)])
+            await asyncio.sleep(1.0)
+        written = app.tenancy.records.stats.calls_written if app.tenancy.records else 0
+        await app.stop(drain_secs=2.0)
+        written = app.tenancy.records.stats.calls_written if app.tenancy.records else written
+    return {
+        "tenancy": bool(dsn),
+        "turns_measured": len(latencies),
+        "wire_latency_ms": summary(latencies),
+        "wire_latency_p95_ms": round(pct(latencies, 95) * 1e3, 1) if latencies else None,
+        "loop_lag_ms": summary(lag.lags),
+        "loop_lag_p95_ms": round(pct(lag.lags, 95) * 1e3, 2),
+        "records_written": written,
+    }
+
+
+async def audio_path(dsn_base: str, redis_url: str, calls: int, turns: int) -> dict[str, Any]:
+    name = f"pipeswitch_bench_calls_{os.getpid()}"
+    admin = await asyncpg.connect(dsn_base)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = dsn_base.rsplit("/", 1)[0] + "/" + name
+    try:
+        conn = await connect(dsn)
+        await migrate(conn)
+        await conn.close()
+        without = await calls_run(None, None, calls, turns, 0.37)
+        with_ = await calls_run(dsn, redis_url, calls, turns, 0.37)
+    finally:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await admin.close()
+    return {"without_tenancy": without, "with_tenancy": with_}
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenant_store import TenantStore
 from pipeswitch.config.tenants import Tenant
 from pipeswitch.pipelines.services import ProviderEndpoints
+from pipeswitch.transports import metrics
 from pipeswitch.transports.call_info import CallInfo
 from pipeswitch.transports.server import CLOSE_TRY_AGAIN, CallHandler, ServerStats
 from pipeswitch.transports.transport import FreeSwitchCallTransport
@@ -135,8 +136,10 @@ class TenancyCallHandler:
         }
         admission = await self.state.admit(call.call_uuid, tenant, info)
         if not admission.allowed:
+            kind = "state_unavailable" if admission.degraded else "tenant_limit"
             if self.stats is not None:
-                self.stats.refused["tenant_limit"] += 1
+                self.stats.refused[kind] += 1
+            metrics.call_refused(kind, tenant.name)
             log.warning("call refused (tenant limit): {}", admission.reason)
             await transport.close(CLOSE_TRY_AGAIN, admission.reason)
             return
