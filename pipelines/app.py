@@ -34,6 +34,7 @@ from pipeswitch.pipelines.compose import BuilderError, check_tenant
 from pipeswitch.pipelines.local.models import (
     STT_MODEL_ENV,
     ModelSourceError,
+    ModelSources,
     piper_voice_name,
     resolve_model_sources,
 )
@@ -169,13 +170,11 @@ def needs_local_models(ep: ProviderEndpoints) -> bool:
     return ep.mode == "local" and not (ep.local_stt_base_url and ep.local_llm_base_url)
 
 
-def start_local_models(
-    settings: Settings, greetings: list[str], rates: tuple[int, ...] = (8000, 16000)
-) -> LocalModelServers:
-    """The model processes this deployment needs (Piper always; STT/LLM when local)."""
+def model_sources(settings: Settings) -> ModelSources:
+    """The user's own model files (settings), checked or fetched; StartupError if unusable."""
     local = settings.providers == "local"
     try:
-        sources = resolve_model_sources(
+        return resolve_model_sources(
             llm=settings.local_llm_model if local else "",
             stt=settings.local_stt_model if local else "",
             piper=settings.piper_voice,
@@ -183,6 +182,18 @@ def start_local_models(
         )
     except ModelSourceError as exc:
         raise StartupError(str(exc)) from None
+
+
+def start_local_models(
+    settings: Settings,
+    greetings: list[str],
+    rates: tuple[int, ...] = (8000, 16000),
+    sources: ModelSources | None = None,
+) -> LocalModelServers:
+    """The model processes this deployment needs (Piper always; STT/LLM when local)."""
+    local = settings.providers == "local"
+    if sources is None:
+        sources = model_sources(settings)
     extra: dict[str, list[str]] = {}
     if sources.llm is not None:
         extra["llm"] = ["--model", str(sources.llm)]
@@ -255,6 +266,7 @@ class Pipeswitch:
         # True in a worker of ``serve --workers N``: its siblings hold the port on purpose.
         self._port_shared = port_shared
         self._checked = False
+        self._sources: ModelSources | None = None
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.sessions: CallSessions | None = None
@@ -312,6 +324,8 @@ class Pipeswitch:
         ep = self._endpoints or settings_endpoints(self.settings)
         if ep.mode == "real":
             check_provider_keys(self.settings, self._tenants())
+        if self._local is None and needs_local_models(ep):
+            self._sources = model_sources(self.settings)
         self._checked = True
 
     def use_endpoints(self, endpoints: ProviderEndpoints) -> None:
@@ -332,7 +346,7 @@ class Pipeswitch:
         if self._local is None and needs_local_models(ep):
             # Greetings are fetched at the call's pipeline rate: 8 or 16 kHz, whatever the
             # stream rate (pipeline_rate_for).
-            self._local = start_local_models(s, self._greetings(), (8000, 16000))
+            self._local = start_local_models(s, self._greetings(), (8000, 16000), self._sources)
             self._own_local = True
         if self._local is not None:
             if self._own_local:

@@ -3,7 +3,7 @@
 Starts the server on the embedded models (Whisper tiny.en, Qwen2.5 0.5B, Piper; no
 keys, no network), places one call through the FreeSWITCH emulator with a spoken
 question, and prints what the caller said, what the bot answered, and where the
-time went. The reply is written as a WAV file.
+time went. ``--out reply.wav`` keeps the bot's reply as a WAV file.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from pipeswitch.bench.fakeswitch.audio import load_wav, resample, write_wav
 from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
 from pipeswitch.config.settings import Settings
 from pipeswitch.pipelines.app import Pipeswitch
-from pipeswitch.pipelines.cascade import CallPipeline
+from pipeswitch.pipelines.compose import CallPipeline
 from pipeswitch.pipelines.local.models import set_offline_env
+from pipeswitch.pipelines.piper_client import synthesize
 from pipeswitch.pipelines.session import CallRecord
 
 DEFAULT_QUESTION = "Hello, what time do you open tomorrow morning?"
@@ -37,20 +38,19 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--wav", type=Path, default=None, help="use this recording as the question instead"
     )
+    p.add_argument("--out", type=Path, default=None, help="write the bot's reply to this WAV file")
     p.add_argument(
-        "--out", type=Path, default=Path("reply.wav"), help="where to write the bot's reply"
+        "--rate", type=int, choices=(8000, 16000), default=8000, help="stream sample rate"
     )
-    p.add_argument("--rate", type=int, choices=(8000, 16000), default=8000)
     p.add_argument(
         "--turns", type=int, default=1, help="ask the question this many times in one call"
     )
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default="WARNING", help="server log level")
 
 
 async def _speak(http: aiohttp.ClientSession, piper_url: str, text: str) -> bytes:
-    async with http.post(piper_url, json={"text": text, "voice": "joe"}) as r:
-        r.raise_for_status()
-        return (await r.read())[44:]
+    pcm, _ = await synthesize(http, piper_url, text, voice="joe")
+    return pcm
 
 
 async def _wait_quiet(
@@ -128,7 +128,8 @@ async def run_demo(args: argparse.Namespace) -> int:
     pcm_all, _ = stream.received_audio()
     # Keep the reply only: the audio received after the caller stopped talking.
     offset = sum(a.nbytes for a in rx if a.t <= speech_end)
-    write_wav(args.out, pcm_all[offset:], rate)
+    if args.out is not None:
+        write_wav(args.out, pcm_all[offset:], rate)
     user = [m.get("content") for m in rec.messages if m.get("role") == "user"]
     bot = [m.get("content") for m in rec.messages if m.get("role") == "assistant"]
     summary: dict[str, Any] = {
@@ -143,7 +144,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         else None,
         "turn_latency_ms_pipeline": [round(x * 1000) for x in rec.turn_latencies],
         "stages": [b.turn_contribution_lines() for b in rec.breakdowns][-1:] or None,
-        "reply_wav": str(args.out),
+        "reply_wav": str(args.out) if args.out else None,
     }
     print(json.dumps(summary, indent=2))
     return 0 if summary["bot_replied"] and first_reply else 1

