@@ -28,6 +28,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_capacity_arguments(sub.add_parser("capacity", help="concurrent-call sweep"))
     add_profile_arguments(sub.add_parser("profile", help="py-spy the server under load"))
+    from pipeswitch.bench.soak import add_soak_arguments
+
+    add_soak_arguments(sub.add_parser("soak", help="sequential calls: RSS, tasks, fds over time"))
 
 
 async def run_bench(args: argparse.Namespace) -> int:
@@ -44,6 +47,10 @@ async def run_bench(args: argparse.Namespace) -> int:
         from pipeswitch.bench.profile import run_profile
 
         return await run_profile(args)
+    if args.bench_command == "soak":
+        from pipeswitch.bench.soak import run_soak
+
+        return await run_soak(args)
     raise SystemExit(f"unknown bench command {args.bench_command!r}")
 
 
