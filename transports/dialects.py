@@ -109,29 +109,40 @@ class BinaryDialect:
 
 
 class FileDialect:
-    """Coalesces audio into one ``streamAudio`` message per burst (a TTS sentence).
+    """Coalesces audio into ``streamAudio`` messages, one file each for ESL playback.
 
-    Messages are capped (``max_chunk_bytes``) because old libwsc builds dropped
-    ~120 KB messages. Each message carries a ``seq`` that comes back in the
-    ``mod_audio_stream::play`` event so the ESL side can play files in order.
+    Within a burst (a TTS sentence) the first message goes out after
+    ``first_chunk_secs`` and each later one may be twice as long: the caller hears
+    the reply after a fraction of its first sentence is synthesized, not all of it,
+    and files queued with ``sendmsg … playback`` play gaplessly as long as TTS runs
+    faster than twice real time. Messages are capped (``max_chunk_bytes``) because
+    old libwsc builds dropped ~120 KB messages. Each message carries a ``seq`` that
+    comes back in the ``mod_audio_stream::play`` event so the ESL side can play
+    files in order and drop the stale ones after a barge-in.
     """
 
     name: DialectName = "file"
     streaming = False
 
-    def __init__(self, lead_secs: float = 3.0, max_chunk_bytes: int = 64000) -> None:
+    def __init__(
+        self, lead_secs: float = 3.0, max_chunk_bytes: int = 64000, first_chunk_secs: float = 0.5
+    ) -> None:
         self.lead_secs = lead_secs
         self.max_chunk_bytes = max_chunk_bytes
+        self.first_chunk_secs = first_chunk_secs
         self._buf = bytearray()
         self._seq = 0
+        self._chunk_secs = first_chunk_secs
 
     def encode_audio(self, pcm: bytes, rate: int) -> str | bytes | None:
         self._buf += pcm
-        if len(self._buf) < self.max_chunk_bytes:
+        limit = min(self.max_chunk_bytes, int(self._chunk_secs * rate) * 2)
+        if len(self._buf) < limit:
             return None
-        # One full-size message now; the remainder waits for more audio or flush().
-        chunk = bytes(self._buf[: self.max_chunk_bytes])
-        del self._buf[: self.max_chunk_bytes]
+        # One message now; the remainder waits for more audio or flush().
+        chunk = bytes(self._buf[:limit])
+        del self._buf[:limit]
+        self._chunk_secs *= 2
         return self._message(chunk, rate)
 
     @property
@@ -145,6 +156,7 @@ class FileDialect:
         return msg
 
     def flush(self, rate: int) -> list[str]:
+        self._chunk_secs = self.first_chunk_secs  # the next burst starts small again
         out: list[str] = []
         while self._buf:
             chunk = bytes(self._buf[: self.max_chunk_bytes])
@@ -159,6 +171,7 @@ class FileDialect:
 
     def discard(self) -> None:
         self._buf.clear()
+        self._chunk_secs = self.first_chunk_secs
 
 
 def make_dialect(name: DialectName, lead_secs: float | None = None) -> Dialect:
