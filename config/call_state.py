@@ -174,6 +174,10 @@ class RedisCallState:
         self._mine: dict[str, _LiveCall] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._down_logged = False
+        # After a failure, admissions degrade at once for a while instead of each paying the
+        # timeout again (a hung Redis would add op_timeout_secs to every call's set-up).
+        self._skip_until = 0.0
+        self.retry_after_secs = 2.0
         self.stats = CallStateStats()
 
     def _set_key(self, tkey: str) -> str:
@@ -187,6 +191,7 @@ class RedisCallState:
 
     def _unavailable(self, what: str, exc: BaseException) -> None:
         self.stats.errors += 1
+        self._skip_until = time.monotonic() + self.retry_after_secs
         if not self._down_logged:  # once per outage, not once per call
             self._down_logged = True
             logger.error(
@@ -194,6 +199,7 @@ class RedisCallState:
             )
 
     def _reachable(self) -> None:
+        self._skip_until = 0.0
         if self._down_logged:
             self._down_logged = False
             logger.info("Redis reachable again")
@@ -204,13 +210,17 @@ class RedisCallState:
         fields.update(info)
         live = _LiveCall(call_uuid, tkey, fields)
         limit = tenant.max_concurrent_calls
+        skipping = time.monotonic() < self._skip_until
         try:
+            if skipping:
+                raise ConnectionError("Redis failed moments ago; not retried yet")
             ok = await self._admit(
                 keys=[self._set_key(tkey), self._call_key(call_uuid)],
                 args=[call_uuid, -1 if limit is None else limit, self.ttl_ms, *_flat(fields)],
             )
         except (RedisError, OSError, TimeoutError) as exc:
-            self._unavailable("admission", exc)
+            if not skipping:
+                self._unavailable("admission", exc)
             self.stats.degraded += 1
             log = logger.bind(call=call_uuid, tenant=tenant.name)
             if self.degrade == "closed":

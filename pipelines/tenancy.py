@@ -167,6 +167,7 @@ class Tenancy:
         )
         self.records: RecordWriter | None = None
         self.handler: TenancyCallHandler | None = None
+        self._closed = False
 
     async def start(self, sessions: CallSessions) -> TenancyCallHandler:
         """Start the stores and return the call handler wrapping ``sessions``."""
@@ -227,6 +228,9 @@ class Tenancy:
 
     async def close(self) -> None:
         """Flush call records, then close Redis and PostgreSQL (after the calls have ended)."""
+        if self._closed:
+            return
+        self._closed = True
         if self.records is not None:
             await self.records.close()
         await self.state.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator
 from typing import Literal
@@ -124,3 +125,29 @@ async def test_local_state_without_redis() -> None:
     assert [c["call_uuid"] for c in await s.active_calls(t)] == ["c2"]
     unlimited = tenant(None)
     assert all([(await s.admit(f"u{i}", unlimited, {})).allowed for i in range(50)])
+
+
+async def test_a_hung_redis_costs_one_timeout_not_one_per_call() -> None:
+    """Redis accepts but never answers: the first admission waits out the 0.5 s timeout,
+    the next calls degrade at once until a retry window has passed."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        held.append(w)
+
+    srv = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    s = RedisCallState(f"redis://127.0.0.1:{port}/0", degrade="open")
+    t = tenant(3)
+    costs = []
+    for i in range(4):
+        t0 = time.perf_counter()
+        got = await s.admit(f"c{i}", t, {})
+        costs.append(time.perf_counter() - t0)
+        assert got.allowed and got.degraded
+    assert 0.4 < costs[0] < 1.5 and max(costs[1:]) < 0.05
+    assert s.stats.errors == 1 and s.stats.degraded == 4
+    for w in held:
+        w.close()
+    srv.close()
+    await s.close()
