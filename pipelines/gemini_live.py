@@ -31,7 +31,6 @@ from typing import Any
 from google.genai.types import Content, HttpOptions, LiveServerMessage, Part
 from loguru import logger
 from pipecat.frames.frames import BotStoppedSpeakingFrame, Frame, InterruptionFrame
-from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.google.gemini_live.llm import GeminiLiveLLMService, GeminiVADParams
@@ -40,9 +39,12 @@ from pipeswitch.pipelines.compose import CallContext, CallPipeline, register_bui
 from pipeswitch.pipelines.openai_realtime import local_turn_aggregators
 from pipeswitch.pipelines.s2s_fallback import (
     ProviderRateAdapter,
+    S2SFallback,
     TransportPlayout,
     heard_words,
     s2s_instructions,
+    s2s_pipeline,
+    standby_cascade,
 )
 from pipeswitch.pipelines.services import ProviderUnavailable
 from pipeswitch.processors.tools import ReceptionistTools, register_tools, tools_schema
@@ -80,11 +82,23 @@ class ResumingGeminiService(GeminiLiveLLMService):
         self.heard_notes: list[str] = []
         self.resumptions = 0
         self.receptionist: ReceptionistTools | None = None
+        self.fallback: S2SFallback | None = None
 
     @property
     def connected(self) -> bool:
         """Whether a live session is up."""
         return self._session is not None
+
+    async def _connection_task_handler(self, config: Any) -> None:
+        # A refused or failed connect escapes Pipecat's connection task, which the task
+        # manager only logs: report it, so the call can fall back instead of going deaf.
+        try:
+            await super()._connection_task_handler(config)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not self._disconnecting:
+                await self.push_error(error_msg=f"Gemini Live connection failed: {exc}")
 
     # -- the caller speaks first --------------------------------------------------------
 
@@ -251,23 +265,21 @@ def make_gemini_live(ctx: CallContext) -> ResumingGeminiService:
 
 
 async def build_gemini_live(ctx: CallContext) -> CallPipeline:
-    """Compose the Gemini Live pipeline for one call."""
+    """Compose the Gemini Live pipeline for one call (with the cascade on standby)."""
     llm = await asyncio.to_thread(make_gemini_live, ctx)
     context = LLMContext()
     llm.receptionist = register_tools(llm, context, None, ctx.tenant, ctx.call.call_uuid)
-    # Gemini reports no turn starts/stops: Silero tracks the caller's turns either way.
-    aggregators = local_turn_aggregators(ctx, context)
-    pipeline = Pipeline(
-        [
-            ctx.transport.input(),
-            aggregators.user(),
-            ProviderRateAdapter(GEMINI_INPUT_RATE),
-            llm,
-            ctx.transport.output(),
-            aggregators.assistant(),
-            ctx.heard_context(context),
-        ]
+    pipeline, fallback = s2s_pipeline(
+        ctx,
+        context=context,
+        # Gemini reports no turn starts/stops: Silero tracks the caller's turns either way.
+        rt_pair=local_turn_aggregators(ctx, context),
+        edge=[ProviderRateAdapter(GEMINI_INPUT_RATE)],
+        llm=llm,
+        connected=lambda: llm.connected,
+        cascade=await standby_cascade(ctx, context),
     )
+    llm.fallback = fallback
     return CallPipeline(pipeline, context, parts={"llm": llm})
 
 

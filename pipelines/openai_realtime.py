@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 from loguru import logger
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
-from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
@@ -41,8 +40,11 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipeswitch.pipelines.compose import CallContext, CallPipeline, register_builder
 from pipeswitch.pipelines.s2s_fallback import (
     ProviderRateAdapter,
+    S2SFallback,
     TransportPlayout,
     s2s_instructions,
+    s2s_pipeline,
+    standby_cascade,
 )
 from pipeswitch.pipelines.services import ProviderUnavailable
 from pipeswitch.processors.barge_in import BargeInStartStrategy
@@ -75,6 +77,8 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
         self.truncations: list[TruncationFact] = []
         # The call's receptionist tools (what they did), when the tenant enables any.
         self.receptionist: ReceptionistTools | None = None
+        # The call's switch to the cascade, when the tenant has one to fall back to.
+        self.fallback: S2SFallback | None = None
 
     @property
     def connected(self) -> bool:
@@ -95,6 +99,21 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
                 await self._create_response()
             return
         await super()._handle_context(context, direction)
+
+    async def _receive_task_handler(self) -> None:
+        # Pipecat's receive loop ends silently when the provider drops the connection
+        # (or raises on a malformed event, which the task manager only logs): report it
+        # as an error, so the call can fall back instead of going deaf.
+        try:
+            await super()._receive_task_handler()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not self._disconnecting:
+                await self.push_error(error_msg=f"OpenAI Realtime connection failed: {exc}")
+            return
+        if not self._disconnecting and self._websocket is not None:
+            await self.push_error(error_msg="OpenAI Realtime closed the connection")
 
     async def _handle_evt_audio_delta(self, evt: Any) -> None:
         if self._current_audio_response is None:
@@ -176,6 +195,8 @@ def local_turn_aggregators(ctx: CallContext, context: LLMContext) -> LLMContextA
     t = ctx.tenant.turns
     return LLMContextAggregatorPair(
         context,
+        # Explicit: with the cascade on standby the service's metadata stays in its branch.
+        realtime_service_mode=True,
         user_params=LLMUserAggregatorParams(
             vad_analyzer=ctx.vad(),
             user_turn_strategies=UserTurnStrategies(
@@ -194,29 +215,26 @@ def local_turn_aggregators(ctx: CallContext, context: LLMContext) -> LLMContextA
 def s2s_aggregators(ctx: CallContext, context: LLMContext) -> LLMContextAggregatorPair:
     """Server VAD: the service proposes turns. Local: Silero with the barge-in gate."""
     if ctx.tenant.providers.turn_detection != "local":
-        return LLMContextAggregatorPair(context)
+        return LLMContextAggregatorPair(context, realtime_service_mode=True)
     return local_turn_aggregators(ctx, context)
 
 
 async def build_openai_realtime(ctx: CallContext) -> CallPipeline:
-    """Compose the OpenAI Realtime pipeline for one call."""
+    """Compose the OpenAI Realtime pipeline for one call (with the cascade on standby)."""
     schema = tools_schema(ctx.tenant.tools) if ctx.tenant.tools.enabled else None
     llm = await asyncio.to_thread(make_openai_realtime, ctx, schema)
     context = LLMContext()
-    tools = register_tools(llm, context, None, ctx.tenant, ctx.call.call_uuid)
-    aggregators = s2s_aggregators(ctx, context)
-    pipeline = Pipeline(
-        [
-            ctx.transport.input(),
-            aggregators.user(),
-            ProviderRateAdapter(OPENAI_REALTIME_RATE),
-            llm,
-            ctx.transport.output(),
-            aggregators.assistant(),
-            ctx.heard_context(context),
-        ]
+    llm.receptionist = register_tools(llm, context, None, ctx.tenant, ctx.call.call_uuid)
+    pipeline, fallback = s2s_pipeline(
+        ctx,
+        context=context,
+        rt_pair=s2s_aggregators(ctx, context),
+        edge=[ProviderRateAdapter(OPENAI_REALTIME_RATE)],
+        llm=llm,
+        connected=lambda: llm.connected,
+        cascade=await standby_cascade(ctx, context),
     )
-    llm.receptionist = tools
+    llm.fallback = fallback
     return CallPipeline(pipeline, context, parts={"llm": llm})
 
 

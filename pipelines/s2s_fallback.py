@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -28,14 +28,25 @@ from pipecat.frames.frames import (
     ErrorFrame,
     Frame,
     InputAudioRawFrame,
+    ManuallySwitchServiceFrame,
+    StartFrame,
     TTSSpeakFrame,
 )
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.service_switcher import ServiceSwitcher, ServiceSwitcherStrategyManual
 from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.services.llm_service import LLMService
+from pipecat.services.stt_service import STTService
+from pipecat.services.tts_service import TTSService
 
+from pipeswitch.pipelines.services import ProviderUnavailable
+from pipeswitch.processors.tools import register_tools
 from pipeswitch.transports.resample import StreamResampler
 
 if TYPE_CHECKING:
+    from pipeswitch.pipelines.compose import CallContext
     from pipeswitch.transports.transport import FreeSwitchCallTransport
 
 
@@ -131,59 +142,33 @@ class FallbackEvent:
 
     reason: str
     failed_at: float
-    switched_at: float | None = None
-    # Seconds from the failure being noticed to the apology's first audio on the socket.
+    # Seconds from the failure being noticed to the cascade's first audio on the socket
+    # (the apology), or to the switch itself when there was nothing to apologise for.
     switch_secs: float | None = None
+    apologized: bool = False
     messages_carried: int = 0
 
 
-@dataclass
-class FallbackState:
-    """Per-call fallback record (kept on the CallPipeline's parts for tests and the bench)."""
+class CascadeEntry(FrameProcessor):
+    """Head of the standby cascade branch: where the apology is spoken from."""
 
-    events: list[FallbackEvent] = field(default_factory=list)
+    async def say(self, text: str) -> None:
+        """Speak ``text`` through the cascade's TTS."""
+        await self.push_frame(TTSSpeakFrame(text))
 
-    @property
-    def fell_back(self) -> bool:
-        """Whether the call is now on the cascade."""
-        return bool(self.events)
-
-
-def carry_conversation(source: LLMContext, target: LLMContext) -> int:
-    """Copy the conversation (user/assistant text turns) into the cascade's context.
-
-    Only plain text turns travel: provider-specific items (audio, tool envelopes)
-    mean nothing to another LLM. Returns how many messages were carried.
-    """
-    n = 0
-    for m in source.get_messages():
-        if not isinstance(m, dict):
-            continue
-        role = m.get("role")
-        content = m.get("content")
-        if role in ("user", "assistant") and isinstance(content, str) and content.strip():
-            target.add_message({"role": role, "content": content})  # type: ignore[arg-type]
-            n += 1
-        elif role in ("user", "assistant") and isinstance(content, list):
-            text = " ".join(
-                str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("text")
-            ).strip()
-            if text:
-                target.add_message({"role": role, "content": text})  # type: ignore[arg-type]
-                n += 1
-    return n
-
-
-FailureCallback = Callable[[str], Awaitable[None]]
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
 
 
 class S2SFailureWatch(FrameProcessor):
     """Notices the speech-to-speech provider failing and reports it once.
 
-    Sits right after the provider service: the service's ``ErrorFrame`` (connect
-    refused, connection dropped, malformed event) travels upstream through it.
-    A connect budget also counts as a failure: no provider session within
-    ``connect_timeout_secs`` of the pipeline starting.
+    Sits right before the provider service, so the service's ``ErrorFrame``
+    (connect refused, connection dropped, malformed event) travels upstream
+    through it; it is consumed here: the call goes on, on the cascade. Not
+    connecting within ``connect_timeout_secs`` of the pipeline starting is a
+    failure too.
     """
 
     def __init__(
@@ -198,27 +183,22 @@ class S2SFailureWatch(FrameProcessor):
         self._on_failure = on_failure
         self._connect_timeout = connect_timeout_secs
         self._connected = connected
-        self._failed = False
+        self.failed = False
         self._watch: asyncio.Task[None] | None = None
-
-    def start_watch(self) -> None:
-        """Start the connect budget (called when the pipeline starts)."""
-        if self._watch is None:
-            self._watch = asyncio.ensure_future(self._budget())
 
     async def _budget(self) -> None:
         deadline = time.monotonic() + self._connect_timeout
-        while time.monotonic() < deadline:
-            if self._connected() or self._failed:
+        while time.monotonic() < deadline:  # noqa: ASYNC110
+            if self._connected() or self.failed:
                 return
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # bounded by the connect budget
         await self.fail(f"no provider session within {self._connect_timeout:.1f}s")
 
     async def fail(self, reason: str) -> None:
         """Report the failure (once)."""
-        if self._failed:
+        if self.failed:
             return
-        self._failed = True
+        self.failed = True
         await self._on_failure(reason)
 
     async def cleanup(self) -> None:
@@ -229,17 +209,173 @@ class S2SFailureWatch(FrameProcessor):
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         if isinstance(frame, ErrorFrame) and direction is FrameDirection.UPSTREAM:
-            await self.push_frame(frame, direction)
-            await self.fail(str(frame.error)[:200])
+            await self.fail(str(frame.error)[:300])
             return
-        if self._watch is None:
-            self.start_watch()
+        if isinstance(frame, StartFrame) and self._watch is None:
+            self._watch = asyncio.ensure_future(self._budget())
         await self.push_frame(frame, direction)
 
 
-def apology_frame(text: str) -> TTSSpeakFrame:
-    """The short apology the cascade speaks when it takes over."""
-    return TTSSpeakFrame(text)
+FailureCallback = Callable[[str], Awaitable[None]]
 
 
-log = logger
+class S2SFallback:
+    """Moves one call from its speech-to-speech branch to its cascade branch."""
+
+    def __init__(
+        self,
+        *,
+        head: ServiceSwitcher[Any],
+        tail: ServiceSwitcher[Any],
+        cascade: FrameProcessor,
+        cascade_tail: FrameProcessor,
+        entry: CascadeEntry,
+        context: LLMContext,
+        playout: TransportPlayout,
+        apology: str,
+        log: Any,
+    ) -> None:
+        self._head = head
+        self._tail = tail
+        self._cascade = cascade
+        self._cascade_tail = cascade_tail
+        self._entry = entry
+        self._context = context
+        self._playout = playout
+        self._apology = apology
+        self._log = log
+        self.events: list[FallbackEvent] = []
+        self._measure: asyncio.Task[None] | None = None
+
+    @property
+    def fell_back(self) -> bool:
+        """Whether the call is now on the cascade."""
+        return bool(self.events)
+
+    async def on_failure(self, reason: str) -> None:
+        """The provider failed: switch both halves, apologise if the caller was mid-talk."""
+        if self.events:
+            return
+        event = FallbackEvent(reason=reason, failed_at=time.monotonic())
+        self.events.append(event)
+        # The context is shared by both branches' aggregators: the conversation so far is
+        # already the cascade's. Count what it carries, for the record.
+        event.messages_carried = sum(
+            1
+            for m in self._context.get_messages()
+            if isinstance(m, dict) and m.get("role") in ("user", "assistant")
+        )
+        self._log.warning(
+            "speech-to-speech provider failed ({}); continuing on the cascade", reason
+        )
+        await self._head.queue_frame(ManuallySwitchServiceFrame(service=self._cascade))
+        await self._tail.queue_frame(ManuallySwitchServiceFrame(service=self._cascade_tail))
+        caller_spoke = any(
+            isinstance(m, dict) and m.get("role") == "user" for m in self._context.get_messages()
+        )
+        if caller_spoke and self._apology:
+            event.apologized = True
+            before = self._playout.written_secs()
+            await self._entry.say(self._apology)
+            self._measure = asyncio.ensure_future(self._time_switch(event, before))
+        else:
+            event.switch_secs = time.monotonic() - event.failed_at
+
+    async def _time_switch(self, event: FallbackEvent, before: float) -> None:
+        deadline = event.failed_at + 10.0
+        while time.monotonic() < deadline:  # noqa: ASYNC110
+            if self._playout.written_secs() > before:
+                event.switch_secs = time.monotonic() - event.failed_at
+                self._log.info(
+                    "fallback: cascade speaking {:.0f} ms after the failure",
+                    event.switch_secs * 1000,
+                )
+                return
+            await asyncio.sleep(0.005)  # bounded: measuring the switch for the record
+
+
+def s2s_pipeline(
+    ctx: CallContext,
+    *,
+    context: LLMContext,
+    rt_pair: LLMContextAggregatorPair,
+    edge: list[FrameProcessor],
+    llm: LLMService[Any],
+    connected: Callable[[], bool],
+    cascade: tuple[STTService, LLMService[Any], TTSService] | None,
+) -> tuple[Pipeline, S2SFallback | None]:
+    """The call's pipeline: the S2S branch alone, or S2S with the cascade on standby.
+
+    With a cascade, two ``ServiceSwitcher``s (Pipecat's; switched together) route
+    frames either to [S2S user aggregator, edge, watch, S2S service] or to [STT,
+    cascade user aggregator, LLM, TTS] before the output transport, and to the
+    matching assistant aggregator after it. Both aggregator pairs write one shared
+    ``LLMContext``, so the cascade starts with the conversation so far.
+    """
+    t = ctx.transport
+    if cascade is None:
+        pipeline = Pipeline(
+            [
+                t.input(),
+                rt_pair.user(),
+                *edge,
+                llm,
+                t.output(),
+                rt_pair.assistant(),
+                ctx.heard_context(context),
+            ]
+        )
+        return pipeline, None
+    stt, llm_c, tts = cascade
+    pair_c = ctx.context_aggregators(context)
+    entry = CascadeEntry()
+    log = logger.bind(call=ctx.call.call_uuid, tenant=ctx.tenant.name)
+    holder: list[S2SFallback] = []
+
+    async def on_failure(reason: str) -> None:
+        await holder[0].on_failure(reason)
+
+    p = ctx.tenant.providers
+    watch = S2SFailureWatch(
+        on_failure, connect_timeout_secs=p.s2s_connect_timeout_secs, connected=connected
+    )
+    s2s_branch = Pipeline([rt_pair.user(), *edge, watch, llm])
+    cascade_branch = Pipeline([entry, stt, pair_c.user(), ctx.caller_audio_sink(), llm_c, tts])
+    head: ServiceSwitcher[Any] = ServiceSwitcher(
+        [s2s_branch, cascade_branch], strategy_type=ServiceSwitcherStrategyManual
+    )
+    tail_rt = Pipeline([rt_pair.assistant(), ctx.heard_context(context)])
+    tail_c = Pipeline([pair_c.assistant(), ctx.heard_context(context)])
+    tail: ServiceSwitcher[Any] = ServiceSwitcher(
+        [tail_rt, tail_c], strategy_type=ServiceSwitcherStrategyManual
+    )
+    fallback = S2SFallback(
+        head=head,
+        tail=tail,
+        cascade=cascade_branch,
+        cascade_tail=tail_c,
+        entry=entry,
+        context=context,
+        playout=TransportPlayout(t),
+        apology=p.s2s_apology,
+        log=log,
+    )
+    holder.append(fallback)
+    return Pipeline([t.input(), head, t.output(), tail]), fallback
+
+
+async def standby_cascade(
+    ctx: CallContext, context: LLMContext
+) -> tuple[STTService, LLMService[Any], TTSService] | None:
+    """The tenant's cascade services for fallback, or None (disabled or unavailable)."""
+    if not ctx.tenant.providers.s2s_fallback:
+        return None
+    try:
+        stt, llm_c = await ctx.services.stt_and_llm()
+    except ProviderUnavailable as exc:
+        logger.bind(call=ctx.call.call_uuid, tenant=ctx.tenant.name).warning(
+            "no cascade to fall back to: {}", exc
+        )
+        return None
+    register_tools(llm_c, context, None, ctx.tenant, ctx.call.call_uuid)
+    return stt, llm_c, ctx.services.tts()

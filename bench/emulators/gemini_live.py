@@ -54,7 +54,13 @@ from pipeswitch.bench.emulators.openai_chat import (
     default_reply,
     keyword_script,
 )
-from pipeswitch.bench.emulators.openai_realtime import EnergyVAD, SpeechSynth, tone_speech
+from pipeswitch.bench.emulators.openai_realtime import (
+    EnergyVAD,
+    SpeechStream,
+    SpeechSynth,
+    heard_from_timeline,
+    tone_speech,
+)
 
 # gemini-3.1-flash-live (minimal thinking) voice-to-voice median 1,632 ms (aiewf-eval,
 # 30 turns, server VAD). No first-audio split is published: the server-VAD share
@@ -303,6 +309,7 @@ class _Conn:
         self.turn_task: asyncio.Task[None] | None = None
         self.current: TurnRecord | None = None
         self.pending_tool: asyncio.Future[dict[str, Any]] | None = None
+        self.stream: SpeechStream | None = None
         self.session_audio_ms = 0
         self.stalled = False
         self.closing = False
@@ -443,11 +450,10 @@ class _Conn:
             await self.send({"serverContent": {"interrupted": True}})
 
     def remember_heard(self, turn: TurnRecord) -> None:
-        # The server only knows what it generated; the client tells it what was heard.
-        if turn.audio_ms_total and turn.text:
-            words = turn.text.split()
-            n = int(len(words) * turn.audio_ms_sent / turn.audio_ms_total)
-            self.conv.messages.append({"role": "assistant", "content": " ".join(words[:n])})
+        # The server keeps what it generated; the client tells it what was heard.
+        if self.stream is not None and turn.text:
+            said = heard_from_timeline(self.stream.timeline, turn.audio_ms_sent)
+            self.conv.messages.append({"role": "assistant", "content": said})
 
     async def caller_stopped(self) -> None:
         transcript = self.transcript()
@@ -545,63 +551,70 @@ class _Conn:
             delay = self.emu.ttfa.sample_s()
         text = str(reply) if not isinstance(reply, ToolCall) else "Done."
         rec.text = text
-        pcm_task = asyncio.ensure_future(self.emu.speech(text, OUTPUT_RATE))
-        await asyncio.sleep(delay)
-        pcm = await pcm_task
-        await self.speak(rec, text, pcm)
+        stream = SpeechStream(self.emu.speech, text, OUTPUT_RATE)
+        self.stream = stream
+        try:
+            await asyncio.sleep(delay)
+            await self.speak(rec, text, stream)
+        finally:
+            stream.cancel()
 
-    async def speak(self, rec: TurnRecord, text: str, pcm: bytes) -> None:
+    async def speak(self, rec: TurnRecord, text: str, stream: SpeechStream) -> None:
         chunk = OUTPUT_RATE * 2 // 10
-        total = len(pcm)
-        rec.audio_ms_total = total * 1000 // (2 * OUTPUT_RATE)
-        words = text.split()
-        words_sent = 0
         start = time.monotonic()
         f = self.faults
-        for off in range(0, total, chunk):
-            piece = pcm[off : off + chunk]
-            if rec.first_audio_at is None:
-                rec.first_audio_at = time.monotonic()
-            await self.send(
-                {
-                    "serverContent": {
-                        "modelTurn": {
-                            "parts": [
-                                {
-                                    "inlineData": {
-                                        "mimeType": f"audio/pcm;rate={OUTPUT_RATE}",
-                                        "data": base64.b64encode(piece).decode(),
-                                    }
-                                }
-                            ]
-                        }
-                    }
-                }
-            )
-            ms = len(piece) * 1000 // (2 * OUTPUT_RATE)
-            rec.audio_ms_sent += ms
-            self.session_audio_ms += ms
-            due = int(len(words) * min(1.0, (off + len(piece)) / total))
-            if due > words_sent:
-                delta = " ".join(words[words_sent:due])
+        first_word = True
+        async for sentence, pcm in stream:
+            total = len(pcm)
+            rec.audio_ms_total += total * 1000 // (2 * OUTPUT_RATE)
+            words = sentence.split()
+            words_sent = 0
+            for off in range(0, total, chunk):
+                piece = pcm[off : off + chunk]
+                if rec.first_audio_at is None:
+                    rec.first_audio_at = time.monotonic()
+                    start = rec.first_audio_at
                 await self.send(
                     {
                         "serverContent": {
-                            "outputTranscription": {"text": (" " if words_sent else "") + delta}
+                            "modelTurn": {
+                                "parts": [
+                                    {
+                                        "inlineData": {
+                                            "mimeType": f"audio/pcm;rate={OUTPUT_RATE}",
+                                            "data": base64.b64encode(piece).decode(),
+                                        }
+                                    }
+                                ]
+                            }
                         }
                     }
                 )
-                words_sent = due
-            if (
-                f is not None
-                and f.drop_after_audio_ms is not None
-                and (self.session_audio_ms >= f.drop_after_audio_ms)
-            ):
-                self.abort(f"dropped after {self.session_audio_ms} ms of audio")
-                return
-            wait = start + rec.audio_ms_sent / 1000 / self.emu.audio_speed - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+                ms = len(piece) * 1000 // (2 * OUTPUT_RATE)
+                rec.audio_ms_sent += ms
+                self.session_audio_ms += ms
+                due = int(len(words) * min(1.0, (off + len(piece)) / total))
+                if due > words_sent:
+                    delta = " ".join(words[words_sent:due])
+                    await self.send(
+                        {
+                            "serverContent": {
+                                "outputTranscription": {"text": ("" if first_word else " ") + delta}
+                            }
+                        }
+                    )
+                    first_word = False
+                    words_sent = due
+                if (
+                    f is not None
+                    and f.drop_after_audio_ms is not None
+                    and (self.session_audio_ms >= f.drop_after_audio_ms)
+                ):
+                    self.abort(f"dropped after {self.session_audio_ms} ms of audio")
+                    return
+                wait = start + rec.audio_ms_sent / 1000 / self.emu.audio_speed - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
         self.conv.messages.append({"role": "assistant", "content": text})
         rec.status = "completed"
         await self.send({"serverContent": {"generationComplete": True}})

@@ -37,9 +37,10 @@ import base64
 import contextlib
 import dataclasses
 import json
+import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +107,68 @@ def wav_data(wav: bytes) -> bytes:
     """The PCM of a WAV's ``data`` chunk (Piper streams WAVs with unset sizes)."""
     i = wav.find(b"data", 12)
     return wav[i + 8 :] if i >= 0 else wav[44:]
+
+
+_SENTENCE_RE = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences, so long replies stream: the first is synthesized and sent first."""
+    return [p for p in _SENTENCE_RE.split(text.strip()) if p]
+
+
+class SpeechStream:
+    """A reply's audio, synthesized sentence by sentence ahead of sending.
+
+    ``timeline`` holds ``(start_ms, duration_ms, sentence)`` for what was produced,
+    so what a given ``audio_end_ms`` covered can be told in words.
+    """
+
+    def __init__(self, synth: SpeechSynth, text: str, rate: int) -> None:
+        self.rate = rate
+        self.sentences = split_sentences(text) or [text]
+        self.timeline: list[tuple[int, int, str]] = []
+        self._queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        self._task = asyncio.ensure_future(self._produce(synth))
+
+    async def _produce(self, synth: SpeechSynth) -> None:
+        try:
+            for sentence in self.sentences:
+                await self._queue.put((sentence, await synth(sentence, self.rate)))
+        finally:
+            await self._queue.put(None)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]:
+        start = 0
+        while (item := await self._queue.get()) is not None:
+            sentence, pcm = item
+            dur = len(pcm) * 1000 // (2 * self.rate)
+            self.timeline.append((start, dur, sentence))
+            start += dur
+            yield item
+
+    def cancel(self) -> None:
+        """Stop synthesizing (the reply was cut)."""
+        self._task.cancel()
+
+    def heard(self, end_ms: int) -> str:
+        """The words covered by the first ``end_ms`` of the reply's audio."""
+        return heard_from_timeline(self.timeline, end_ms)
+
+
+def heard_from_timeline(timeline: list[tuple[int, int, str]], end_ms: int) -> str:
+    """Whole sentences before ``end_ms``, then the covered share of the one it cuts."""
+    out: list[str] = []
+    for start, dur, sentence in timeline:
+        if end_ms >= start + dur:
+            out.append(sentence)
+        elif end_ms > start and dur > 0:
+            words = sentence.split()
+            out.extend(words[: int(len(words) * (end_ms - start) / dur)])
+            break
+        else:
+            break
+    return " ".join(out)
 
 
 class EnergyVAD:
@@ -413,7 +476,7 @@ class _Conn:
         self.response_task: asyncio.Task[None] | None = None
         self.current: ResponseRecord | None = None
         self.audio_sent_by_item: dict[str, int] = {}
-        self.text_by_item: dict[str, str] = {}
+        self.timeline_by_item: dict[str, list[tuple[int, int, str]]] = {}
         self.session_audio_ms = 0
         self.stalled = False
         self.pending_user_item: str | None = None
@@ -584,12 +647,7 @@ class _Conn:
         item_id = str(evt.get("item_id", ""))
         end_ms = int(evt.get("audio_end_ms", 0))
         sent = self.audio_sent_by_item.get(item_id)
-        text = self.text_by_item.get(item_id, "")
-        total = next((r.audio_ms_total for r in self.rec.responses if r.item_id == item_id), 0)
-        heard = text
-        if total > 0 and text:
-            words = text.split()
-            heard = " ".join(words[: int(len(words) * min(1.0, end_ms / total))])
+        heard = heard_from_timeline(self.timeline_by_item.get(item_id, []), end_ms)
         self.rec.truncations.append(
             TruncateRecord(
                 item_id=item_id,
@@ -765,10 +823,12 @@ class _Conn:
             return
         text = str(reply)
         rec.text = text
-        pcm_task = asyncio.ensure_future(self.emu.speech(text, REALTIME_RATE))
-        await asyncio.sleep(delay)
-        pcm = await pcm_task
-        await self.speak(rec, text, pcm)
+        stream = SpeechStream(self.emu.speech, text, REALTIME_RATE)
+        try:
+            await asyncio.sleep(delay)
+            await self.speak(rec, text, stream)
+        finally:
+            stream.cancel()
 
     async def function_calls(self, rec: ResponseRecord, calls: list[ToolCall]) -> None:
         outputs: list[dict[str, Any]] = []
@@ -847,7 +907,7 @@ class _Conn:
             }
         )
 
-    async def speak(self, rec: ResponseRecord, text: str, pcm: bytes) -> None:
+    async def speak(self, rec: ResponseRecord, text: str, stream: SpeechStream) -> None:
         item_id = rec.item_id
         prev = self.items[-1]["id"] if self.items else None
         item = {
@@ -878,57 +938,61 @@ class _Conn:
             }
         )
         self.items.append({**item, "content": [{"type": "output_audio", "transcript": text}]})
-        self.text_by_item[item_id] = text
+        self.timeline_by_item[item_id] = stream.timeline
         self.audio_sent_by_item[item_id] = 0
         chunk = REALTIME_RATE * 2 // 10  # 100 ms
-        total = len(pcm)
-        rec.audio_ms_total = total * 1000 // (2 * REALTIME_RATE)
-        words = text.split()
-        words_sent = 0
         start = time.monotonic()
         f = self.faults
-        for off in range(0, total, chunk):
-            piece = pcm[off : off + chunk]
-            if rec.first_audio_at is None:
-                rec.first_audio_at = time.monotonic()
-            await self.send(
-                {
-                    "type": "response.output_audio.delta",
-                    "response_id": rec.id,
-                    "item_id": item_id,
-                    "output_index": 0,
-                    "content_index": 0,
-                    "delta": base64.b64encode(piece).decode(),
-                }
-            )
-            ms = len(piece) * 1000 // (2 * REALTIME_RATE)
-            rec.audio_ms_sent += ms
-            self.session_audio_ms += ms
-            self.audio_sent_by_item[item_id] = rec.audio_ms_sent
-            due = int(len(words) * min(1.0, (off + len(piece)) / total))
-            if due > words_sent:
-                delta = " ".join(words[words_sent:due])
+        first_word = True
+        async for sentence, pcm in stream:
+            total = len(pcm)
+            rec.audio_ms_total += total * 1000 // (2 * REALTIME_RATE)
+            words = sentence.split()
+            words_sent = 0
+            for off in range(0, total, chunk):
+                piece = pcm[off : off + chunk]
+                if rec.first_audio_at is None:
+                    rec.first_audio_at = time.monotonic()
+                    start = rec.first_audio_at
                 await self.send(
                     {
-                        "type": "response.output_audio_transcript.delta",
+                        "type": "response.output_audio.delta",
                         "response_id": rec.id,
                         "item_id": item_id,
                         "output_index": 0,
                         "content_index": 0,
-                        "delta": (" " if words_sent else "") + delta,
+                        "delta": base64.b64encode(piece).decode(),
                     }
                 )
-                words_sent = due
-            if (
-                f is not None
-                and f.drop_after_audio_ms is not None
-                and self.session_audio_ms >= f.drop_after_audio_ms
-            ):
-                self.abort(f"dropped after {self.session_audio_ms} ms of audio")
-                return
-            wait = start + rec.audio_ms_sent / 1000 / self.emu.audio_speed - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+                ms = len(piece) * 1000 // (2 * REALTIME_RATE)
+                rec.audio_ms_sent += ms
+                self.session_audio_ms += ms
+                self.audio_sent_by_item[item_id] = rec.audio_ms_sent
+                due = int(len(words) * min(1.0, (off + len(piece)) / total))
+                if due > words_sent:
+                    delta = " ".join(words[words_sent:due])
+                    await self.send(
+                        {
+                            "type": "response.output_audio_transcript.delta",
+                            "response_id": rec.id,
+                            "item_id": item_id,
+                            "output_index": 0,
+                            "content_index": 0,
+                            "delta": ("" if first_word else " ") + delta,
+                        }
+                    )
+                    first_word = False
+                    words_sent = due
+                if (
+                    f is not None
+                    and f.drop_after_audio_ms is not None
+                    and self.session_audio_ms >= f.drop_after_audio_ms
+                ):
+                    self.abort(f"dropped after {self.session_audio_ms} ms of audio")
+                    return
+                wait = start + rec.audio_ms_sent / 1000 / self.emu.audio_speed - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
         common = {"response_id": rec.id, "item_id": item_id, "output_index": 0, "content_index": 0}
         await self.send({"type": "response.output_audio.done", **common})
         await self.send(
