@@ -37,7 +37,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -103,6 +102,24 @@ def level_db(pcm: bytes) -> float:
     return SILENCE_DB if ms <= 1.0 else 10.0 * math.log10(ms / (32768.0 * 32768.0))
 
 
+def frame_levels_db(pcm: bytes, rate: int, step_secs: float = 0.02) -> list[float]:
+    """RMS level (dBFS) of each ``step_secs`` piece of s16le audio (a short tail included)."""
+    a = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
+    step = max(1, int(rate * step_secs))
+    n = a.size // step
+    out: list[float] = []
+    if n:
+        ms = np.einsum("ij,ij->i", a[: n * step].reshape(n, step), a[: n * step].reshape(n, step))
+        ms = ms / step
+        out = [
+            SILENCE_DB if m <= 1.0 else 10.0 * math.log10(m / (32768.0 * 32768.0))
+            for m in ms.tolist()
+        ]
+    if a.size - n * step:
+        out.append(level_db(a[n * step :].astype("<i2").tobytes()))
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class EchoGuardParams:
     """Tunables; the defaults are what ``bench/echo.py`` measured (README).
@@ -110,29 +127,31 @@ class EchoGuardParams:
     Attributes:
         min_speech_secs: Speech over the bot needed before it counts as a barge-in.
         max_gap_secs: Quiet allowed inside that speech (between syllables).
-        echo_margin_db: How far above the estimated echo speech must be.
+        echo_margin_db: How far above the expected echo speech must be, at least.
+        spread_factor: ...and how many standard deviations of the echo's level
+            around its expectation (a line whose echo wanders needs more room).
         noise_margin_db: How far above the noise floor speech must be.
-        initial_erl_db: Echo return loss assumed before any is measured (cautious).
-        min_erl_db / max_erl_db: Bounds of the running ERL estimate.
-        erl_rise / erl_fall: Estimator step towards louder / quieter echo.
-        min_delay_secs / max_delay_secs: Echo delay window, covering the line's echo
-            path plus the transport's playout lead and the far end's buffering.
-        tail_secs: The bot counts as audible this long after its last audio.
+        initial_erl_db: Echo return loss assumed until the echo path is learnt.
+        max_lag_secs: Longest delay from a chunk's scheduled playout to its echo in
+            the caller's audio (transport lead + far-end buffering + the line's echo).
+        bot_active_db: Bot audio quieter than this teaches nothing about the echo.
+        learn_alpha: Weight of one frame in the running echo statistics.
+        learn_frames: Echo frames needed before the learnt path is trusted.
+        tail_secs: The bot counts as audible this long after its last echo could end.
         backchannel_window_secs: A transcript this soon after the bot was audible may
             be a backchannel.
     """
 
-    min_speech_secs: float = 0.2
+    min_speech_secs: float = 0.15
     max_gap_secs: float = 0.06
     echo_margin_db: float = 6.0
+    spread_factor: float = 2.0
     noise_margin_db: float = 12.0
     initial_erl_db: float = -6.0
-    min_erl_db: float = -40.0
-    max_erl_db: float = 0.0
-    erl_rise: float = 0.3
-    erl_fall: float = 0.03
-    min_delay_secs: float = 0.0
-    max_delay_secs: float = 0.3
+    max_lag_secs: float = 0.5
+    bot_active_db: float = -40.0
+    learn_alpha: float = 0.02
+    learn_frames: int = 40
     tail_secs: float = 0.1
     backchannel_window_secs: float = 1.5
 
@@ -158,23 +177,58 @@ class GuardStats:
     barge_in_at: list[float] = field(default_factory=list)
 
 
+_SLOT = 0.02  # the bot timeline's resolution
+
+
+class _LagStats:
+    """Running mean and spread of (caller level - bot level) at one candidate delay."""
+
+    __slots__ = ("mean", "n", "sq")
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.sq = 0.0
+        self.n = 0
+
+    def add(self, d: float, alpha: float) -> None:
+        if self.n == 0:
+            self.mean, self.sq = d, d * d
+        else:
+            a = max(alpha, 1.0 / (self.n + 1))
+            self.mean += a * (d - self.mean)
+            self.sq += a * (d * d - self.sq)
+        self.n += 1
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(0.0, self.sq - self.mean * self.mean))
+
+
 class EchoGuardCore:
     """Decides, frame by frame, whether caller audio over the bot is the caller.
 
+    The echo path is learnt, not assumed: the bot's levels on a 20 ms playout grid
+    are compared with the caller's levels at every candidate delay (0 to
+    ``max_lag_secs``); the delay at which their difference is steadiest is the echo
+    path, and the mean difference there is its return loss (ERL). Expected echo =
+    bot level one path-delay ago + ERL; speech must clear it by the margin. Until
+    the path is learnt, the loudest bot audio in the whole delay window and a
+    cautious ERL stand in.
+
     Times are the caller's clock (``time.monotonic()`` in the processors); nothing
-    here reads a clock. Cost per 20 ms frame: a scan of the bot segments inside the
-    echo window (a handful).
+    here reads a clock. Cost per 20 ms frame: one pass over the candidate delays.
     """
 
     def __init__(self, params: EchoGuardParams | None = None) -> None:
         """Start with no bot audio, a -60 dBFS floor and the cautious ERL."""
         self.p = params or EchoGuardParams()
-        self.erl_db = self.p.initial_erl_db
         self.noise_db = -60.0
         self.stats = GuardStats()
         self._play_until = -math.inf
-        # (start, end, level dB) of scheduled bot audio, oldest first
-        self._bot: deque[tuple[float, float, float]] = deque()
+        self._bot: dict[int, float] = {}  # slot -> bot level (dBFS)
+        self._n_lags = max(1, round(self.p.max_lag_secs / _SLOT)) + 1
+        self._lags = [_LagStats() for _ in range(self._n_lags)]
+        self._learnt = 0
         self._run = 0.0
         self._gap = 0.0
         self._held = False
@@ -187,49 +241,76 @@ class EchoGuardCore:
         """The bot sent ``secs`` of audio at ``level`` dBFS; it plays after what is queued."""
         start = max(now, self._play_until)
         self._play_until = start + secs
-        bot = self._bot
-        if bot and abs(bot[-1][2] - level) < 1.0 and abs(bot[-1][1] - start) < 1e-6:
-            s, _, lv = bot[-1]
-            bot[-1] = (s, self._play_until, max(lv, level))
-        else:
-            bot.append((start, self._play_until, level))
+        first = round(start / _SLOT)
+        last = round(self._play_until / _SLOT)
+        for slot in range(first, max(first + 1, last)):
+            self._bot[slot] = level
 
     def bot_interrupted(self, now: float) -> None:
         """Playback was cut: nothing more of the bot will play (its echo may linger)."""
-        bot = self._bot
-        while bot and bot[-1][0] >= now:
-            bot.pop()
-        if bot and bot[-1][1] > now:
-            s, _, lv = bot[-1]
-            bot[-1] = (s, now, lv)
-        self._play_until = now
+        cut = round(now / _SLOT)
+        for slot in [s for s in self._bot if s > cut]:
+            del self._bot[slot]
+        self._play_until = min(self._play_until, now)
 
-    def echo_reference(self, now: float, secs: float) -> float | None:
-        """Loudest bot level that can be echoing in the frame ending ``now`` (None: none)."""
-        lo = now - secs - self.p.max_delay_secs
-        hi = now - self.p.min_delay_secs
+    def _forget(self, now: float) -> None:
+        old = round(now / _SLOT) - self._n_lags - 50
+        if len(self._bot) > 4 * (self._n_lags + 50):
+            for slot in [s for s in self._bot if s < old]:
+                del self._bot[slot]
+
+    @property
+    def path(self) -> tuple[float, float, float] | None:
+        """The learnt echo path: (delay s, ERL dB, spread dB), or None while learning."""
+        if self._learnt < self.p.learn_frames:
+            return None
+        best = min(
+            (st for st in self._lags if st.n >= self.p.learn_frames // 2),
+            key=lambda st: st.std,
+            default=None,
+        )
+        if best is None:
+            return None
+        return self._lags.index(best) * _SLOT, best.mean, best.std
+
+    def expected_echo(self, now: float) -> float | None:
+        """The echo level expected in the caller frame ending ``now`` (None: no bot)."""
+        slot = round(now / _SLOT)
         bot = self._bot
-        while bot and bot[0][1] < lo - 1.0:
-            bot.popleft()
-        best: float | None = None
-        for s, e, lv in bot:
-            if s > hi:
-                break
-            if e >= lo and (best is None or lv > best):
-                best = lv
-        return best
+        path = self.path
+        if path is None:
+            levels = [bot[s] for s in range(slot - self._n_lags, slot + 1) if s in bot]
+            return max(levels) + self.p.initial_erl_db if levels else None
+        lag = round(path[0] / _SLOT)
+        levels = [bot[s] for s in range(slot - lag - 2, slot - lag + 3) if s in bot]
+        if not levels:
+            return None
+        return max(levels) + path[1] + max(0.0, self.p.spread_factor * path[2] - 3.0)
+
+    def _learn(self, now: float, level: float) -> None:
+        slot = round(now / _SLOT)
+        bot = self._bot
+        alpha = self.p.learn_alpha
+        active = self.p.bot_active_db
+        used = False
+        for lag, st in enumerate(self._lags):
+            b = bot.get(slot - lag)
+            if b is not None and b >= active:
+                st.add(level - b, alpha)
+                used = True
+        if used:
+            self._learnt += 1
 
     def bot_audible(self, now: float) -> bool:
         """Whether bot audio (or its echo tail) may be in the caller's leg now."""
-        return now < self._play_until + self.p.max_delay_secs + self.p.tail_secs
+        return now < self._play_until + self.p.max_lag_secs + self.p.tail_secs
 
     # -- caller side ----------------------------------------------------------
 
     def caller_frame(self, now: float, secs: float, level: float) -> Verdict:
         """Classify one caller frame of ``secs`` at ``level`` dBFS ending at ``now``."""
         p = self.p
-        ref = self.echo_reference(now, secs)
-        if ref is None and not self.bot_audible(now):
+        if not self.bot_audible(now):
             if self._held:
                 # The bot stopped while a candidate was pending: the caller is talking.
                 return self._confirm(now)
@@ -239,11 +320,13 @@ class EchoGuardCore:
                 self._track_noise(level)
             return Verdict.PASS
         self._last_audible = now
+        self._forget(now)
         if self._confirmed:
             return Verdict.PASS  # this barge-in goes on until the bot is silent
         self.stats.frames_over_bot += 1
-        echo = (ref if ref is not None else SILENCE_DB) + self.erl_db
-        threshold = max(self.noise_db + p.noise_margin_db, echo + p.echo_margin_db)
+        echo = self.expected_echo(now)
+        floor = self.noise_db + p.noise_margin_db
+        threshold = floor if echo is None else max(floor, echo + p.echo_margin_db)
         if level > threshold:
             if not self._held:
                 self.stats.candidates += 1
@@ -261,8 +344,7 @@ class EchoGuardCore:
             self._held = False
             self._run = self._gap = 0.0
             return Verdict.MUTE
-        if ref is not None:
-            self._track_erl(level - ref)
+        self._learn(now, level)
         return Verdict.MUTE
 
     def _confirm(self, now: float) -> Verdict:
@@ -273,22 +355,19 @@ class EchoGuardCore:
         self.stats.barge_in_at.append(now)
         return Verdict.BARGE_IN
 
-    def _track_erl(self, observed: float) -> None:
-        step = self.p.erl_rise if observed > self.erl_db else self.p.erl_fall
-        self.erl_db += step * (observed - self.erl_db)
-        self.erl_db = min(self.p.max_erl_db, max(self.p.min_erl_db, self.erl_db))
-
     def _track_noise(self, level: float) -> None:
         # Minimum tracking: drop at once to a quieter floor, creep up slowly.
-        self.noise_db = (
-            level if level < self.noise_db else self.noise_db + 0.02 * (level - self.noise_db)
-        )
+        if level < self.noise_db:
+            self.noise_db = level
+        else:
+            self.noise_db += 0.02 * (level - self.noise_db)
 
     # -- transcripts ----------------------------------------------------------
 
     def is_backchannel_now(self, now: float, text: str) -> bool:
         """A transcript that only acknowledges the bot, said while it was talking."""
-        recent = self.bot_audible(now) or now - self._last_audible <= self.p.backchannel_window_secs
+        window = self.p.backchannel_window_secs
+        recent = self.bot_audible(now) or now - self._last_audible <= window
         if recent and is_backchannel(text):
             self.stats.backchannels += 1
             return True
@@ -336,6 +415,11 @@ class EchoGuardInput(FrameProcessor):
         self._interrupt = interrupt
         self._held: list[InputAudioRawFrame] = []
 
+    @property
+    def core(self) -> EchoGuardCore:
+        """The call's decision core (its stats, for the call record and the bench)."""
+        return self._guard.core
+
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         """Caller audio through the gate; everything else unchanged."""
         await super().process_frame(frame, direction)
@@ -376,8 +460,12 @@ class EchoGuardReference(FrameProcessor):
         await super().process_frame(frame, direction)
         core = self._guard.core
         if isinstance(frame, OutputAudioRawFrame) and direction is FrameDirection.DOWNSTREAM:
-            secs = len(frame.audio) / (2 * frame.sample_rate * frame.num_channels)
-            core.bot_audio(_now(), secs, level_db(frame.audio))
+            now = _now()
+            rate = frame.sample_rate * frame.num_channels
+            pieces = frame_levels_db(frame.audio, rate)
+            total = len(frame.audio) / (2 * rate)
+            for k, lv in enumerate(pieces):
+                core.bot_audio(now, min(0.02, total - 0.02 * k), lv)
         elif isinstance(frame, InterruptionFrame):
             core.bot_interrupted(_now())
         elif isinstance(frame, TranscriptionFrame) and core.is_backchannel_now(_now(), frame.text):

@@ -43,6 +43,12 @@ from typing import IO, Any
 from aiohttp import web
 
 from pipeswitch.bench.emulators.deepgram import DeepgramEmulator, DeepgramFaults, DeepgramSettings
+from pipeswitch.bench.emulators.elevenlabs_convai import (
+    CONVAI_RESPONSE,
+    ConvAIFaults,
+    ConvAISettings,
+    ElevenLabsConvAIEmulator,
+)
 from pipeswitch.bench.emulators.latency import DEEPGRAM_TTFS, GROQ_TTFT, LatencyModel
 from pipeswitch.bench.emulators.openai_chat import ChatFaults, ChatScript, OpenAIChatEmulator
 from pipeswitch.bench.emulators.scripts import resolve_llm_script, resolve_stt_script
@@ -75,6 +81,12 @@ class EmulatorConfig:
     deepgram: DeepgramSettings = field(default_factory=DeepgramSettings)
     deepgram_faults: DeepgramFaults = field(default_factory=DeepgramFaults)
     llm_faults: ChatFaults = field(default_factory=ChatFaults)
+    # ElevenLabs Agents (ConvAI) emulator: caller lines from the STT script.
+    elevenlabs_port: int = 0
+    convai: ConvAISettings = field(default_factory=ConvAISettings)
+    convai_faults: ConvAIFaults = field(default_factory=ConvAIFaults)
+    convai_response_median_ms: float = CONVAI_RESPONSE.median_ms
+    convai_response_p95_ms: float = CONVAI_RESPONSE.p95_ms
 
     def to_json(self) -> str:
         """Serialise for a child process; callables can't cross, so they raise."""
@@ -96,6 +108,8 @@ class EmulatorConfig:
         data["deepgram"] = DeepgramSettings(**data.get("deepgram", {}))
         data["deepgram_faults"] = DeepgramFaults(**data.get("deepgram_faults", {}))
         data["llm_faults"] = ChatFaults(**data.get("llm_faults", {}))
+        data["convai"] = ConvAISettings(**data.get("convai", {}))
+        data["convai_faults"] = ConvAIFaults(**data.get("convai_faults", {}))
         return cls(**data)
 
     def build(self) -> tuple[DeepgramEmulator, OpenAIChatEmulator]:
@@ -118,6 +132,18 @@ class EmulatorConfig:
         )
         return deepgram, openai
 
+    def build_convai(self) -> ElevenLabsConvAIEmulator:
+        """Create (not start) the ElevenLabs Agents emulator."""
+        seed = None if self.seed is None else self.seed + 2
+        return ElevenLabsConvAIEmulator(
+            settings=dataclasses.replace(self.convai, api_key=self.convai.api_key or self.api_key),
+            faults=dataclasses.replace(self.convai_faults),
+            response_latency=LatencyModel(
+                self.convai_response_median_ms, self.convai_response_p95_ms, seed
+            ),
+            user_lines=resolve_stt_script(self.stt_script),
+        )
+
 
 @dataclass
 class RunningEmulators:
@@ -128,6 +154,13 @@ class RunningEmulators:
     openai: OpenAIChatEmulator
     deepgram_port: int
     openai_port: int
+    convai: ElevenLabsConvAIEmulator | None = None
+    elevenlabs_port: int = 0
+
+    @property
+    def elevenlabs_url(self) -> str:
+        """``base_url`` for ``ElevenLabsAgentService`` (it appends ``/v1/convai/...``)."""
+        return f"ws://{self.host}:{self.elevenlabs_port}"
 
     @property
     def deepgram_url(self) -> str:
@@ -152,6 +185,8 @@ class RunningEmulators:
             "openai_base_url": self.openai_base_url,
             "deepgram_port": self.deepgram_port,
             "openai_port": self.openai_port,
+            "elevenlabs_url": self.elevenlabs_url,
+            "elevenlabs_port": self.elevenlabs_port,
         }
 
 
@@ -190,7 +225,12 @@ async def run_emulators(config: EmulatorConfig | None = None) -> AsyncIterator[R
         runners.append(dg_runner)
         oa_runner, oa_port = await _serve(openai.add_routes, cfg.host, cfg.openai_port)
         runners.append(oa_runner)
-        yield RunningEmulators(cfg.host, deepgram, openai, dg_port, oa_port)
+        convai = cfg.build_convai()
+        el_runner, el_port = await _serve(
+            convai.add_routes, cfg.host, cfg.elevenlabs_port, convai.close_all
+        )
+        runners.append(el_runner)
+        yield RunningEmulators(cfg.host, deepgram, openai, dg_port, oa_port, convai, el_port)
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
@@ -211,6 +251,7 @@ class EmulatorProcess:
         self.openai_base_url: str = info["openai_base_url"]
         self.deepgram_port: int = info["deepgram_port"]
         self.openai_port: int = info["openai_port"]
+        self.elevenlabs_url: str = info.get("elevenlabs_url", "")
         self._host: str = info["host"]
 
     @property

@@ -1,0 +1,433 @@
+"""Echo bench: does the bot's own voice, echoed by the phone line, interrupt it?
+
+A speech-to-speech call (ElevenLabs Agents pipeline against the ConvAI emulator,
+whose server VAD interrupts the agent on any caller energy, as the real one does)
+is placed by the FreeSWITCH emulator with an echo path on the caller's leg: the
+audio FreeSWITCH *played* to the caller comes back into the caller's audio
+``delay`` (40-120 ms) later, attenuated by the echo return loss (-10 to -25 dB),
+plus line noise. Per echo level, with the echo guard on and off:
+
+* **false interruptions**: the caller says nothing while the agent gives long
+  replies; every reply cut short (locally by the guard, or by the agent's own VAD)
+  is a false interruption. Reported per reply and per minute of bot speech.
+* **real barge-in stop time**: the caller talks over a reply (echo still on); the
+  time from the caller's speech onset (first voiced frame sent) to the last bot
+  audio received before playback stopped, on the wire.
+
+Run::
+
+    python -m pipeswitch.bench.echo --levels=-10,-15,-20,-25 --replies 2 --barge-ins 2
+
+It starts Piper (caller and agent speech) and the emulators in this process and
+writes ``bench/results/echo-<time>/echo.json`` and ``echo.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import random
+import statistics
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from pipeswitch.bench.emulators.elevenlabs_convai import (
+    ConvAISettings,
+    ConversationRecord,
+    ElevenLabsConvAIEmulator,
+    serve_convai,
+)
+from pipeswitch.bench.emulators.latency import LatencyModel
+from pipeswitch.bench.emulators.runner import EmulatorConfig, run_emulators
+from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
+
+AGENT = "agent_echo_bench"
+ASK_LONG = "Tell me everything about your office."
+BARGE_IN = "Sorry, can you hold on a second?"
+# ~14 s of speech per reply, so a false interruption has room to happen.
+REPLY = (
+    "Of course. Our main office is on Market Street, right next to the central library. "
+    "We open at nine in the morning and close at five in the afternoon, Monday to Friday. "
+    "On Saturdays a smaller team is in from ten until two. Parking is free for the first "
+    "hour, and there is a bus stop just outside the front door."
+)
+
+
+class EchoPath:
+    """The line's echo of what the caller hears, plus noise, added to the caller's audio."""
+
+    def __init__(
+        self, rate: int, erl_db: float, delay_s: float, noise_dbfs: float, seed: int = 0
+    ) -> None:
+        """``erl_db``: echo level relative to the played audio (negative)."""
+        self.gain = 10.0 ** (erl_db / 20.0)
+        self._line = np.zeros(int(delay_s * rate), dtype=np.float32)
+        self._rng = np.random.default_rng(seed)
+        self._noise = 32768.0 * 10.0 ** (noise_dbfs / 20.0)
+
+    def mix(self, caller: bytes, played: bytes) -> bytes:
+        """One frame of the caller's leg: their voice + the delayed echo + noise."""
+        p = np.frombuffer(played, dtype="<i2").astype(np.float32)
+        line = np.concatenate((self._line, p))
+        echo, self._line = line[: p.size], line[p.size :]
+        c = np.frombuffer(caller, dtype="<i2").astype(np.float32)
+        n = min(c.size, echo.size)
+        out = c[:n] + self.gain * echo[:n] + self._rng.normal(0.0, self._noise, n)
+        return np.clip(out, -32768, 32767).astype("<i2").tobytes()
+
+
+class EchoingStream(FakeSwitchStream):
+    """A mod_audio_stream stream whose caller leg carries the echo of its own playback."""
+
+    def __init__(self, config: StreamConfig, echo: EchoPath) -> None:
+        """Same as the emulator's stream; ``echo`` shapes the caller leg."""
+        super().__init__(config)
+        self.echo = echo
+
+    def _tick(self, k: int, t_tick: float) -> None:
+        played, write_active = self.playout.tick(t_tick)
+        frame, voiced = self._caller.next()
+        mixed = self.echo.mix(bytes(frame), played)
+        if self._attached and not self._paused:
+            self._bug.tick(k, t_tick, mixed, voiced, played, write_active)
+
+
+@dataclass
+class TrialResult:
+    """One echo level, one guard setting."""
+
+    erl_db: float
+    guard: bool
+    delay_ms: list[float] = field(default_factory=list)
+    replies: int = 0
+    replies_cut: int = 0
+    bot_speech_s: float = 0.0
+    guard_barge_ins: int = 0
+    server_interruptions: int = 0
+    barge_in_stop_ms: list[float] = field(default_factory=list)
+    barge_ins_missed: int = 0
+
+    @property
+    def false_per_min(self) -> float:
+        """False interruptions per minute of bot speech."""
+        return 60.0 * self.replies_cut / self.bot_speech_s if self.bot_speech_s else 0.0
+
+
+def _tenants() -> Any:
+    from pipeswitch.config.loaders import StaticTenantLoader
+    from pipeswitch.config.tenants import ProviderSettings, Tenant, TurnSettings
+
+    def t(name: str, guard: bool) -> Tenant:
+        return Tenant(
+            name=name,
+            pipeline="elevenlabs-agent",
+            first_message=None,
+            playback="json-stream",
+            providers=ProviderSettings(elevenlabs_agent_id=AGENT),
+            turns=TurnSettings(echo_guard=guard),
+        )
+
+    return StaticTenantLoader(
+        [Tenant(name="default"), t("echo-on.test", True), t("echo-off.test", False)],
+        default="default",
+    )
+
+
+@dataclass
+class Bench:
+    """The running server and emulator."""
+
+    app: Any
+    convai: ElevenLabsConvAIEmulator
+    http: aiohttp.ClientSession
+    speech: dict[str, bytes] = field(default_factory=dict)
+    guards: dict[str, Any] = field(default_factory=dict)
+
+    async def say(self, text: str, rate: int) -> bytes:
+        if text not in self.speech:
+            async with self.http.post(
+                self.app.endpoints.piper_for_rate(rate), json={"text": text, "voice": None}
+            ) as r:
+                r.raise_for_status()
+                wav = await r.read()
+            at = wav.find(b"data", 12)
+            a = np.frombuffer(wav[at + 8 :][: (len(wav) - at - 8) // 2 * 2], dtype="<i2")
+            idx = np.flatnonzero(np.abs(a) > 300)
+            self.speech[text] = a[idx[0] : idx[-1] + 1].tobytes() if idx.size else a.tobytes()
+        return self.speech[text]
+
+
+@asynccontextmanager
+async def running_bench() -> AsyncIterator[Bench]:
+    """Piper, the emulators and a Pipeswitch server with the two echo tenants."""
+    from pipeswitch.config.settings import Settings
+    from pipeswitch.pipelines import elevenlabs_agent  # noqa: F401  (registers the builder)
+    from pipeswitch.pipelines.app import Pipeswitch
+    from pipeswitch.pipelines.emulated import endpoints_for
+
+    convai = ElevenLabsConvAIEmulator(
+        settings=ConvAISettings(agent_ids=[AGENT], api_key="emulated", first_message=None),
+        response_latency=LatencyModel.constant(300),
+        user_lines=lambda turn: ASK_LONG,
+        script=lambda text, turn: REPLY if "office" in text else "Sure, take your time.",
+    )
+    runner, port = await serve_convai(convai)
+    try:
+        async with run_emulators(EmulatorConfig(seed=1)) as emu:
+            ep = dataclasses.replace(
+                endpoints_for(emu),
+                elevenlabs_url=f"ws://127.0.0.1:{port}",
+                elevenlabs_api_key="emulated",
+            )
+            settings = Settings(
+                host="127.0.0.1", port=0, providers="emulated", idle_timeout_secs=60
+            )
+            app = Pipeswitch(settings, loader=_tenants(), default_tenant="default", endpoints=ep)
+            await app.start()
+            convai.piper_url = app.endpoints.piper_url
+            # Synthesize the agent's replies now, so a reply starts 300 ms after the turn.
+            for text in (REPLY, "Sure, take your time."):
+                await convai.speech(text, 16000)
+            async with aiohttp.ClientSession() as http:
+                bench = Bench(app, convai, http)
+
+                async def _record_guard(record: Any, cp: Any) -> None:
+                    bench.guards[record.call.call_uuid] = cp.parts.get("echo_guard")
+
+                app.sessions.finished_hooks.append(_record_guard)
+                try:
+                    yield bench
+                finally:
+                    await app.stop(drain_secs=1.0)
+    finally:
+        await runner.cleanup()
+
+
+async def _wait_conversation(b: Bench, n: int) -> ConversationRecord:
+    for _ in range(300):
+        if len(b.convai.conversations) > n and b.convai.conversations[-1].init:
+            return b.convai.conversations[-1]
+        await asyncio.sleep(0.02)
+    raise RuntimeError("no agent conversation opened")
+
+
+async def _wait_reply_over(stream: FakeSwitchStream, started: float, timeout: float) -> None:
+    """Until bot audio has started after ``started`` and then paused for 1.2 s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        last = stream.last_bot_audio_at()
+        if last is not None and last > started and time.monotonic() - last > 1.2:
+            return
+
+
+async def _ask(stream: FakeSwitchStream, pcm: bytes) -> float:
+    stream.queue_caller_audio(pcm)
+    stream.queue_caller_silence(0.3)
+    await stream.wait_caller_drained(timeout_s=len(pcm) / 16000 + 3.0)
+    return time.monotonic()
+
+
+async def run_trial(
+    b: Bench,
+    erl_db: float,
+    guard: bool,
+    *,
+    rate: int,
+    replies: int,
+    barge_ins: int,
+    noise_dbfs: float,
+    seed: int,
+) -> TrialResult:
+    """False interruptions over ``replies`` long replies, then ``barge_ins`` real ones."""
+    rng = random.Random(seed)
+    res = TrialResult(erl_db=erl_db, guard=guard)
+    ask = await b.say(ASK_LONG, rate)
+    barge = await b.say(BARGE_IN, rate)
+    domain = "echo-on.test" if guard else "echo-off.test"
+    for i in range(replies + (barge_ins if guard else 0)):
+        delay = rng.uniform(0.04, 0.12)
+        res.delay_ms.append(round(delay * 1000, 1))
+        path = EchoPath(rate, erl_db, delay, noise_dbfs, seed=seed + i)
+        call_id = f"echo-{seed}-{i}"
+        url = f"ws://127.0.0.1:{b.app.port}/fs/{call_id}?rate={rate}&mix=mono&domain={domain}"
+        stream = EchoingStream(
+            StreamConfig(url=url, uuid=call_id, rate=rate, playback="voxcom"), path
+        )
+        n = len(b.convai.conversations)
+        await stream.start()
+        if not await stream.wait_connected(3.0):
+            raise RuntimeError("call did not connect")
+        try:
+            conv = await _wait_conversation(b, n)
+            asked = await _ask(stream, ask)
+            if i < replies:
+                await _wait_reply_over(stream, asked, timeout=40.0)
+                long_turns = [t for t in conv.agent_turns if t.text == REPLY]
+                res.replies += 1
+                res.server_interruptions += sum(
+                    1 for u in conv.user_turns if u.interrupted_event_id
+                )
+                cut = any(t.interrupted_at is not None for t in long_turns)
+                played = _bot_speech_secs(stream, asked, rate)
+                res.bot_speech_s += played
+                # Cut = interrupted at the agent, or (locally) a reply that did not all play.
+                full = len(b.convai._speech_cache.get((REPLY, 16000), b"")) / 32000
+                if cut or played < full - 1.0:
+                    res.replies_cut += 1
+            else:
+                first = None
+                while first is None and time.monotonic() - asked < 8.0:
+                    await asyncio.sleep(0.02)
+                    first = stream.first_bot_audio_received_after(asked)
+                if first is None:
+                    res.barge_ins_missed += 1
+                    continue
+                await asyncio.sleep(rng.uniform(1.5, 3.0))
+                # Talk over the bot, not into a pause between its sentences.
+                while (
+                    last := stream.last_bot_audio_at()
+                ) is None or time.monotonic() - last > 0.03:
+                    await asyncio.sleep(0.005)
+                sent_before = len(stream.sent_frames)
+                stream.queue_caller_audio(barge)
+                stream.queue_caller_silence(1.0)
+                onset = None
+                while onset is None:
+                    await asyncio.sleep(0.01)
+                    onset = next((f.t for f in stream.sent_frames[sent_before:] if f.voiced), None)
+                await asyncio.sleep(2.0)
+                stop = _stop_after(stream, onset)
+                if stop is None:
+                    res.barge_ins_missed += 1
+                else:
+                    res.barge_in_stop_ms.append(round((stop - onset) * 1000, 1))
+        finally:
+            await stream.hangup()
+        res.guard_barge_ins += await _guard_barge_ins(b, stream.uuid)
+    return res
+
+
+async def _guard_barge_ins(b: Bench, uuid: str) -> int:
+    """The echo guard's own count for a finished call (0 without a guard)."""
+    for _ in range(100):
+        if uuid in b.guards:
+            guard = b.guards.pop(uuid)
+            return 0 if guard is None else int(guard.core.stats.barge_ins)
+        await asyncio.sleep(0.02)
+    return 0
+
+
+def _bot_speech_secs(stream: FakeSwitchStream, after: float, rate: int) -> float:
+    _, rx = stream.received_audio()
+    return sum(a.nbytes for a in rx if a.t > after) / (2 * rate)
+
+
+def _stop_after(stream: FakeSwitchStream, onset: float, quiet_s: float = 0.7) -> float | None:
+    """The last bot audio received before it went quiet (``quiet_s``) after ``onset``.
+
+    Natural pauses between the bot's sentences are shorter than ``quiet_s``; the
+    agent's answer to the barge-in comes well after the caller has finished.
+    """
+    _, rx = stream.received_audio()
+    times = [a.t for a in rx if a.non_silent and a.t > onset - quiet_s]
+    if not times:
+        return None
+    for t, nxt in zip(times, times[1:], strict=False):
+        if t >= onset and nxt - t > quiet_s:
+            return t
+        if t < onset <= nxt and nxt - t > quiet_s:
+            return onset  # the bot was already quiet when the caller began
+    return max(times[-1], onset)
+
+
+def report(results: Sequence[TrialResult], noise_dbfs: float) -> str:
+    """Markdown table, one row per level and guard setting."""
+    lines = [
+        f"Echo delay 40-120 ms (uniform), line noise {noise_dbfs:g} dBFS, 8 kHz, json-stream.",
+        "",
+        "| echo | guard | replies cut / replies | false per min of bot speech | "
+        "barge-in stop p50 / max (ms) | barge-ins missed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        stops = r.barge_in_stop_ms
+        stop = f"{statistics.median(stops):.0f} / {max(stops):.0f}" if stops else "-"
+        lines.append(
+            f"| {r.erl_db:g} dB | {'on' if r.guard else 'off'} | {r.replies_cut} / {r.replies} | "
+            f"{r.false_per_min:.2f} | {stop} | {r.barge_ins_missed if r.guard else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+async def run_echo_bench(
+    levels: Sequence[float],
+    *,
+    replies: int = 2,
+    barge_ins: int = 2,
+    rate: int = 8000,
+    noise_dbfs: float = -55.0,
+    baseline: bool = True,
+) -> list[TrialResult]:
+    """Every level with the guard on (and off, for the baseline)."""
+    results: list[TrialResult] = []
+    async with running_bench() as b:
+        for k, level in enumerate(levels):
+            for guard in (True, False) if baseline else (True,):
+                results.append(
+                    await run_trial(
+                        b,
+                        level,
+                        guard,
+                        rate=rate,
+                        replies=replies,
+                        barge_ins=barge_ins,
+                        noise_dbfs=noise_dbfs,
+                        seed=100 * k + (0 if guard else 50),
+                    )
+                )
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: ``python -m pipeswitch.bench.echo``."""
+    p = argparse.ArgumentParser(prog="python -m pipeswitch.bench.echo", description=__doc__)
+    p.add_argument("--levels", default="-10,-15,-20,-25", help="echo return loss, dB")
+    p.add_argument("--replies", type=int, default=2, help="long replies per level (false)")
+    p.add_argument("--barge-ins", type=int, default=2, help="real barge-ins per level")
+    p.add_argument("--noise-dbfs", type=float, default=-55.0)
+    p.add_argument("--no-baseline", action="store_true", help="skip the guard-off runs")
+    p.add_argument("--out", default=None, help="results folder")
+    args = p.parse_args(argv)
+    levels = [float(x) for x in args.levels.split(",")]
+    results = asyncio.run(
+        run_echo_bench(
+            levels,
+            replies=args.replies,
+            barge_ins=args.barge_ins,
+            noise_dbfs=args.noise_dbfs,
+            baseline=not args.no_baseline,
+        )
+    )
+    table = report(results, args.noise_dbfs)
+    out = Path(args.out or f"bench/results/echo-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "echo.json").write_text(
+        json.dumps([dataclasses.asdict(r) | {"false_per_min": r.false_per_min} for r in results])
+    )
+    (out / "echo.md").write_text(table + "\n")
+    print(table)
+    print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()
