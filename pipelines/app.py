@@ -373,8 +373,13 @@ class Pipeswitch:
             self._endpoints.local_api_key,
         )
         metrics.add_external_source(self._metrics_source)
+        mounts = self.tenancy.mounts()
+        if self.tenancy.loader is not None:  # the web console needs the tenant database
+            from pipeswitch.pipelines.console import mount_console
+
+            mounts["/console"] = mount_console(self)
         self._runner = web.AppRunner(
-            self.server.app(mounts=self.tenancy.mounts()), handle_signals=False, access_log=None
+            self.server.app(mounts=mounts), handle_signals=False, access_log=None
         )
         await self._runner.setup()
         # Only the workers of one ``serve --workers N`` share a port (SO_REUSEPORT); a single

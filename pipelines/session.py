@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 from loguru import logger
 from pipecat.frames.frames import EndFrame, ErrorFrame, TTSSpeakFrame
+from pipecat.observers.base_observer import BaseObserver
 from pipecat.observers.user_bot_latency_observer import UserBotLatencyObserver
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.utils.errors import ErrorCategory
@@ -85,6 +86,8 @@ class CallSessions:
         # The running worker of each active call, so shutdown can end them (end_all).
         self._workers: dict[str, PipelineWorker] = {}
         self.finished_hooks: list[CallFinishedHook] = []
+        # Extra Pipecat observers per call (the web console's live transcript and latency).
+        self.observer_factories: list[Callable[[CallInfo, Tenant], list[BaseObserver]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _background(self, coro: Any, log: Any) -> None:
@@ -193,7 +196,11 @@ class CallSessions:
                 enable_metrics=True,
                 send_initial_empty_metrics=False,
             ),
-            observers=[latency, provider_metrics],
+            observers=[
+                latency,
+                provider_metrics,
+                *(o for make in self.observer_factories for o in make(call, tenant)),
+            ],
             enable_rtvi=False,
             # Pipecat's turn tracker observes every frame push; only tracing reads it.
             enable_turn_tracking=traced,

@@ -195,6 +195,18 @@ class CallServer:
         )
         if not access.allowed:
             return await self._refuse(ws, log, "auth", f"not authorized: {access.reason}")
+        return await self.serve_call(ws, call, tenant, log, t0)
+
+    async def serve_call(
+        self,
+        ws: web.WebSocketResponse,
+        call: CallInfo,
+        tenant: Tenant,
+        log: Logger,
+        t0: float,
+    ) -> web.WebSocketResponse:
+        """Run an upgraded, identified and authorized call until it ends (the web console's
+        browser calls enter here too, after their own session check)."""
         self.stats.calls_total += 1
         self.stats.calls_active += 1
         metrics.call_started(tenant.name, tenant.pipeline)
