@@ -367,6 +367,7 @@ class ReceptionistTools:
         speak: Speak | None = None,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        state: CallToolState | None = None,
     ) -> None:
         self.tenant = tenant
         self.settings = tenant.tools
@@ -374,7 +375,7 @@ class ReceptionistTools:
         self.actions = actions
         self.speak = speak
         self.clock = clock
-        self.state = CallToolState()
+        self.state = state if state is not None else CallToolState()
         self.log = logger.bind(call=call_uuid, tenant=tenant.name)
         self._background: set[asyncio.Task[None]] = set()
 
@@ -433,7 +434,9 @@ class ReceptionistTools:
         record["outcome"] = outcome
         await params.result_callback(
             self._transfer_result(outcome, label),
-            properties=FunctionCallResultProperties(run_llm=outcome != "answered"),
+            properties=FunctionCallResultProperties(
+                run_llm=outcome not in ("answered", "handed_off")
+            ),
         )
 
     async def _transfer(self, announcement: str, destination: str) -> TransferOutcome:
@@ -547,13 +550,15 @@ def register_tools(
     *,
     speak: Speak | None = None,
     actions: CallActions | None = None,
+    state: CallToolState | None = None,
 ) -> ReceptionistTools | None:
     """Give one call's LLM the tenant's tools; None when the tenant enables none.
 
     ``speak`` says a sentence and returns once it was heard (use
     :func:`pipeline_speaker` for a streamed call). ``actions`` defaults to ESL
     through ``call_control``; without either, tools that need the switch are
-    left out (they could only fail).
+    left out (they could only fail). ``state`` is where the call keeps what the
+    tools did (turn-based calls keep one across turns).
     """
     if not tenant.tools.enabled:
         return None
@@ -566,8 +571,11 @@ def register_tools(
         tenant = tenant.model_copy(update={"tools": settings})
         if not keep:
             return None
+    if state is None and isinstance(actions, DeferredCallActions):
+        state = actions.state
+    state = state if state is not None else CallToolState()
     tools = ReceptionistTools(
-        tenant, call_uuid, actions or DeferredCallActions(CallToolState()), speak
+        tenant, call_uuid, actions or DeferredCallActions(state), speak, state=state
     )
     for name, (handler, timeout) in tools.handlers().items():
         llm.register_function(name, handler, timeout_secs=timeout)

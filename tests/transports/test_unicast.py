@@ -1,0 +1,218 @@
+"""Unicast media end to end: a stock FreeSWITCH (emulated: ESL + core unicast UDP) with
+no mod_audio_stream, the dialplan's HTTP trigger, the real server and pipeline
+(emulated Deepgram/Groq, real Piper). The caller hears the greeting and a reply,
+barge-in stops the bot, and a hangup ends everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import numpy as np
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from pipeswitch.bench.fakeswitch.esl import FakeSwitchEsl
+from pipeswitch.bench.fakeswitch.unicast import UnicastLeg, install, legs
+from pipeswitch.config.settings import Settings
+from pipeswitch.transports.esl import EslClient
+from pipeswitch.transports.unicast import (
+    PortPool,
+    UdpMedia,
+    UnicastEndpoint,
+    UnicastMedia,
+    unicast_headers,
+)
+from tests.conftest import BARGE_IN, QUESTION, Served
+
+ASYNC = pytest.mark.asyncio(loop_scope="session")
+
+
+@dataclass
+class Rig:
+    esl: FakeSwitchEsl
+    client: EslClient
+    media: UnicastMedia
+    endpoint: UnicastEndpoint
+    base: str
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def rig(served: Served) -> AsyncIterator[Rig]:
+    app = served.app
+    assert app.server is not None and app.sessions is not None
+    esl = FakeSwitchEsl()
+    await esl.start()
+    install(esl)
+    client = EslClient("127.0.0.1", esl.port, "ClueCon")
+    await client.start()
+    assert await client.wait_connected(3.0)
+    settings = Settings(unicast_port_min=31000, unicast_port_max=31099)
+    media = UnicastMedia(client, settings)
+    endpoint = UnicastEndpoint(media, app.resolver, app.sessions.run_call, app.server.accepting)
+    web_app = web.Application()
+    endpoint.add_routes(web_app)
+    runner = web.AppRunner(web_app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield Rig(esl, client, media, endpoint, f"http://127.0.0.1:{port}")
+    finally:
+        await runner.cleanup()
+        await client.close()
+        await esl.stop()
+
+
+async def until(cond: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def heard_after(leg: UnicastLeg, t: float, timeout: float) -> float | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = leg.first_heard_after(t)
+        if h is not None:
+            return h
+        await asyncio.sleep(0.02)
+    return None
+
+
+async def quiet(leg: UnicastLeg, secs: float = 0.6, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last = leg.last_heard_at()
+        if last is not None and time.monotonic() - last > secs:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def start_call(served: Served, rig: Rig, uuid: str, rate: int) -> tuple[UnicastLeg, float]:
+    rig.esl.new_channel(uuid, rate=rate)  # the dialplan answered
+    t0 = time.monotonic()
+    async with served.http.post(f"{rig.base}/unicast/{uuid}?domain=default&rate={rate}") as r:
+        assert r.status == 200, await r.text()
+    await until(lambda: uuid in legs(rig.esl), 3.0)  # ... and parked; the sendmsg arrived
+    return legs(rig.esl)[uuid], t0
+
+
+def test_port_pool_pairs() -> None:
+    pool = PortPool(30001, 30006)
+    a, b = pool.take(), pool.take()
+    assert (a, b) == (30002, 30004) and pool.free == 0
+    with pytest.raises(RuntimeError):
+        pool.take()
+    pool.give_back(a)
+    assert pool.take() == a
+
+
+def test_sendmsg_headers_never_ask_for_native() -> None:
+    h = unicast_headers("10.0.0.2", 24001, "10.0.0.9", 24000)
+    assert h == {
+        "call-command": "unicast",
+        "local-ip": "10.0.0.2",
+        "local-port": "24001",
+        "remote-ip": "10.0.0.9",
+        "remote-port": "24000",
+        "transport": "udp",
+    }
+
+
+@ASYNC
+async def test_pacer_sends_one_datagram_per_tick_and_clear_drops() -> None:
+    got: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    class Sink(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            got.append(time.monotonic())
+
+    sink, _ = await loop.create_datagram_endpoint(Sink, local_addr=("127.0.0.1", 0))
+    peer = sink.get_extra_info("sockname")
+    media = UdpMedia(("127.0.0.1", 0), peer, 320)
+    await media.open()
+    await media.send_bytes(bytes(320 * 10 + 100))  # 10 frames and a partial one
+    await asyncio.sleep(0.1)
+    await media.send_str('{"type":"clearAudio"}')
+    at_clear = len(got)
+    await asyncio.sleep(0.15)
+    assert 2 <= at_clear <= 7, at_clear  # ~100 ms of 20 ms ticks (a loaded CI is slower)
+    assert len(got) <= at_clear + 1  # the clear dropped the rest
+    assert float(np.diff(got).min()) > 0.012  # never a burst
+    await media.close()
+    sink.close()
+
+
+@ASYNC
+@pytest.mark.parametrize("rate", [8000, 16000])
+async def test_unicast_call_end_to_end(served: Served, rig: Rig, rate: int) -> None:
+    uuid = f"unicast-{rate}"
+    leg, t0 = await start_call(served, rig, uuid, rate)
+    assert not leg.native
+    greeting = await heard_after(leg, t0, 5.0)
+    assert greeting is not None, "no greeting"
+    await quiet(leg)
+    leg.queue_caller_audio(await served.speech(QUESTION, rate))
+    leg.queue_caller_silence(0.3)
+    await leg.caller_drained(10.0)
+    end = leg.last_voiced_sent_at
+    assert end is not None
+    answer = await heard_after(leg, end, 8.0)
+    assert answer is not None, "no answer"
+    await quiet(leg)
+    # The reply is speech at the channel rate, 20 ms datagrams, never a burst.
+    pcm = b"".join(h.pcm for h in leg.heard if h.t > end)
+    rms = float(np.sqrt(np.mean(np.frombuffer(pcm, dtype="<i2").astype(np.float32) ** 2)))
+    assert rms > 200
+    assert leg.hazards == []
+    assert {len(h.pcm) for h in leg.heard} == {rate // 50 * 2}
+    print(
+        f"\nunicast {rate} Hz: greeting {1000 * (greeting - t0):.0f} ms after the trigger, "
+        f"reply {1000 * (answer - end):.0f} ms after end of speech"
+    )
+    free = rig.media.ports.free
+    await rig.esl.caller_hangup(uuid)
+    await until(lambda: uuid not in rig.endpoint.active, 5.0)
+    assert rig.media.ports.free == free + 1  # the port pair came back
+    assert leg.closed
+
+
+@ASYNC
+async def test_unicast_barge_in_stops_the_bot(served: Served, rig: Rig) -> None:
+    rate = 8000
+    uuid = "unicast-barge"
+    leg, t0 = await start_call(served, rig, uuid, rate)
+    assert await heard_after(leg, t0, 5.0) is not None
+    # Speak over the greeting: the bot must stop.
+    await asyncio.sleep(0.5)
+    onset = time.monotonic()
+    leg.queue_caller_audio(await served.speech(BARGE_IN, rate))
+    leg.queue_caller_silence(0.5)
+    await leg.caller_drained(10.0)
+    stops = [h.t for h in leg.heard if h.t > onset and h.non_silent]
+    # The last greeting audio heard after the onset: when the bot went quiet.
+    gap = [b - a for a, b in zip(stops, stops[1:], strict=False)]
+    cut = stops[next((i for i, g in enumerate(gap) if g > 0.3), len(stops) - 1)] if stops else onset
+    print(f"\nunicast barge-in: bot audio stopped {1000 * (cut - onset):.0f} ms after speech onset")
+    # Left alone, the greeting runs ~2.5 s past the onset; the caller's speech cut it.
+    assert cut - onset < 2.0
+    await rig.esl.caller_hangup(uuid)
+    await until(lambda: uuid not in rig.endpoint.active, 5.0)
+
+
+@ASYNC
+async def test_trigger_refusals(served: Served, rig: Rig) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{rig.base}/unicast/x1?domain=nobody.example&rate=8000") as r:
+            assert r.status == 404 and "unknown tenant" in (await r.json())["error"]
+        async with http.post(f"{rig.base}/unicast/x2?domain=default&rate=11025") as r:
+            assert r.status == 400
