@@ -30,6 +30,7 @@ import io
 import time
 import wave
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -383,10 +384,10 @@ class TurnEndpoint:
     def __init__(self, engine: TurnEngine) -> None:
         self.engine = engine
 
-    def add_routes(self, app: web.Application) -> None:
-        """Register ``POST``/``DELETE /turn/{call_uuid}``."""
-        app.router.add_post("/turn/{call_uuid}", self.handle)
-        app.router.add_delete("/turn/{call_uuid}", self.handle_hangup)
+    def add_routes(self, app: web.Application, prefix: str = "/turn") -> None:
+        """Register ``POST``/``DELETE <prefix>/{call_uuid}``."""
+        app.router.add_post(prefix + "/{call_uuid}", self.handle)
+        app.router.add_delete(prefix + "/{call_uuid}", self.handle_hangup)
 
     async def handle(self, request: web.Request) -> web.Response:
         """One turn; errors answer JSON with a reason (the script then falls back)."""
@@ -437,3 +438,33 @@ class TurnEndpoint:
         if call is None:
             return web.json_response({"known": False})
         return web.json_response({"known": True, "turns": call.turns, **call.state.as_dict()})
+
+
+def fallback_mounts(app: Any) -> dict[str, web.Application]:
+    """Sub-applications for the non-streaming modes, mounted on the call server.
+
+    ``/turn`` always (turn-based fallback); ``/unicast`` when the process has an
+    ESL connection (unicast media needs it to start the media). ``app`` is the
+    running :class:`pipelines.app.Pipeswitch` (after its server exists).
+    """
+    from pipeswitch.transports.unicast import UnicastEndpoint, UnicastMedia
+
+    mounts: dict[str, web.Application] = {}
+    assert app.server is not None and app._http is not None
+    turn = web.Application(client_max_size=MAX_WAV_BYTES)
+    engine = TurnEngine(
+        app.resolver, app.endpoints, app._http, ttl_secs=app.settings.turn_context_ttl_secs
+    )
+    TurnEndpoint(engine).add_routes(turn, prefix="")
+    mounts["/turn"] = turn
+    if app.esl is not None:
+        unicast = web.Application()
+        UnicastEndpoint(
+            UnicastMedia(app.esl, app.settings),
+            app.resolver,
+            app.server.handler.run_call,
+            app.server.accepting,
+            stats=app.server.stats,
+        ).add_routes(unicast, prefix="")
+        mounts["/unicast"] = unicast
+    return mounts

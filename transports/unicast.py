@@ -51,6 +51,7 @@ from pipeswitch.transports.call_control import (
     CallControlError,
     CallEvent,
 )
+from pipeswitch.transports.call_events import CallEventBridge
 from pipeswitch.transports.call_info import BadCallRequest, CallInfo, parse_call_request
 from pipeswitch.transports.dialects import CLEAR_AUDIO, make_dialect
 from pipeswitch.transports.serializer import ModAudioStreamSerializer, pipeline_rate_for
@@ -411,16 +412,19 @@ class UnicastEndpoint:
         resolver: TenantResolver,
         run_call: Callable[[CallInfo, Tenant, FreeSwitchCallTransport], Any],
         accepting: Callable[[], bool],
+        stats: Any = None,
     ) -> None:
         self.media = media
         self.resolver = resolver
         self.run_call = run_call
         self.accepting = accepting
+        # The call server's counters (calls_total / calls_active), so capacity covers both.
+        self.stats = stats
         self.active: dict[str, asyncio.Task[None]] = {}
 
-    def add_routes(self, app: web.Application) -> None:
-        """Register the trigger (before any catch-all GET route)."""
-        app.router.add_post("/unicast/{call_uuid}", self.handle)
+    def add_routes(self, app: web.Application, prefix: str = "/unicast") -> None:
+        """Register the trigger (``prefix`` "" for a sub-application mounted there)."""
+        app.router.add_post(prefix + "/{call_uuid}", self.handle)
 
     async def handle(self, request: web.Request) -> web.Response:
         """Validate, answer, then start the call's media and pipeline."""
@@ -456,13 +460,22 @@ class UnicastEndpoint:
             log.error("unicast setup failed: {}", exc)
             return
         log.info("unicast call up: rate={} port={}", call.rate, transport.media.bind[1])
+        # DTMF into the pipeline, caller hangup, bot-ended hangup: as for WebSocket calls.
+        bridge = CallEventBridge(self.media.control, transport).attach()
+        if self.stats is not None:
+            self.stats.calls_total += 1
+            self.stats.calls_active += 1
         try:
             with logger.contextualize(call=call.call_uuid, tenant=tenant.name):
                 await self.run_call(call, tenant, transport)
         except Exception as exc:
             log.exception("unicast call failed: {}", exc)
         finally:
+            if self.stats is not None:
+                self.stats.calls_active -= 1
             if not transport.media.closed:
                 await transport.close(1000, "call ended")
-            await self.media.finish(transport, fallback)
+            await bridge.finish()
+            if not (bridge.caller_gone or bridge.transferred or transport.ended_by_bot):
+                await self.media.finish(transport, fallback)
             log.info("unicast call down")

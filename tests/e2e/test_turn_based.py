@@ -220,3 +220,12 @@ async def test_bad_requests_say_fall_back(served: Served, rig: Rig) -> None:
         w.writeframes(stereo)
     ok = await post_turn(served, rig, "turn-stereo", "default", 8000, buf.getvalue())
     assert ok.status == 200 and ok.rate == 8000
+
+
+async def test_the_server_mounts_the_turn_endpoint(served: Served) -> None:
+    url = f"http://127.0.0.1:{served.app.port}/turn/turn-mounted?domain=default&rate=8000"
+    async with served.http.post(url) as r:
+        assert r.status == 200 and r.content_type == "audio/wav"
+        assert r.headers["X-Pipeswitch-Action"] == "continue"
+    async with served.http.delete(url) as r:
+        assert (await r.json())["known"] is True
