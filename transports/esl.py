@@ -340,6 +340,7 @@ class EslClient:
         connect_timeout: float = 3.0,
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
+        filter_calls: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -350,6 +351,7 @@ class EslClient:
         self.connect_timeout = connect_timeout
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.filter_calls = filter_calls
         self.stats = EslStats()
         self.log = logger.bind(esl=f"{host}:{port}")
         self._writer: asyncio.StreamWriter | None = None
@@ -468,13 +470,28 @@ class EslClient:
         reply = await next_message()
         if reply.content_type != CT_COMMAND_REPLY or not reply.ok:
             raise CallControlUnavailable(f"event subscription refused: {reply.reply_text}")
+        early: list[EslMessage] = []
+        if self.filter_calls:
+            # Only our calls' events (and our jobs' results) cross the wire: a busy
+            # switch fires DTMF and hangups for every channel it has.
+            wanted = [("Event-Name", EVENT_BACKGROUND_JOB)]
+            wanted += [("Unique-ID", u) for u in self._subs]
+            for name, value in wanted:
+                writer.write(encode_command(f"filter {name} {value}"))
+            for _ in wanted:
+                reply = await next_message()
+                while reply.content_type == CT_EVENT_PLAIN:  # events flow meanwhile
+                    early.append(reply)
+                    reply = await next_message()
+                if not reply.ok:
+                    raise CallControlUnavailable(f"event filter refused: {reply.reply_text}")
         self._ready = True
         self._connected.set()
         self.stats.connects += 1
         self.stats.connected_at = time.monotonic()
         self.log.info("ESL connected to {}:{}", self.host, self.port)
         # Events may already have arrived behind the subscription's reply.
-        return reader, parser, list(inbox)
+        return reader, parser, early + list(inbox)
 
     async def _after_connect(self) -> None:
         for hook in self._on_connect:
@@ -729,6 +746,8 @@ class EslClient:
     def subscribe(self, call_uuid: str, callback: CallEventCallback) -> Unsubscribe:
         """Deliver this call's events to ``callback`` (awaitables run as tasks)."""
         sub = _Sub(callback)
+        if call_uuid not in self._subs:
+            self._filter(f"filter Unique-ID {_word(call_uuid, 'call uuid')}")
         self._subs.setdefault(call_uuid, []).append(sub)
 
         def unsubscribe() -> None:
@@ -738,8 +757,21 @@ class EslClient:
                 if not subs:
                     del self._subs[call_uuid]
                     self.handed_over.discard(call_uuid)
+                    self._filter(f"filter delete Unique-ID {call_uuid}")
 
         return unsubscribe
+
+    def _filter(self, command: str) -> None:
+        """Add or drop an event filter now, without waiting (re-sent on reconnect)."""
+        if not self.filter_calls or not self.connected:
+            return
+        fut = self._send(command)
+        fut.add_done_callback(_ignore_result)
+
+
+def _ignore_result(fut: asyncio.Future[EslMessage]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: a lost connection is handled by the reconnect
 
 
 def _word(value: str, what: str) -> str:

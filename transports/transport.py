@@ -164,6 +164,8 @@ class FreeSwitchInputTransport(BaseInputTransport):
         self._t = transport
         self._receive_task: asyncio.Task[None] | None = None
         self._dtmf = DtmfDeduplicator()
+        # Keys pressed (heard over ESL) before the pipeline runs wait for it (None: running).
+        self._early_dtmf: list[InputDTMFFrame] | None = []
 
     async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         await super().setup(setup)
@@ -172,6 +174,9 @@ class FreeSwitchInputTransport(BaseInputTransport):
     async def start(self, frame: StartFrame) -> None:
         await super().start(frame)
         await self.set_transport_ready(frame)
+        early, self._early_dtmf = self._early_dtmf or [], None
+        for dtmf in early:
+            await self.push_frame(dtmf)
         if self._receive_task is None:
             self._receive_task = self.create_task(self._receive(), "receive")
         await self._t._call_event_handler("on_client_connected")
@@ -265,7 +270,11 @@ class FreeSwitchInputTransport(BaseInputTransport):
         if entry is None:
             self._t.log.warning("DTMF digit {!r} from {} ignored", digit[:4], source)
             return
-        if self._dtmf.accept(digit, source):
+        if not self._dtmf.accept(digit, source):
+            return
+        if self._early_dtmf is not None:
+            self._early_dtmf.append(InputDTMFFrame(button=entry))
+        else:
             await self.push_frame(InputDTMFFrame(button=entry))
 
 

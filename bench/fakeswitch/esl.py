@@ -129,10 +129,13 @@ class _Conn:
         self.events: set[str] = set()
         self.subclasses: set[str] = set()
         self.all_events = False
+        self.filters: list[tuple[str, str]] = []
 
-    def wants(self, name: str, subclass: str | None) -> bool:
+    def wants(self, name: str, subclass: str | None, headers: Mapping[str, str]) -> bool:
         if not self.authed:
             return False
+        if self.filters and not any(headers.get(k) == v for k, v in self.filters):
+            return False  # with filters set, an event must match one of them
         if self.all_events:
             return True
         if name == "CUSTOM":
@@ -298,7 +301,19 @@ class FakeSwitchEsl:
                 else:
                     conn.events.add(tok)
             self._reply(conn, "+OK event listener enabled plain")
-        elif verb in ("noevents", "nixevent", "filter", "linger", "nolinger", "log", "nolog"):
+        elif verb == "filter":
+            parts = args.split(" ", 2)
+            if parts[0] == "delete" and len(parts) == 3:
+                if (parts[1], parts[2]) in conn.filters:
+                    conn.filters.remove((parts[1], parts[2]))
+                self._reply(conn, f"+OK filter deleted. [{parts[1]}]=[{parts[2]}]")
+            elif len(parts) >= 2 and parts[0] != "delete":
+                value = args.split(" ", 1)[1]
+                conn.filters.append((parts[0], value))
+                self._reply(conn, f"+OK filter added. [{parts[0]}]=[{value}]")
+            else:
+                self._reply(conn, "-ERR invalid syntax")
+        elif verb in ("noevents", "nixevent", "linger", "nolinger", "log", "nolog"):
             self._reply(conn, "+OK")
         elif verb == "exit":
             self._reply(conn, "+OK bye")
@@ -524,7 +539,7 @@ class FakeSwitchEsl:
         data = encode_event_plain(h, body)
         sub = h.get("Event-Subclass")
         for c in list(self._conns.values()):
-            if c.wants(name, sub):
+            if c.wants(name, sub, h):
                 c.send(data)
 
     # ------------------------------------------------------------------ playback

@@ -243,13 +243,22 @@ async def test_voxcom_hangup_deadlock_is_detectable_and_cured(
             ws.url(f"/fs/{uuid}"), call_uuid=uuid, build="voxcom", variables=variables
         )
         conn = await ws.conn()
-        # A server with a 20 ms lead: one 20 ms message ahead of real time, then paced.
-        for i in range(10):
-            conn.send_text(stream_audio(tone(0.02), seq=i))
-            await asyncio.sleep(0.02 if i else 0.0)
-        conn.send_text(stream_audio(tone(0.02), seq=99))  # the lead
-        await asyncio.sleep(0.005)
+        st = ch.stream
+        assert st is not None
+
+        async def server_with_20ms_lead() -> None:
+            """Like Pipeswitch's json-stream: 20 ms messages, one ahead of real time."""
+            conn.send_text(stream_audio(tone(0.02), seq=0))
+            for i in range(1, 40):
+                conn.send_text(stream_audio(tone(0.02), seq=i))
+                await asyncio.sleep(0.02)
+
+        sender = asyncio.ensure_future(server_with_20ms_lead())
+        # Hang up the moment bot audio blocks the module's receive thread, if it ever does.
+        while not sender.done() and not st._tx_blocked:
+            await asyncio.sleep(0.001)
         await fs.hangup(uuid)
+        sender.cancel()
         assert ch.stuck is stuck
         assert any("deadlock" in h for h in ch.hazards) is stuck
         if stuck:
@@ -285,3 +294,32 @@ async def test_cloudfieldcz_needs_send_silence_when_idle(fs: FakeSwitchEsl) -> N
         assert any("send_silence_when_idle" in h for h in bad.hazards)
         await fs.hangup("cf-bad")
         await fs.hangup("cf-good")
+
+
+async def test_only_subscribed_calls_events_cross_the_wire(
+    fs: FakeSwitchEsl, esl: EslClient
+) -> None:
+    async with FakeServer() as ws:
+        await fs.start_call(ws.url("/fs/f-mine"), call_uuid="f-mine")
+        await fs.start_call(ws.url("/fs/f-other"), call_uuid="f-other")
+        got: list[CallEvent] = []
+        unsubscribe = esl.subscribe("f-mine", got.append)
+        await asyncio.sleep(0.1)  # the filter is in
+        n, mine = esl.stats.events, len(got)
+        fs.inject_dtmf("f-other", "1")
+        fs.inject_dtmf("f-mine", "2")
+        deadline = time.monotonic() + 2
+        while not any(e.name == EVENT_DTMF for e in got) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert [e.dtmf_digit for e in got if e.name == EVENT_DTMF] == ["2"]
+        # Every event that reached this process was one of this call's.
+        assert esl.stats.events - n == len(got) - mine, "another call's event came through"
+        unsubscribe()
+        await asyncio.sleep(0.05)
+        n = esl.stats.events
+        fs.inject_dtmf("f-mine", "3")
+        await asyncio.sleep(0.1)
+        assert esl.stats.events == n
+        await fs.hangup("f-mine")
+        await fs.hangup("f-other")
