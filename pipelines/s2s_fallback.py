@@ -30,6 +30,7 @@ from pipecat.frames.frames import (
     InputAudioRawFrame,
     ManuallySwitchServiceFrame,
     StartFrame,
+    TTSAudioRawFrame,
     TTSSpeakFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
@@ -135,6 +136,10 @@ def s2s_instructions(system_prompt: str, first_message: str | None) -> str:
 
 # -- fallback ------------------------------------------------------------------------------
 
+FailureCallback = Callable[[str], Awaitable[None]]
+# Lets the interruption reach the S2S assistant half before the halves switch.
+SETTLE_SECS = 0.05
+
 
 @dataclass
 class FallbackEvent:
@@ -158,6 +163,22 @@ class CascadeEntry(FrameProcessor):
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+
+
+class CascadeProbe(FrameProcessor):
+    """After the cascade's TTS: notes when its first audio after the switch leaves."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.armed_event: FallbackEvent | None = None
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        event = self.armed_event
+        if event is not None and isinstance(frame, TTSAudioRawFrame):
+            event.switch_secs = time.monotonic() - event.failed_at
+            self.armed_event = None
         await self.push_frame(frame, direction)
 
 
@@ -216,9 +237,6 @@ class S2SFailureWatch(FrameProcessor):
         await self.push_frame(frame, direction)
 
 
-FailureCallback = Callable[[str], Awaitable[None]]
-
-
 class S2SFallback:
     """Moves one call from its speech-to-speech branch to its cascade branch."""
 
@@ -230,8 +248,9 @@ class S2SFallback:
         cascade: FrameProcessor,
         cascade_tail: FrameProcessor,
         entry: CascadeEntry,
+        probe: CascadeProbe,
+        watch: S2SFailureWatch,
         context: LLMContext,
-        playout: TransportPlayout,
         apology: str,
         log: Any,
     ) -> None:
@@ -240,12 +259,12 @@ class S2SFallback:
         self._cascade = cascade
         self._cascade_tail = cascade_tail
         self._entry = entry
+        self._probe = probe
+        self._watch = watch
         self._context = context
-        self._playout = playout
         self._apology = apology
         self._log = log
         self.events: list[FallbackEvent] = []
-        self._measure: asyncio.Task[None] | None = None
 
     @property
     def fell_back(self) -> bool:
@@ -268,6 +287,11 @@ class S2SFallback:
         self._log.warning(
             "speech-to-speech provider failed ({}); continuing on the cascade", reason
         )
+        # Stop what the provider had sent (a cut reply would otherwise play on, stale,
+        # for up to its whole length): the playback stops as on a barge-in, and the
+        # S2S assistant half writes the words the caller heard into the shared context.
+        await self._watch.broadcast_interruption()
+        await asyncio.sleep(SETTLE_SECS)
         await self._head.queue_frame(ManuallySwitchServiceFrame(service=self._cascade))
         await self._tail.queue_frame(ManuallySwitchServiceFrame(service=self._cascade_tail))
         caller_spoke = any(
@@ -275,23 +299,10 @@ class S2SFallback:
         )
         if caller_spoke and self._apology:
             event.apologized = True
-            before = self._playout.written_secs()
+            self._probe.armed_event = event
             await self._entry.say(self._apology)
-            self._measure = asyncio.ensure_future(self._time_switch(event, before))
         else:
             event.switch_secs = time.monotonic() - event.failed_at
-
-    async def _time_switch(self, event: FallbackEvent, before: float) -> None:
-        deadline = event.failed_at + 10.0
-        while time.monotonic() < deadline:  # noqa: ASYNC110
-            if self._playout.written_secs() > before:
-                event.switch_secs = time.monotonic() - event.failed_at
-                self._log.info(
-                    "fallback: cascade speaking {:.0f} ms after the failure",
-                    event.switch_secs * 1000,
-                )
-                return
-            await asyncio.sleep(0.005)  # bounded: measuring the switch for the record
 
 
 def s2s_pipeline(
@@ -340,7 +351,10 @@ def s2s_pipeline(
         on_failure, connect_timeout_secs=p.s2s_connect_timeout_secs, connected=connected
     )
     s2s_branch = Pipeline([rt_pair.user(), *edge, watch, llm])
-    cascade_branch = Pipeline([entry, stt, pair_c.user(), ctx.caller_audio_sink(), llm_c, tts])
+    probe = CascadeProbe()
+    cascade_branch = Pipeline(
+        [entry, stt, pair_c.user(), ctx.caller_audio_sink(), llm_c, tts, probe]
+    )
     head: ServiceSwitcher[Any] = ServiceSwitcher(
         [s2s_branch, cascade_branch], strategy_type=ServiceSwitcherStrategyManual
     )
@@ -355,8 +369,9 @@ def s2s_pipeline(
         cascade=cascade_branch,
         cascade_tail=tail_c,
         entry=entry,
+        probe=probe,
+        watch=watch,
         context=context,
-        playout=TransportPlayout(t),
         apology=p.s2s_apology,
         log=log,
     )
