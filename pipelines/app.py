@@ -7,11 +7,9 @@ bench all start, so they exercise the same wiring.
 from __future__ import annotations
 
 import asyncio
-import errno
 import gc
 import os
 import signal
-import socket
 import time
 from dataclasses import replace
 from typing import Any
@@ -41,6 +39,11 @@ from pipeswitch.pipelines.local.models import (
 from pipeswitch.pipelines.local.supervisor import LocalModelServers
 from pipeswitch.pipelines.services import ProviderEndpoints
 from pipeswitch.pipelines.session import CallSessions
+from pipeswitch.pipelines.startup import (
+    StartupError,
+    check_port_free,
+    check_provider_keys,
+)
 from pipeswitch.pipelines.tenancy import Tenancy
 from pipeswitch.pipelines.tracing import setup_tracing
 from pipeswitch.pipelines.turn_based import fallback_mounts
@@ -48,82 +51,6 @@ from pipeswitch.pipelines.vad import shared_batcher
 from pipeswitch.transports import metrics
 from pipeswitch.transports.esl import EslClient
 from pipeswitch.transports.server import CallServer
-
-
-class StartupError(RuntimeError):
-    """The server cannot start as configured; the message is one line for the operator."""
-
-
-class PortInUse(StartupError):
-    """Another process (not a sibling worker of this ``serve``) listens on the port."""
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Bind ``host:port`` without SO_REUSEPORT and let go: :class:`PortInUse` if taken.
-
-    The server itself binds with SO_REUSEPORT so ``serve --workers N`` can share the port;
-    the kernel would also let an unrelated second ``serve`` (same user) join the group and
-    split calls with it. A plain bind fails against any listener, reuse-port or not, so
-    every ``serve`` that is not a worker of a parent probes first. SO_REUSEADDR keeps a
-    just-stopped server's TIME_WAIT sockets from failing the probe.
-    """
-    if port == 0:
-        return
-    try:
-        infos = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as exc:
-        raise StartupError(f"cannot listen on {host}:{port}: {exc}") from None
-    for family, type_, proto, _, addr in infos:
-        with socket.socket(family, type_, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(addr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise PortInUse(
-                        f"port {port} on {host} is already in use (another pipeswitch serve?); "
-                        "stop it or choose another --port"
-                    ) from None
-                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-
-
-# Which setting each cloud provider needs with --providers real (env var = PIPESWITCH_<NAME>).
-_PROVIDER_KEYS = {
-    "deepgram": "deepgram_api_key",
-    "groq": "groq_api_key",
-    "openai": "openai_api_key",
-}
-
-
-def required_keys(tenants: list[Tenant]) -> dict[str, list[str]]:
-    """Setting name -> tenants that need it, for the cloud providers these tenants use."""
-    need: dict[str, list[str]] = {}
-    for t in tenants:
-        p = t.providers
-        used = []
-        if p.stt != "whisper-local":
-            used.append("deepgram")
-        if p.llm != "local":
-            used.append(p.llm)
-        for provider in used:
-            need.setdefault(_PROVIDER_KEYS[provider], []).append(t.name)
-    return need
-
-
-def check_provider_keys(settings: Settings, tenants: list[Tenant]) -> None:
-    """With real providers, every key a loaded tenant needs must be set (StartupError)."""
-    if settings.providers != "real":
-        return
-    for name, users in required_keys(tenants).items():
-        if not getattr(settings, name).get_secret_value():
-            raise StartupError(
-                f"--providers real: PIPESWITCH_{name.upper()} is not set "
-                f"(needed by tenant {', '.join(sorted(users))})"
-            )
 
 
 def load_tenants(settings: Settings) -> tuple[TenantLoader, str | None]:
@@ -210,6 +137,9 @@ def start_local_models(
         llm=local,
         piper_voice=str(sources.piper) if sources.piper is not None else "joe",
         extra_args=extra,
+        # Shutdown must end within the drain timeout + 2 s; model servers keep no state, and
+        # llama.cpp may sit in a generation for seconds after SIGTERM.
+        stop_timeout=1.0,
         piper_warm=greetings,
         # Every rate a call can arrive at: a greeting synthesized on demand at 16 kHz cost
         # 170-210 ms before the first word; from the cache it is tens of ms at any rate.
@@ -477,7 +407,7 @@ class Pipeswitch:
 
 
 # How long a call ended by shutdown may take to say its goodbye before it is cancelled.
-GOODBYE_GRACE_SECS = 1.5
+GOODBYE_GRACE_SECS = 1.2
 
 
 async def serve_forever(app: Pipeswitch, drain_secs: float | None = None) -> None:
@@ -492,7 +422,11 @@ async def serve_forever(app: Pipeswitch, drain_secs: float | None = None) -> Non
     now = asyncio.Event()
     loop = asyncio.get_running_loop()
 
+    signalled_at: list[float] = []
+
     def _on_signal() -> None:
+        if not signalled_at:
+            signalled_at.append(time.monotonic())
         if stop.is_set():
             if not now.is_set():
                 logger.warning("second signal: ending all calls now")
@@ -504,7 +438,7 @@ async def serve_forever(app: Pipeswitch, drain_secs: float | None = None) -> Non
     try:
         await app.start()
         await stop.wait()
-        t0 = time.monotonic()
+        t0 = signalled_at[0] if signalled_at else time.monotonic()
         active = app.server.stats.calls_active if app.server else 0
         logger.info("shutting down: {} active calls may finish for up to {:.0f}s", active, drain)
         app.stop_accepting()
@@ -516,5 +450,11 @@ async def serve_forever(app: Pipeswitch, drain_secs: float | None = None) -> Non
         logger.info("calls ended after {:.1f}s; closing", time.monotonic() - t0)
     finally:
         await app.close()
+        if signalled_at:
+            logger.info(
+                "stopped {:.2f}s after the signal (drain timeout {:.0f}s)",
+                time.monotonic() - signalled_at[0],
+                drain,
+            )
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

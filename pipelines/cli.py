@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -25,6 +26,9 @@ DESCRIPTION = (
     "AI voice agents for FreeSWITCH/FusionPBX: answer mod_audio_stream calls with a "
     "per-tenant Pipecat pipeline."
 )
+# pipelines/workers.py sets it for the processes of ``serve --workers N`` (not imported here:
+# workers.py loads Pipecat).
+WORKER_ENDPOINTS_ENV = "PIPESWITCH_WORKER_ENDPOINTS"
 USAGE_ERROR = 2  # argparse's own code for a usage error; configuration errors share it
 
 
@@ -102,6 +106,23 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
+def _preflight(settings: Settings) -> None:
+    """What can be checked without Pipecat, before its imports (seconds on a busy machine):
+    the tenants file, the keys its tenants need, the port. Workers skip it (their parent ran
+    it, and their siblings hold the port on purpose)."""
+    from pipeswitch.config.loaders import builtin_loader, load_tenant_file
+    from pipeswitch.pipelines.startup import check_port_free, check_provider_keys
+
+    if os.environ.get(WORKER_ENDPOINTS_ENV):
+        return
+    if settings.config_file is not None:
+        tenants = load_tenant_file(settings.config_file).all()
+    else:
+        tenants = builtin_loader().all()
+    check_provider_keys(settings, tenants)
+    check_port_free(settings.host, settings.port)
+
+
 async def _serve(settings: Settings, args: argparse.Namespace, argv: list[str]) -> int:
     from pipeswitch.pipelines.app import Pipeswitch, serve_forever, settings_endpoints
     from pipeswitch.pipelines.workers import serve_workers, worker_endpoints
@@ -175,7 +196,8 @@ LAZY_COMMANDS = {
 
 
 def _run_lazy(name: str, argv: list[str]) -> int:
-    _import_pipecat_quietly()
+    if name != "call":  # the FreeSWITCH emulator alone needs no Pipecat
+        _import_pipecat_quietly()
     try:
         add_arguments, run = _lazy_command(name)
     except ModuleNotFoundError as exc:
@@ -220,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = _settings(args)
         configure_logging(settings.log_level, json=settings.log_json)
+        _preflight(settings)
         _import_pipecat_quietly()
         return asyncio.run(_serve(settings, args, argv))
     except KeyboardInterrupt:  # a signal before the handlers were installed
@@ -237,8 +260,9 @@ def _is_config_problem(exc: Exception) -> bool:
 
     if isinstance(exc, ValidationError | ConfigError):
         return True
-    app = sys.modules.get("pipeswitch.pipelines.app")  # loaded if serve got that far
-    return app is not None and isinstance(exc, app.StartupError)
+    from pipeswitch.pipelines.startup import StartupError
+
+    return isinstance(exc, StartupError)
 
 
 if __name__ == "__main__":

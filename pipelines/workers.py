@@ -27,14 +27,13 @@ from loguru import logger
 
 from pipeswitch.config.settings import Settings
 from pipeswitch.pipelines.app import (
-    StartupError,
-    check_port_free,
     endpoints_with_local,
     load_tenants,
     needs_local_models,
     start_local_models,
 )
 from pipeswitch.pipelines.services import ProviderEndpoints
+from pipeswitch.pipelines.startup import StartupError, check_port_free
 from pipeswitch.transports import metrics
 
 ENDPOINTS_ENV = "PIPESWITCH_WORKER_ENDPOINTS"

@@ -38,14 +38,14 @@ def test_serve_path_imports_no_bench_module(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from pipeswitch.pipelines.cli import main\n"
-        # --providers real without keys: serve imports its whole path, then stops at the
-        # start-up check (before any model process).
-        "rc = main(['serve', '--providers', 'real', '--port', '0'])\n"
+        # A voice file that is not there: serve imports its whole path, builds the app, and
+        # stops at the start-up check before any model process starts.
+        "rc = main(['serve', '--port', '0'])\n"
         "import pipeswitch.pipelines.app, pipeswitch.pipelines.workers, pipeswitch.pipelines.session\n"
         "bench = sorted(m for m in sys.modules if m.startswith('pipeswitch.bench'))\n"
         "print('RC', rc, 'BENCH', bench, 'APP', 'pipeswitch.pipelines.app' in sys.modules)\n"
     )
-    env = {"PIPESWITCH_DEEPGRAM_API_KEY": "", "PIPESWITCH_GROQ_API_KEY": ""}
+    env = {"PIPESWITCH_PIPER_VOICE": str(tmp_path / "missing.onnx")}
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -54,6 +54,7 @@ def test_serve_path_imports_no_bench_module(tmp_path: Path) -> None:
         env={**__import__("os").environ, **env},
     )
     assert "RC 2 BENCH [] APP True" in out.stdout, out.stdout + out.stderr
+    assert "PIPESWITCH_PIPER_VOICE=" in out.stderr  # it got as far as the app's own checks
 
 
 @pytest.mark.parametrize(
@@ -99,7 +100,7 @@ def test_real_providers_with_a_key_missing_exit_2_naming_it() -> None:
     assert DG_KEY not in out.stderr
 
 
-def test_settings_repr_and_tracebacks_show_no_secret_values() -> None:
+def test_settings_repr_and_tracebacks_show_no_secret_values(tmp_path: Path) -> None:
     """The production sink prints no variable values: a key in a local stays out of the log."""
     code = (
         "from loguru import logger\n"
@@ -108,15 +109,19 @@ def test_settings_repr_and_tracebacks_show_no_secret_values() -> None:
         "configure_logging('INFO')\n"
         f"settings = Settings(deepgram_api_key={DG_KEY!r})\n"
         "logger.info('settings: {!r}', settings)\n"
-        "def connect(api_key: str, settings: Settings) -> None:\n"
-        "    headers = {'Authorization': 'Token ' + api_key}\n"
+        "def send(url: str, token: str) -> None:\n"
         "    raise ConnectionError('provider refused')\n"
+        "def connect(api_key: str, settings: Settings) -> None:\n"
+        "    send(settings.deepgram_url, 'Token ' + api_key)\n"
         "try:\n"
         "    connect(settings.deepgram_api_key.get_secret_value(), settings)\n"
         "except ConnectionError:\n"
         "    logger.exception('call failed')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    # A file, not -c: loguru annotates values only where it can read the source.
+    script = tmp_path / "fail.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert "Traceback" in out.stderr and "provider refused" in out.stderr, out.stderr
     assert DG_KEY not in out.stderr and DG_KEY[:8] not in out.stderr, out.stderr
 

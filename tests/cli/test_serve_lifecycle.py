@@ -7,6 +7,7 @@ and real signals.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 from pathlib import Path
@@ -86,13 +87,18 @@ async def test_second_serve_refused_then_sigterm_drains_says_goodbye_and_exits(
         assert call.close_record.server_close_code == 1000
         goodbye = call.first_bot_audio_received_after(t_sig + DRAIN - 0.2)
         assert goodbye is not None, "no goodbye audio after the drain timeout"
-        rc = await asyncio.to_thread(server.proc.wait, DRAIN + 5)
+        rc = await asyncio.to_thread(server.proc.wait, DRAIN + 8)
         elapsed = time.monotonic() - t_sig
         assert rc == 0, server.log()
-        assert elapsed < DRAIN + 2.0, f"exit took {elapsed:.1f}s"
         await call.aclose()
         log = server.log()
-        assert "ended 1 calls at shutdown" in log
+        assert "ended 1 calls at shutdown" in log, log[-3000:]
+        # The bound: the server's own clock from the signal to the end of its cleanup (the
+        # wall clock here adds interpreter exit and this machine's scheduling).
+        m = re.search(r"stopped ([0-9.]+)s after the signal", log)
+        assert m is not None, log[-3000:]
+        assert float(m.group(1)) < DRAIN + 2.0, m.group(0)
+        assert elapsed < DRAIN + 6.0, f"exit took {elapsed:.1f}s"
     finally:
         server.close()
 
