@@ -15,6 +15,7 @@ import contextlib
 import os
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,6 +163,8 @@ class PgTenantLoader:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self.listening = asyncio.Event()
+        # Called with each domain read or re-read (e.g. to pre-synthesize a changed greeting).
+        self.on_refresh: list[Callable[[DomainEntry], None]] = []
         self.stats = {"hits": 0, "misses": 0, "refreshes": 0, "refresh_errors": 0}
 
     # Keeps its own live cache (NOTIFY-invalidated): TenantResolver must not cache it again.
@@ -240,6 +243,8 @@ class PgTenantLoader:
             if entry.name:
                 self._keys[entry.name] = duid
             self.stats["refreshes"] += 1
+            for callback in self.on_refresh:
+                callback(entry)
             return entry
 
     def _drop(self, duid: str) -> None:

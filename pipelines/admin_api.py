@@ -21,9 +21,11 @@ from aiohttp import web
 from loguru import logger
 from pydantic import ValidationError
 
+from pipeswitch.config.call_state import CallState
 from pipeswitch.config.db import new_token, row_dict
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenant_store import AgentFields, NotFound, TenantStore
+from pipeswitch.config.tenants import Tenant
 
 Json = dict[str, Any]
 
@@ -36,6 +38,7 @@ class Caller:
     super_admin: bool
     domain_uuid: uuidlib.UUID
     store: TenantStore
+    state: CallState | None = None
 
 
 Handler = Callable[[web.Request, Caller], Awaitable[Any]]
@@ -198,6 +201,14 @@ async def get_call(r: web.Request, c: Caller) -> Any:
     return call
 
 
+async def live_calls(r: web.Request, c: Caller) -> Any:
+    """The domain's calls up right now, on every instance (the Redis registry)."""
+    if c.state is None:
+        raise _json_error(503, "no call state in this process")
+    probe = Tenant(name="domain", domain_uuid=str(c.domain_uuid))  # only its key is used
+    return await c.state.active_calls(probe)
+
+
 async def list_messages(r: web.Request, c: Caller) -> Any:
     return _rows(await c.store.list_messages(c.domain_uuid))
 
@@ -266,6 +277,7 @@ ROUTES: list[Route] = [
     Route("GET", "/calls", list_calls, "Call records (?caller=&limit=)"),
     Route("GET", "/calls/{call}", get_call, "One call with its transcript"),
     Route("GET", "/messages", list_messages, "Messages taken"),
+    Route("GET", "/live-calls", live_calls, "Calls up now, on every instance"),
     Route("POST", "/gdpr-delete", gdpr_delete, "Delete one caller's data", body="GdprDelete"),
     Route("GET", "/audit", list_audit, "Audit log"),
     Route("POST", "/stream-secret", new_stream_secret, "Rotate the stream signing secret"),
@@ -362,7 +374,11 @@ def _path_params(path: str) -> list[str]:
     return [seg[1:-1] for seg in path.split("/") if seg.startswith("{") and seg.endswith("}")]
 
 
-def admin_app(store_of: Callable[[], TenantStore | None], settings: Settings) -> web.Application:
+def admin_app(
+    store_of: Callable[[], TenantStore | None],
+    settings: Settings,
+    call_state: CallState | None = None,
+) -> web.Application:
     """The /admin sub-application."""
     super_hash = (
         hashlib.sha256(settings.admin_token.get_secret_value().encode()).hexdigest()
@@ -395,7 +411,7 @@ def admin_app(store_of: Callable[[], TenantStore | None], settings: Settings) ->
         if rt.super_admin and not is_super:
             raise _json_error(403, "super-admin token required")
         actor = "super-admin" if is_super else f"token:{got[:12]}"
-        return Caller(actor, is_super, duid, store)
+        return Caller(actor, is_super, duid, store, call_state)
 
     def endpoint(rt: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:

@@ -14,6 +14,7 @@ controller's finished hook, after the call, never on the audio path.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -23,14 +24,16 @@ from loguru import logger
 
 from pipeswitch.config.call_state import CallState, default_instance_id, make_call_state
 from pipeswitch.config.db import SecretBox
-from pipeswitch.config.pg_loader import PgTenantLoader
+from pipeswitch.config.pg_loader import DomainEntry, PgTenantLoader
 from pipeswitch.config.records import RecordWriter, call_rows
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenant_store import TenantStore
 from pipeswitch.config.tenants import Tenant
+from pipeswitch.pipelines.piper_client import synthesize
 from pipeswitch.pipelines.services import ProviderEndpoints
 from pipeswitch.transports import metrics
 from pipeswitch.transports.call_info import CallInfo
+from pipeswitch.transports.serializer import pipeline_rate_for
 from pipeswitch.transports.server import CLOSE_TRY_AGAIN, CallHandler, ServerStats
 from pipeswitch.transports.transport import FreeSwitchCallTransport
 
@@ -168,10 +171,15 @@ class Tenancy:
         self.records: RecordWriter | None = None
         self.handler: TenancyCallHandler | None = None
         self._closed = False
+        self.warmed_greetings: set[tuple[str, int, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, sessions: CallSessions) -> TenancyCallHandler:
         """Start the stores and return the call handler wrapping ``sessions``."""
         if self.loader is not None:
+            # Greetings are synthesized ahead (Piper caches them), as for file tenants, and
+            # again when an agent's greeting changes.
+            self.loader.on_refresh.append(lambda entry: self._warm(sessions, entry))
             await self.loader.start()
             self.records = RecordWriter(self.loader.store)
             await self.records.start()
@@ -179,6 +187,29 @@ class Tenancy:
         await self.state.start()
         self.handler = TenancyCallHandler(sessions, self.state)
         return self.handler
+
+    def _warm(self, sessions: CallSessions, entry: DomainEntry) -> None:
+        todo = []
+        for t in entry.agents.values():
+            key = (t.voice, pipeline_rate_for(t.audio_rate), t.first_message or "")
+            if t.first_message and key not in self.warmed_greetings:
+                self.warmed_greetings.add(key)
+                todo.append(key)
+        if not todo:
+            return
+
+        async def warm() -> None:
+            for voice, rate, text in todo:
+                try:
+                    await synthesize(
+                        sessions.http, sessions.endpoints.piper_for_rate(rate), text, voice=voice
+                    )
+                except Exception as exc:  # the call will synthesize it then
+                    logger.bind(tenant=entry.name).debug("greeting warm-up failed: {}", exc)
+
+        task = asyncio.ensure_future(warm())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def bind(self, stats: ServerStats) -> None:
         """Count refusals with the server's other refusals (/metrics)."""
@@ -192,7 +223,9 @@ class Tenancy:
         from pipeswitch.pipelines.admin_api import admin_app
 
         return {
-            "/admin": admin_app(lambda: self.loader.store if self.loader else None, self.settings)
+            "/admin": admin_app(
+                lambda: self.loader.store if self.loader else None, self.settings, self.state
+            )
         }
 
     async def _on_call_finished(self, record: CallRecord, cp: CallPipeline) -> None:
@@ -231,6 +264,8 @@ class Tenancy:
         if self._closed:
             return
         self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
         if self.records is not None:
             await self.records.close()
         await self.state.close()

@@ -73,11 +73,11 @@ async def test_a_crashed_instance_frees_its_slots_after_the_ttl(redis_ok: str) -
 
 async def test_heartbeat_keeps_live_calls_registered(redis_ok: str) -> None:
     t = tenant(1)
-    a = RedisCallState(redis_ok, ttl_secs=0.6)
-    other = RedisCallState(redis_ok, ttl_secs=0.6)
-    await a.start()
+    a = RedisCallState(redis_ok, ttl_secs=1.0)
+    other = RedisCallState(redis_ok, ttl_secs=1.0)
+    await a.start()  # beats every 0.33 s
     assert (await a.admit("c1", t, {})).allowed
-    await asyncio.sleep(1.5)  # well past the TTL: only the heartbeat keeps it
+    await asyncio.sleep(2.2)  # well past the TTL: only the heartbeat keeps it
     assert not (await other.admit("c2", t, {})).allowed
     await a.close()
     await other.close()
@@ -145,7 +145,8 @@ async def test_a_hung_redis_costs_one_timeout_not_one_per_call() -> None:
         got = await s.admit(f"c{i}", t, {})
         costs.append(time.perf_counter() - t0)
         assert got.allowed and got.degraded
-    assert 0.4 < costs[0] < 1.5 and max(costs[1:]) < 0.05
+    # The first waits out the timeout; the others do not even try (well under it).
+    assert costs[0] >= 0.4 and max(costs[1:]) < 0.25
     assert s.stats.errors == 1 and s.stats.degraded == 4
     for w in held:
         w.close()

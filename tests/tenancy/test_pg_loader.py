@@ -133,10 +133,10 @@ async def test_cache_serves_while_postgres_is_down_and_catches_up_after(
     assert (await loader.load(str(duid))) is not None
     await pg_proxy.cut()
     await until(lambda: _async(not loader.listening.is_set()), 3.0)
-    t0 = time.perf_counter()
+    misses = loader.stats["misses"]
     t = await loader.load(str(duid))  # a hit: no I/O, so the outage does not matter
     assert t is not None and t.first_message == "Before the outage."
-    assert time.perf_counter() - t0 < 0.01
+    assert loader.stats["misses"] == misses
     with pytest.raises(OSError):
         await loader.load("never-seen.example.com")  # a miss needs the database
     # Changed while this loader could not hear the NOTIFY...

@@ -29,6 +29,7 @@ from tests.tenancy.conftest import CuttableProxy, Db, dsn
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 SECRET = "tenant-signing-secret"
+ADMIN = "fleet-super-admin"
 
 
 @dataclass
@@ -60,6 +61,7 @@ def settings_for(db: Db, pg_port: int, redis_url: str, name: str, **kw: Any) -> 
         secrets_key=SecretStr(db.key),
         accept_unsigned="never",
         instance_id=name,
+        admin_token=SecretStr(ADMIN),
         **kw,
     )
 
@@ -118,6 +120,8 @@ async def answered(url: str) -> FakeSwitchStream:
 
 
 async def test_signed_calls_answered_others_refused_with_1008(fleet: Fleet) -> None:
+    # The tenant's greeting was synthesized ahead, as for file tenants.
+    assert "Thanks for calling the clinic." in {g[2] for g in fleet.one.tenancy.warmed_greetings}
     call = f"sig-{uuidlib.uuid4()}"
     stream = await answered(fleet.url(fleet.one, call))
     await stream.hangup()
@@ -141,6 +145,19 @@ async def test_limit_holds_across_two_instances_and_records_land(fleet: Fleet) -
     try:
         code, reason = await refused(fleet.url(fleet.two, f"lim2-{uuidlib.uuid4()}"))
         assert (code, reason) == (4503, "tenant call limit reached (1)")
+        # The admin API on the other instance sees the call in the shared registry.
+        async with aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{fleet.two.port}/admin"
+            async with http.get(f"{base}/openapi.json") as r:
+                assert r.status == 200 and "paths" in await r.json()
+            async with http.get(
+                f"{base}/domains/{fleet.domain}/live-calls",
+                headers={"Authorization": f"Bearer {ADMIN}"},
+            ) as r:
+                live = await r.json()
+        assert [(c["call_uuid"], c["instance"], c["agent"]) for c in live] == [
+            (call, "instance-1", "Reception")
+        ]
         speech = await fleet.served.speech(QUESTION, 8000)
         _, reply = await ask(first, speech, 8000)
         assert reply is not None
