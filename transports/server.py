@@ -175,7 +175,8 @@ class CallServer:
             reason = "draining" if self.draining else "over capacity"
             return await self._refuse(ws, log, "capacity", reason, CLOSE_TRY_AGAIN)
         try:
-            tenant = await self.resolver.resolve(call.domain, call.destination)
+            with logger.contextualize(call=call.call_uuid):  # the resolver's lines name the call
+                tenant = await self.resolver.resolve(call.domain, call.destination)
         except TenantNotFound as exc:
             return await self._refuse(ws, log, "unknown_tenant", str(exc))
         except Exception as exc:  # the tenant store is down: refuse this call, keep serving

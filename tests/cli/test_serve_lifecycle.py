@@ -22,10 +22,10 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 DRAIN = 1.5
 
 
-async def _call(port: int, uuid: str) -> FakeSwitchStream:
+async def _call(port: int, uuid: str, domain: str = "default") -> FakeSwitchStream:
     stream = FakeSwitchStream(
         StreamConfig(
-            url=f"ws://127.0.0.1:{port}/fs/{uuid}?domain=default&rate=8000&mix=mono",
+            url=f"ws://127.0.0.1:{port}/fs/{uuid}?domain={domain}&rate=8000&mix=mono",
             rate=8000,
             playback="voxcom",
         )
@@ -52,7 +52,11 @@ async def test_second_serve_refused_then_sigterm_drains_says_goodbye_and_exits(
         tmp_path / "serve.log",
         "--providers",
         "emulated",
-        env={"PIPESWITCH_DRAIN_TIMEOUT_SECS": str(DRAIN)},
+        env={
+            "PIPESWITCH_DRAIN_TIMEOUT_SECS": str(DRAIN),
+            # As the README's quick start runs it for the shipped dialplan.
+            "PIPESWITCH_DEFAULT_TENANT_ANSWERS_ANY_DOMAIN": "true",
+        },
     )
     try:
         await asyncio.to_thread(server.wait_ready)
@@ -67,7 +71,8 @@ async def test_second_serve_refused_then_sigterm_drains_says_goodbye_and_exits(
         assert "Traceback" not in second.stderr
         assert ready_status(port) == 200
 
-        call = await _call(port, "drain-call")
+        # The shipped dialplan sends the channel's domain_name (here an IP address).
+        call = await _call(port, "drain-call", domain="192.168.1.10")
         assert await call.wait_connected(5.0)
         # The greeting plays, then the caller says nothing: the call would stay up.
         assert await _wait(lambda: call.last_bot_audio_at() is not None, 15.0)
@@ -93,6 +98,9 @@ async def test_second_serve_refused_then_sigterm_drains_says_goodbye_and_exits(
         await call.aclose()
         log = server.log()
         assert "ended 1 calls at shutdown" in log, log[-3000:]
+        # Loud about answering any domain: at start-up, and per call with the call's uuid.
+        assert re.search(r"WARNING .*ANSWERS_ANY_DOMAIN is on", log), log[:3000]
+        assert re.search(r"WARNING +drain-call default .*'192\.168\.1\.10' matches no tenant", log)
         # The bound: the server's own clock from the signal to the end of its cleanup (the
         # wall clock here adds interpreter exit and this machine's scheduling).
         m = re.search(r"stopped ([0-9.]+)s after the signal", log)
