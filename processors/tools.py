@@ -12,9 +12,9 @@ Tools never block the audio: every handler is async, switch commands go through
 the shared ESL connection (``bgapi`` for anything slow), and each tool runs under
 a timeout (Pipecat cancels it and tells the LLM).
 
-Wiring (one call): ``register_tools(llm, context, call_control, tenant, call)``
-after the cascade is built; keep the returned object with the call record (its
-``state`` holds the messages taken, transfers and DTMF sent).
+Wiring (one call): ``register_tools(llm, context, call_control, tenant, call_uuid)``
+when the cascade is built; keep the returned object's ``state`` with the call record
+(the messages taken, transfers and DTMF sent, as plain data).
 """
 
 from __future__ import annotations
@@ -396,9 +396,15 @@ class ReceptionistTools:
         }
         return {name: table[name] for name in s.enabled}
 
-    async def _say(self, text: str) -> None:
-        if self.speak is not None and text:
+    async def _say(self, text: str, params: FunctionCallParams) -> None:
+        """Say ``text`` and return once heard: through ``speak`` if one was given,
+        else through the calling pipeline's own TTS and output (:func:`pipeline_speaker`)."""
+        if not text:
+            return
+        if self.speak is not None:
             await self.speak(text)
+        elif getattr(params, "pipeline_worker", None) is not None:
+            await pipeline_speaker(params.llm, params.pipeline_worker)(text)
 
     # Each handler reports through params.result_callback; run_llm=False where the
     # tool itself already spoke (a transfer that connected, a goodbye).
@@ -425,7 +431,7 @@ class ReceptionistTools:
         self.log.info("transfer to {} ({} {})", name, target.kind, target.destination)
         # The outcome may arrive after this handler was cancelled (the caller spoke over
         # the ringback); the work goes on in its own task and reports either way.
-        work = asyncio.ensure_future(self._transfer(announcement, target.destination))
+        work = asyncio.ensure_future(self._transfer(announcement, target.destination, params))
         try:
             outcome = await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -439,8 +445,10 @@ class ReceptionistTools:
             ),
         )
 
-    async def _transfer(self, announcement: str, destination: str) -> TransferOutcome:
-        await self._say(announcement)
+    async def _transfer(
+        self, announcement: str, destination: str, params: FunctionCallParams
+    ) -> TransferOutcome:
+        await self._say(announcement, params)
         return await self.actions.transfer(
             destination, self.context_name, self.settings.transfer_ring_secs
         )
@@ -493,7 +501,7 @@ class ReceptionistTools:
         await params.result_callback(
             {"status": "ending"}, properties=FunctionCallResultProperties(run_llm=False)
         )
-        await self._say(goodbye)
+        await self._say(goodbye, params)
         try:
             await self.actions.hangup()
         except CallControlError as exc:
@@ -554,8 +562,8 @@ def register_tools(
 ) -> ReceptionistTools | None:
     """Give one call's LLM the tenant's tools; None when the tenant enables none.
 
-    ``speak`` says a sentence and returns once it was heard (use
-    :func:`pipeline_speaker` for a streamed call). ``actions`` defaults to ESL
+    ``speak`` says a sentence and returns once it was heard; None (streamed calls)
+    speaks through the pipeline the LLM runs in (:func:`pipeline_speaker`). ``actions`` defaults to ESL
     through ``call_control``; without either, tools that need the switch are
     left out (they could only fail). ``state`` is where the call keeps what the
     tools did (turn-based calls keep one across turns).
