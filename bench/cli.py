@@ -28,7 +28,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_capacity_arguments(sub.add_parser("capacity", help="concurrent-call sweep"))
     add_profile_arguments(sub.add_parser("profile", help="py-spy the server under load"))
+    from pipeswitch.bench.faults import add_fault_arguments
     from pipeswitch.bench.soak import add_soak_arguments
+
+    add_fault_arguments(sub.add_parser("faults", help="provider fault matrix: what callers hear"))
 
     add_soak_arguments(sub.add_parser("soak", help="sequential calls: RSS, tasks, fds over time"))
 
@@ -47,6 +50,10 @@ async def run_bench(args: argparse.Namespace) -> int:
         from pipeswitch.bench.profile import run_profile
 
         return await run_profile(args)
+    if args.bench_command == "faults":
+        from pipeswitch.bench.faults import run_faults
+
+        return await run_faults(args)
     if args.bench_command == "soak":
         from pipeswitch.bench.soak import run_soak
 

@@ -33,6 +33,7 @@ from pipeswitch.pipelines.compose import (
     resolve_builder,
 )
 from pipeswitch.pipelines.piper_client import WavError, synthesize
+from pipeswitch.pipelines.recovery import install_apology
 from pipeswitch.pipelines.services import ProviderEndpoints
 from pipeswitch.pipelines.tenancy import endpoints_for_tenant
 from pipeswitch.pipelines.tracing import tracing_wanted
@@ -210,6 +211,7 @@ class CallSessions:
             idle_timeout_secs=self.settings.idle_timeout_secs,
             name=f"call-{call.call_uuid}",
         )
+        install_apology(worker, log)
 
         @latency.event_handler("on_latency_measured")
         async def _on_latency(_: Any, secs: float) -> None:

@@ -119,6 +119,9 @@ class DeepgramFaults:
             ``"close"`` sends a 1011 close frame (provider-side error).
         connections: Apply the faults to this many new connections only, so a
             reconnect can succeed; None applies them to every connection.
+        stall: Keep the stream open but never send a transcript (a hung provider).
+        malformed: Send a text frame that is not JSON where each final would go.
+        final_delay_s: Hold each final transcript this much longer (slow first byte).
     """
 
     reject_status: int | None = None
@@ -126,6 +129,9 @@ class DeepgramFaults:
     drop_after_utterances: int | None = None
     drop_mode: Literal["abort", "close"] = "abort"
     connections: int | None = None
+    stall: bool = False
+    malformed: bool = False
+    final_delay_s: float | None = None
 
     @property
     def active(self) -> bool:
@@ -134,6 +140,9 @@ class DeepgramFaults:
             self.reject_status is not None
             or self.drop_after_s is not None
             or self.drop_after_utterances is not None
+            or self.stall
+            or self.malformed
+            or self.final_delay_s is not None
         )
 
 
@@ -692,7 +701,13 @@ class _Stream:
             speech_final=rec.speech_final,
             from_finalize=rec.from_finalize,
         )
-        if self.ws.closed:
+        f = self.faults
+        if f is not None and f.final_delay_s:
+            await asyncio.sleep(f.final_delay_s)
+        if self.ws.closed or (f is not None and f.stall):
+            return
+        if f is not None and f.malformed:
+            await self.ws.send_str('{"type": "Results", "channel": {"alternatives": [')
             return
         await self.ws.send_str(json.dumps(msg))
         self.record.finals_sent += 1
@@ -719,7 +734,7 @@ class _Stream:
             self._spawn(self._send_json(msg))
 
     async def _send_json(self, msg: dict[str, Any]) -> None:
-        if not self.ws.closed:
+        if not self.ws.closed and not (self.faults is not None and self.faults.stall):
             await self.ws.send_str(json.dumps(msg))
 
     def _results(

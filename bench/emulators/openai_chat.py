@@ -83,6 +83,9 @@ class ChatFaults:
         drop_after_tokens: Abort the TCP connection after streaming this many
             tokens (0: right after the headers).
         count: Apply to this many upcoming requests only; None means all.
+        first_token_delay_s: Add this to the time to first token (slow first byte; a
+            long one is a stalled provider).
+        malformed: Answer 200 with an event stream whose first event is not JSON.
     """
 
     status: int | None = None
@@ -90,11 +93,18 @@ class ChatFaults:
     should_retry: bool | None = None
     drop_after_tokens: int | None = None
     count: int | None = None
+    first_token_delay_s: float | None = None
+    malformed: bool = False
 
     @property
     def active(self) -> bool:
         """Whether any fault is configured."""
-        return self.status is not None or self.drop_after_tokens is not None
+        return (
+            self.status is not None
+            or self.drop_after_tokens is not None
+            or self.first_token_delay_s is not None
+            or self.malformed
+        )
 
 
 @dataclass
@@ -349,6 +359,16 @@ class OpenAIChatEmulator:
             else (None if isinstance(reply, str) else list(reply))
         )
         rec.ttft_s = self.ttft.sample_s()
+        if faults is not None and faults.first_token_delay_s:
+            rec.ttft_s += faults.first_token_delay_s
+            rec.fault = f"first token +{faults.first_token_delay_s}s"
+        if faults is not None and faults.malformed:
+            rec.outcome, rec.fault = "error", "malformed event stream"
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(b"data: {this is not json\n\n")
+            await resp.write_eof()
+            return resp
         drop_after = faults.drop_after_tokens if faults is not None else None
         if calls:
             rec.tool_calls = [

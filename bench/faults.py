@@ -1,0 +1,387 @@
+"""``pipeswitch bench faults``: what a caller hears when a provider fails mid-call.
+
+For each of STT (Deepgram emulator), LLM (OpenAI-chat emulator, as Groq) and TTS (the
+real Piper server behind a fault-injecting proxy), and each fault (refuse, drop
+mid-stream, stall, 5xx, slow first byte, malformed payload), one emulated call: the
+greeting plays, the fault is armed, the caller asks a question, then the fault is
+cleared and the caller asks again. Measured on the wire, as FreeSWITCH would see it:
+
+* ``dead_air_s``: end of the caller's speech to the first bot audio (an answer or an
+  apology), capped at the watch window;
+* ``dropped``: the server closed the call;
+* ``next_turn``: the question after the fault was answered (the call recovered).
+
+A fault counts as recovered when the call was not dropped, the caller heard something
+within 2 s, and the next turn was answered. ``--out`` gets ``faults.json`` and
+``faults.md`` (the matrix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+from loguru import logger
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "What are your opening hours on Saturday?"
+SERVICES = ("stt", "llm", "tts")
+KINDS = ("refuse", "drop", "stall", "5xx", "slow_first_byte", "malformed")
+DEAD_AIR_LIMIT_S = 2.0
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TtsFaultProxy:
+    """HTTP proxy in front of Piper that injects TTS faults once armed."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.kind: str | None = None
+        self.armed = False
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.port = 0
+
+    async def start(self, port: int = 0) -> str:
+        """Listen (again, on ``port`` when the TTS endpoint comes back after a refuse)."""
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        self._http = aiohttp.ClientSession()
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        assert self._http is not None
+        kind = self.kind if self.armed else None
+        if kind == "5xx":
+            return web.json_response({"error": "emulated TTS failure"}, status=500)
+        if kind == "stall":
+            await asyncio.sleep(60)
+        if kind == "slow_first_byte":
+            await asyncio.sleep(1.5)
+        if kind == "malformed":
+            return web.Response(body=os.urandom(30) + b"not a wav", content_type="audio/wav")
+        body = await request.read()
+        async with self._http.request(
+            request.method,
+            f"{self.upstream}{request.rel_url}",
+            data=body,
+            headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+        ) as up:
+            resp = web.StreamResponse(status=up.status)
+            for k in ("Content-Type",):
+                if k in up.headers:
+                    resp.headers[k] = up.headers[k]
+            await resp.prepare(request)
+            sent = 0
+            async for chunk in up.content.iter_chunked(4096):
+                if kind == "drop" and sent > 8000:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                await resp.write(chunk)
+                sent += len(chunk)
+            await resp.write_eof()
+            return resp
+
+
+@dataclass
+class FaultResult:
+    service: str
+    kind: str
+    dead_air_s: float | None
+    heard: bool
+    dropped: bool
+    next_turn: bool
+    next_turn_latency_s: float | None
+    recovered: bool
+    note: str = ""
+
+
+def _trim(pcm: bytes, peak: int = 300) -> bytes:
+    a = np.frombuffer(pcm, dtype="<i2")
+    idx = np.flatnonzero(np.abs(a) > peak)
+    return pcm if not len(idx) else a[idx[0] : idx[-1] + 1].tobytes()
+
+
+async def _quiet(stream: Any, quiet_s: float = 0.5, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        last = stream.last_bot_audio_at()
+        if last is not None and time.monotonic() - last > quiet_s:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _ask(stream: Any, speech: bytes, window_s: float) -> tuple[float | None, float]:
+    """Speak; (seconds to the first bot audio or None, end of speech)."""
+    stream.queue_caller_audio(speech)
+    stream.queue_caller_silence(0.3)
+    await stream.wait_caller_drained(timeout_s=len(speech) / 16000 + 3.0)
+    end = stream.last_voiced_sent_at() or time.monotonic()
+    deadline = end + window_s
+    while time.monotonic() < deadline:
+        t = stream.first_bot_audio_received_after(end)
+        if t is not None:
+            return t - end, end
+        if stream.close_record.server_close_at is not None:
+            break
+        await asyncio.sleep(0.02)
+    return None, end
+
+
+Arm = Callable[[], Awaitable[None]]
+
+
+async def run_case(
+    service: str,
+    kind: str,
+    *,
+    emu: Any,
+    proxy: TtsFaultProxy,
+    base_ep: Any,
+    speech: bytes,
+    window_s: float,
+) -> FaultResult:
+    """One call with one fault; a fresh server so endpoint faults (refuse) are per case."""
+    from pipeswitch.bench.emulators.deepgram import DeepgramFaults
+    from pipeswitch.bench.emulators.openai_chat import ChatFaults
+    from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
+    from pipeswitch.config.loaders import StaticTenantLoader
+    from pipeswitch.config.settings import Settings
+    from pipeswitch.config.tenants import Tenant
+    from pipeswitch.pipelines.app import Pipeswitch
+
+    ep = base_ep
+    dg, chat = emu.deepgram, emu.openai
+    dg.set_faults(DeepgramFaults())
+    chat.set_faults(ChatFaults())
+    proxy.armed, proxy.kind = False, None
+
+    async def arm() -> None:
+        if service == "stt":
+            f = {
+                "drop": DeepgramFaults(drop_after_s=0.5, connections=1),
+                "stall": DeepgramFaults(stall=True, connections=1),
+                "5xx": DeepgramFaults(reject_status=500),
+                "slow_first_byte": DeepgramFaults(final_delay_s=1.5, connections=1),
+                "malformed": DeepgramFaults(malformed=True, connections=1),
+            }.get(kind)
+            if f is not None:
+                dg.set_faults(f)
+        elif service == "llm":
+            f2 = {
+                # Every request of the faulted turn fails (a turn may be split in two).
+                "drop": ChatFaults(drop_after_tokens=2),
+                "stall": ChatFaults(first_token_delay_s=60.0),
+                "5xx": ChatFaults(status=500, should_retry=False),
+                "slow_first_byte": ChatFaults(first_token_delay_s=1.5),
+                "malformed": ChatFaults(malformed=True),
+            }.get(kind)
+            if f2 is not None:
+                chat.set_faults(f2)
+        else:
+            proxy.kind, proxy.armed = kind, True
+
+    async def disarm() -> None:
+        chat.set_faults(ChatFaults())
+        proxy.armed = False
+        if service == "stt" and kind == "5xx":
+            dg.set_faults(DeepgramFaults())
+
+    # STT faults act when the stream connects (call start); others once the greeting is over.
+    if kind == "refuse":
+        dead = f"http://127.0.0.1:{closed_port()}"
+        if service == "stt":
+            ep = replace(ep, deepgram_url=dead.replace("http", "ws"))
+        elif service == "llm":
+            ep = replace(ep, groq_base_url=f"{dead}/v1", openai_base_url=f"{dead}/v1")
+    elif service == "stt":
+        await arm()
+    settings = Settings(host="127.0.0.1", port=0, providers="emulated", idle_timeout_secs=30)
+    tenant = Tenant(name="default")
+    app = Pipeswitch(
+        settings,
+        loader=StaticTenantLoader([tenant], default="default"),
+        default_tenant="default",
+        endpoints=ep,
+    )
+    await app.start()
+    stream = FakeSwitchStream(
+        StreamConfig(
+            url=f"ws://127.0.0.1:{app.port}/fs/fault-{service}-{kind}?domain=default&rate=8000",
+            rate=8000,
+            playback="voxcom",
+        )
+    )
+    note = ""
+    try:
+        await stream.start()
+        if not await stream.wait_connected(5.0):
+            return FaultResult(service, kind, None, False, True, False, None, False, "no connect")
+        await _quiet(stream, quiet_s=1.0)
+        if service == "tts" and kind == "refuse":
+            proxy.kind, proxy.armed = "refuse", False
+            await proxy.stop()  # the TTS endpoint vanishes: connections refused
+        elif service != "stt":
+            await arm()
+        dead_air, _ = await _ask(stream, speech, window_s)
+        dropped = stream.close_record.server_close_at is not None
+        await _quiet(stream, quiet_s=1.5, timeout_s=window_s)
+        if service == "tts" and kind == "refuse":
+            await proxy.start(proxy.port)
+        await disarm()
+        next_lat: float | None = None
+        if not dropped:
+            next_lat, _ = await _ask(stream, speech, window_s)
+            dropped = stream.close_record.server_close_at is not None
+            await _quiet(stream, timeout_s=5.0)
+    except Exception as exc:
+        note = f"{type(exc).__name__}: {exc}"
+        dead_air, next_lat, dropped = None, None, True
+    finally:
+        with contextlib.suppress(Exception):
+            await stream.hangup()
+        await app.stop(drain_secs=1.0)
+        await disarm()
+        dg.set_faults(DeepgramFaults())
+    heard = dead_air is not None
+    recovered = (
+        heard
+        and dead_air is not None
+        and dead_air <= DEAD_AIR_LIMIT_S
+        and not dropped
+        and next_lat is not None
+    )
+    return FaultResult(
+        service,
+        kind,
+        None if dead_air is None else round(dead_air, 2),
+        heard,
+        dropped,
+        next_lat is not None,
+        None if next_lat is None else round(next_lat, 2),
+        recovered,
+        note,
+    )
+
+
+def add_fault_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``pipeswitch bench faults``."""
+    p.add_argument("--services", default=",".join(SERVICES), help="stt,llm,tts")
+    p.add_argument("--kinds", default=",".join(KINDS), help=",".join(KINDS))
+    p.add_argument("--window", type=float, default=8.0, help="seconds to wait for bot audio")
+    p.add_argument("--out", type=Path, default=None, help="results folder")
+    p.add_argument(
+        "--no-recovery",
+        action="store_true",
+        help="measure without the apology on provider errors (the behaviour before it)",
+    )
+
+
+async def run_faults(args: argparse.Namespace) -> int:
+    """Run the matrix; exit 0 (the matrix is a measurement, not a gate)."""
+    from pipeswitch.bench.emulators.runner import EmulatorConfig, run_emulators
+    from pipeswitch.pipelines.emulated import endpoints_for
+    from pipeswitch.pipelines.local.supervisor import LocalModelServers
+
+    out: Path = args.out or REPO_ROOT / "bench" / "results" / time.strftime("faults-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[FaultResult] = []
+    if args.no_recovery:
+        import pipeswitch.pipelines.session as session
+
+        session.install_apology = lambda *a, **k: None
+    from pipeswitch.config.tenants import Tenant
+
+    greeting = Tenant(name="default").first_message
+    models = LocalModelServers(
+        piper=True, whisper=False, llm=False, piper_warm=[greeting] if greeting else []
+    )
+    await models.start()
+    proxy = TtsFaultProxy(models.piper_base)
+    proxy_url = await proxy.start()
+    try:
+        cfg = EmulatorConfig(llm_script="office", stt_script="office", seed=1)
+        async with run_emulators(cfg) as emu, aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{models.piper_url(8000)}", json={"text": QUESTION, "voice": "joe"}
+            ) as r:
+                r.raise_for_status()
+                speech = _trim((await r.read())[44:])
+            base_ep = replace(endpoints_for(emu), piper_url=f"{proxy_url}/tts")
+            for service in args.services.split(","):
+                for kind in args.kinds.split(","):
+                    res = await run_case(
+                        service,
+                        kind,
+                        emu=emu,
+                        proxy=proxy,
+                        base_ep=base_ep,
+                        speech=speech,
+                        window_s=args.window,
+                    )
+                    logger.info("fault {}", res)
+                    results.append(res)
+    finally:
+        await proxy.stop()
+        await models.stop()
+    (out / "faults.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    md = matrix_markdown(results)
+    (out / "faults.md").write_text(md)
+    print(md)
+    print(f"results in {out}")
+    return 0
+
+
+def matrix_markdown(results: list[FaultResult]) -> str:
+    """The fault matrix: one row per fault, with the recovery rate at the end."""
+    lines = [
+        "| service | fault | heard after (s) | dropped | next turn (s) | recovered |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.service} | {r.kind} | {'-' if r.dead_air_s is None else r.dead_air_s} | "
+            f"{'yes' if r.dropped else 'no'} | "
+            f"{'-' if r.next_turn_latency_s is None else r.next_turn_latency_s} | "
+            f"{'yes' if r.recovered else 'no'}{' (' + r.note + ')' if r.note else ''} |"
+        )
+    ok = sum(r.recovered for r in results)
+    lines.append("")
+    lines.append(
+        f"recovered {ok}/{len(results)} ({100 * ok / max(1, len(results)):.0f} %); "
+        f"recovered = not dropped, bot audio within {DEAD_AIR_LIMIT_S:.0f} s of the "
+        "end of speech, next turn answered"
+    )
+    return "\n".join(lines) + "\n"
