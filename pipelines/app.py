@@ -307,7 +307,7 @@ class Pipeswitch:
         mounts = self.tenancy.mounts()
         mounts.update(fallback_mounts(self))  # /turn (turn-based), /unicast (needs ESL)
         if self.tenancy.loader is not None:  # the web console needs the tenant database
-            from pipeswitch.pipelines.console import mount_console
+            from pipeswitch.pipelines.console.app import mount_console
 
             mounts["/console"] = mount_console(self)
         self._runner = web.AppRunner(

@@ -18,18 +18,18 @@ from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
 from statistics import median
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
 from aiohttp import web
 from loguru import logger
 
+import pipeswitch.pipelines.console.forms as forms
 from pipeswitch.config.loaders import TenantNotFound
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenant_store import TenantStore
 from pipeswitch.config.tenants import Tenant
-from pipeswitch.pipelines.console import forms
 from pipeswitch.pipelines.console.admin_client import AdminClient, AdminError, loopback_base
 from pipeswitch.pipelines.console.auth import (
     COOKIE,
@@ -55,6 +55,9 @@ from pipeswitch.pipelines.console.pages import (
 )
 from pipeswitch.transports.call_info import parse_call_request
 from pipeswitch.transports.server import CallServer
+
+if TYPE_CHECKING:
+    from pipeswitch.pipelines.app import Pipeswitch
 
 Json = dict[str, Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -462,6 +465,8 @@ class Console:
             role = str(t.get("role", ""))
             text = str(t.get("turn_text") or "")
             heard = t.get("heard_text")
+            if not text.strip() and not heard:
+                continue  # an empty context entry (a reply that never started)
             if role == "assistant" and (t.get("interrupted") or (heard and heard != text)):
                 heard = str(heard or "")
                 rest = text[len(heard) :] if text.startswith(heard) else text
@@ -719,3 +724,20 @@ def console_app(console: Console) -> web.Application:
     r.add_static("/static/", static_dir(), append_version=False)
     app.on_cleanup.append(console.close)
     return app
+
+
+def mount_console(ps: Pipeswitch) -> web.Application:
+    """The console sub-application for a started server (tenants in PostgreSQL).
+
+    Registers the browser calls' side channel with the call controller, so the page gets
+    its call's transcript and turn latency.
+    """
+
+    def tenants() -> list[Tenant]:
+        loader = ps.tenancy.loader
+        return loader.tenants() if loader is not None else []
+
+    console = Console(ps.settings, lambda: ps.tenancy.store, lambda: ps.server, tenants)
+    if ps.sessions is not None:
+        ps.sessions.observer_factories.append(console.calls.observers)
+    return console_app(console)

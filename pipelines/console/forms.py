@@ -291,16 +291,17 @@ def read_tools_form(form: Any) -> tuple[dict[str, tuple[bool, Json]], Json, dict
             ToolSettings.model_validate({"enabled": enabled, **transfer, **hours_doc})
         except ValidationError as exc:
             for name, msg in errors_by_field(exc.errors(include_url=False)).items():
-                errors[_tool_field(name)] = msg
+                errors[_tool_field(name, msg)] = msg
     rows = {t: (t in enabled, settings_of.get(t, {})) for t in TOOL_NAMES}
     return rows, shown, errors
 
 
-def _tool_field(name: str) -> str:
+def _tool_field(name: str, msg: str) -> str:
     """A ToolSettings error location -> the editor input it belongs next to."""
     top, _, sub = name.partition(".")
     if top == "business_hours":
-        return f"tools.hours.{sub}" if sub in WEEKDAYS else "tools.hours.mon"
+        day = sub if sub in WEEKDAYS else msg.split(":", 1)[0].strip()  # "tue: '9-5' is not..."
+        return f"tools.hours.{day}" if day in WEEKDAYS else "tools.hours.mon"
     if top in ("transfer_targets", "timezone", "holidays", "dialplan_context", "enabled"):
         return f"tools.{top}"
     return "tools.transfer_targets" if top in ("", "_form") else f"tools.{top}"

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from playwright.async_api import BrowserContext, Page
 
+from pipeswitch.config.records import call_rows
 from tests.conftest import QUESTION
 from tests.console.conftest import SUPER_TOKEN, ConsoleServer, login
 from tests.e2e.helpers import ask, open_call, wait_for_bot_audio
@@ -271,3 +272,82 @@ async def test_browser_call_with_fake_microphone_then_records_and_gdpr_delete(
     )
     assert float(line.rsplit(" ", 1)[1]) == started
     await shot(page, shots, "dashboard")
+
+
+async def _http_login(http: aiohttp.ClientSession, base: str, token: str) -> str:
+    """Log in like the form does; returns the page's CSRF token for later POSTs."""
+    async with http.get(f"{base}/console/login") as r:
+        page = await r.text()
+    pre = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    async with http.post(f"{base}/console/login", data={"csrf": pre, "token": token}) as r:
+        assert r.status == 200, await r.text()
+        page = await r.text()
+    return page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+
+
+async def test_forged_requests_refused_and_barge_in_cut_marked_in_the_transcript(
+    console: ConsoleServer,
+) -> None:
+    base, a = console.base, console.a
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        # A login POST without the login form's own token (login CSRF): refused.
+        async with http.post(f"{base}/console/login", data={"token": a.token}) as r:
+            assert r.status == 401 and "expired" in await r.text()
+        csrf = await _http_login(http, base, a.token)
+        # A right token from another site's page: refused by Origin.
+        async with http.post(
+            f"{base}/console/d/{a.name}/agents",
+            data={"csrf": csrf, "agent_name": "Evil"},
+            headers={"Origin": "http://evil.example"},
+        ) as r:
+            assert r.status == 403
+        names = [x["agent_name"] for x in await console.db.store.list_agents(a.uuid)]
+        assert "Evil" not in names
+
+        # A call whose reply the caller cut: heard words plain, the rest struck through.
+        now = time.time()
+        rows = call_rows(
+            domain_uuid=str(a.uuid),
+            call_uuid=f"cut-{uuidlib.uuid4()}",
+            agent_uuid=a.agent,
+            caller="+15550199",
+            destination="100",
+            instance="test",
+            started_wall=now - 20,
+            ended_wall=now - 5,
+            end_reason="caller closed (1000)",
+            metadata=None,
+            turns=[
+                {"role": "user", "text": "Are you open on Saturday?"},
+                {
+                    "role": "assistant",
+                    "text": "On Saturdays we open at nine and close at noon.",
+                    "heard_text": "On Saturdays we open",
+                    "interrupted": True,
+                    "latency_ms": 512.0,
+                },
+            ],
+            messages=[],
+        )
+        await console.db.store.write_records([rows.call], rows.turns, [])
+        vcu = rows.call["voice_call_uuid"]
+        async with http.get(f"{base}/console/d/{a.name}/calls/{vcu}") as r:
+            assert r.status == 200
+            page = await r.text()
+        assert '<span class="heard">On Saturdays we open</span>' in page
+        assert (
+            '<span class="cut" title="not heard: barge-in"> at nine and close at noon.</span>'
+            in page
+        )
+        assert "512 ms" in page
+        # Domain B's admin cannot read it, by the console or by the API.
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        await _http_login(http, base, console.b.token)
+        async with http.get(f"{base}/console/d/{a.name}/calls/{vcu}") as r:
+            assert r.status == 403
+        async with http.get(
+            f"{base}/admin/domains/{a.name}/calls/{vcu}",
+            headers={"Authorization": f"Bearer {console.b.token}"},
+        ) as r:
+            assert r.status == 403
