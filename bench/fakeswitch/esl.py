@@ -596,6 +596,18 @@ class FakeSwitchEsl:
         module or a lost FIN) and only the ESL event tells the server."""
         return await self.hangup(call_uuid, cause, close_stream=close_stream)
 
+    async def kill_switch_channel(self, call_uuid: str) -> Channel:
+        """The remedy for a stuck channel on a real switch (kill -9): its TCP connection
+        goes away without a CLOSE or any event."""
+        ch = self.channels[call_uuid]
+        st = ch.stream
+        if st is not None:
+            st._abort()
+            await st.aclose()
+        ch.stuck = False
+        ch.state = "CS_DESTROY"
+        return ch
+
     async def hangup(
         self, call_uuid: str, cause: str = "NORMAL_CLEARING", *, close_stream: bool = True
     ) -> Channel:
@@ -619,6 +631,10 @@ class FakeSwitchEsl:
         ):
             ch.stuck = True
             ch.state = "CS_EXECUTE"
+            # The fork's write thread stopped at hangup: the blocked inject never gets
+            # space, libwsc's thread never reads or sends again, no caller audio is read.
+            st.playout.gated = True
+            st.pause()
             ch.hazard(
                 "voxcom hangup deadlock: injectRawAudio blocked libwsc's thread with bot audio "
                 "queued; the channel never hangs up (set STREAM_BUFFER_SIZE=40, keep the lead small)"

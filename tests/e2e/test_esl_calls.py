@@ -305,3 +305,42 @@ async def test_a_transferred_call_is_not_hung_up_when_its_pipeline_ends(
     assert ch.up, "the transferred caller was hung up"
     assert not any(c.command.startswith(f"bgapi uuid_kill {uuid}") for c in esl_served.fs.commands)
     await esl_served.fs.hangup(uuid)
+
+
+@pytest.mark.parametrize("buffer_ms", ["20", "40"])
+async def test_voxcom_hangup_mid_reply_deadlocks_only_without_the_cure(
+    esl_served: EslServed, buffer_ms: str
+) -> None:
+    """§15: with voxcom's default 20 ms buffer, Pipeswitch's 20 ms lead can block
+    injectRawAudio at hangup (the channel sticks, the call never ends); with
+    STREAM_BUFFER_SIZE=40 a hangup mid-reply is clean."""
+    uuid = f"vox-hang-{buffer_ms}"
+    variables = recommended_variables("voxcom")
+    variables["STREAM_BUFFER_SIZE"] = buffer_ms
+    ch = await esl_served.fs.start_call(
+        esl_served.url(uuid, "json-stream.esl"), call_uuid=uuid, build="voxcom", variables=variables
+    )
+    st = ch.stream
+    assert st is not None and await st.wait_connected(3.0)
+    sessions = esl_served.app.sessions
+    assert sessions is not None
+    # The greeting is playing: hang up the moment bot audio blocks the module, if it does.
+    assert await wait_heard(st, st.started_at or 0.0, 5.0) is not None
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline and not st._tx_blocked:
+        await asyncio.sleep(0.001)
+    await esl_served.fs.caller_hangup(uuid)
+    if buffer_ms == "20":
+        assert ch.stuck and any("deadlock" in h for h in ch.hazards)
+        await asyncio.sleep(0.5)
+        server = esl_served.app.server
+        assert server is not None and server.stats.calls_active == 1
+        assert st.close_record.close_sent_at is None, "a stuck module closes nothing"
+        await esl_served.fs.kill_switch_channel(uuid)  # as on the real one
+    else:
+        assert not ch.stuck and ch.hazards == []
+    server = esl_served.app.server
+    assert server is not None
+    assert await until(lambda: server.stats.calls_active == 0, 2.0), (
+        f"the call did not end: {server.stats.calls_active} active, {list(sessions.active)}"
+    )

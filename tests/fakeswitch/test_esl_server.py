@@ -262,8 +262,7 @@ async def test_voxcom_hangup_deadlock_is_detectable_and_cured(
         assert ch.stuck is stuck
         assert any("deadlock" in h for h in ch.hazards) is stuck
         if stuck:
-            ch.stuck = False  # let the emulator clean up the channel
-            await fs.hangup(uuid)
+            await fs.kill_switch_channel(uuid)  # the only way out, as on a real switch
 
 
 async def test_cloudfieldcz_needs_send_silence_when_idle(fs: FakeSwitchEsl) -> None:
