@@ -311,7 +311,12 @@ class Pipeswitch:
 
             mounts["/console"] = mount_console(self)
         self._runner = web.AppRunner(
-            self.server.app(mounts=mounts), handle_signals=False, access_log=None
+            self.server.app(mounts=mounts),
+            handle_signals=False,
+            access_log=None,
+            # Calls are ended before the runner closes; a handler still closing its socket
+            # after that is cut (shutdown ends within the drain timeout + 2 s).
+            shutdown_timeout=RUNNER_SHUTDOWN_SECS,
         )
         await self._runner.setup()
         # Only the workers of one ``serve --workers N`` share a port (SO_REUSEPORT); a single
@@ -361,16 +366,17 @@ class Pipeswitch:
                 return
             await asyncio.sleep(0.1)  # bounded drain poll
 
-    async def end_calls(self, goodbye: str, grace_secs: float) -> None:
-        """End the calls still up: goodbye + EndFrame, cancelled after ``grace_secs``."""
+    async def end_calls(self, goodbye: str, grace_secs: float, settle_secs: float = 0.5) -> None:
+        """End the calls still up: goodbye + EndFrame, cancelled after ``grace_secs``; then
+        up to ``settle_secs`` for their handlers to close the sockets (1000)."""
         if self.sessions is None or self.server is None or not self.server.stats.calls_active:
             return
         n = self.server.stats.calls_active
-        cancelled = await self.sessions.end_all(goodbye, grace_secs)
+        cancelled = await self.sessions.end_all(goodbye, grace_secs, settle_secs)
         logger.info("ended {} calls at shutdown ({} cancelled)", n, cancelled)
         # Let each call's handler close its socket (1000) before the runner goes away.
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 0.5
+        deadline = loop.time() + settle_secs
         while self.server.stats.calls_active and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
 
@@ -383,6 +389,12 @@ class Pipeswitch:
 
     async def close(self) -> None:
         """Release the socket, the HTTP pool and the model processes this server started."""
+        models: asyncio.Future[None] | None = None
+        if self._local is not None and self._own_local:
+            # The calls are over; the model processes' exit is the slow part of a shutdown,
+            # so it runs alongside the rest.
+            models = asyncio.ensure_future(self._local.stop())
+            self._own_local = False
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -394,9 +406,8 @@ class Pipeswitch:
         if self._http is not None:
             await self._http.close()
             self._http = None
-        if self._local is not None and self._own_local:
-            await self._local.stop()
-            self._own_local = False
+        if models is not None:
+            await models
 
     async def __aenter__(self) -> Pipeswitch:
         await self.start()
@@ -408,6 +419,11 @@ class Pipeswitch:
 
 # How long a call ended by shutdown may take to say its goodbye before it is cancelled.
 GOODBYE_GRACE_SECS = 1.2
+# After the drain timeout, everything must be over within this (the goodbye included).
+SHUTDOWN_AFTER_DRAIN_SECS = 2.0
+# What closing takes after the calls: the sockets, the HTTP pool, the model processes.
+CLOSE_RESERVE_SECS = 0.6
+RUNNER_SHUTDOWN_SECS = 0.3
 
 
 async def serve_forever(app: Pipeswitch, drain_secs: float | None = None) -> None:
@@ -443,9 +459,13 @@ async def serve_forever(app: Pipeswitch, drain_secs: float | None = None) -> Non
         logger.info("shutting down: {} active calls may finish for up to {:.0f}s", active, drain)
         app.stop_accepting()
         await app.drain(drain, now)
+        # What is left of the 2 s after the drain, minus what closing needs.
+        left = t0 + drain + SHUTDOWN_AFTER_DRAIN_SECS - CLOSE_RESERVE_SECS - time.monotonic()
+        grace = 0.0 if now.is_set() else max(0.0, min(GOODBYE_GRACE_SECS, left - 0.3))
         await app.end_calls(
             "" if now.is_set() else app.settings.shutdown_goodbye,
-            0.0 if now.is_set() else GOODBYE_GRACE_SECS,
+            grace,
+            settle_secs=max(0.1, min(0.5, left - grace)),
         )
         logger.info("calls ended after {:.1f}s; closing", time.monotonic() - t0)
     finally:

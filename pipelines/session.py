@@ -133,10 +133,11 @@ class CallSessions:
             self.http, f"{ep.local_llm_root}/warm", {"messages": messages}, ep.local_api_key
         )
 
-    async def end_all(self, goodbye: str, grace_secs: float) -> int:
+    async def end_all(self, goodbye: str, grace_secs: float, cancel_wait_secs: float = 0.5) -> int:
         """End every active call (shutdown): a short goodbye where the pipeline can speak it,
-        then EndFrame; calls still up after ``grace_secs`` are cancelled. Returns how many
-        calls had to be cancelled."""
+        then EndFrame; calls still up after ``grace_secs`` are cancelled, waiting at most
+        ``cancel_wait_secs`` for that (shutdown has a deadline). Returns how many calls had
+        to be cancelled."""
         workers = dict(self._workers)
         for uuid, worker in workers.items():
             rec = self.active.get(uuid)
@@ -151,11 +152,17 @@ class CallSessions:
         while self._workers and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # bounded: the goodbye is a second or two
         stuck = dict(self._workers)
+        cancels = []
         for uuid, worker in stuck.items():
             logger.bind(call=uuid).warning(
                 "goodbye did not finish in {:.1f}s; cancelling", grace_secs
             )
-            await worker.cancel(reason="server shutting down")
+            task = asyncio.ensure_future(worker.cancel(reason="server shutting down"))
+            self._tasks.add(task)  # may outlive the wait below; keep it referenced
+            task.add_done_callback(self._tasks.discard)
+            cancels.append(task)
+        if cancels:
+            await asyncio.wait(cancels, timeout=cancel_wait_secs)
         return len(stuck)
 
     async def run_call(
