@@ -38,6 +38,8 @@ __all__ = ["FIRST_WRITE_S", "UnicastLeg", "install", "legs"]
 FIRST_WRITE_S = 0.017
 # Two datagrams closer than this are a burst (the channel writes them back to back).
 BURST_GAP_S = 0.01
+# The dialplan extension that parks a caller again (freeswitch-conf).
+PARK_EXTENSION = "pipeswitch_return"
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux
 
 
@@ -134,16 +136,22 @@ class UnicastLeg:
         t0 = time.monotonic()
         n = 0
         try:
-            while self._parked():
+            while not self.closed and self.channel.up and self.channel.state != "CS_HANGUP":
                 n += 1
                 await asyncio.sleep(max(0.0, t0 + n * tick - time.monotonic()))
-                self._send_caller_frame()
+                if self._parked():  # transferred away: paused until parked again
+                    self._send_caller_frame()
         finally:
             self.close()
 
     def _parked(self) -> bool:
+        """Unicast media flows only while parked: a transfer elsewhere ends it; one back to
+        a parking extension (``pipeswitch_return``) keeps it (the channel keeps its unicast
+        settings across transfers)."""
         ch = self.channel
-        return not self.closed and ch.up and not ch.transfers and ch.state != "CS_HANGUP"
+        if self.closed or not ch.up or ch.state == "CS_HANGUP":
+            return False
+        return not ch.transfers or ch.transfers[-1][0] == PARK_EXTENSION
 
     def _send_caller_frame(self) -> None:
         assert self._sock is not None
@@ -179,6 +187,8 @@ class UnicastLeg:
             self._on_datagram(data, now)
 
     def _on_datagram(self, data: bytes, now: float) -> None:
+        if not self._parked():
+            return  # not parked: FreeSWITCH is running another application
         if self._last_rx and now - self._last_rx < BURST_GAP_S:
             self.hazard("datagrams arrived in a burst: FreeSWITCH writes them unpaced (garbled)")
         self._last_rx = now

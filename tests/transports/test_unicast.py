@@ -10,16 +10,24 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from pipecat.services.llm_service import LLMService
 
+from pipeswitch.bench.emulators.openai_chat import ChatReply, ToolCall
 from pipeswitch.bench.fakeswitch.esl import FakeSwitchEsl
 from pipeswitch.bench.fakeswitch.unicast import UnicastLeg, install, legs
+from pipeswitch.config.loaders import StaticTenantLoader, TenantResolver
 from pipeswitch.config.settings import Settings
+from pipeswitch.config.tenants import Tenant
+from pipeswitch.pipelines.cascade import build_cascade
+from pipeswitch.pipelines.compose import CallContext, CallPipeline
+from pipeswitch.processors.tools import ReceptionistTools, register_tools
 from pipeswitch.transports.esl import EslClient
 from pipeswitch.transports.unicast import (
     PortPool,
@@ -216,3 +224,96 @@ async def test_trigger_refusals(served: Served, rig: Rig) -> None:
             assert r.status == 404 and "unknown tenant" in (await r.json())["error"]
         async with http.post(f"{rig.base}/unicast/x2?domain=default&rate=11025") as r:
             assert r.status == 400
+
+
+# -- tools on a real call: the announcement is heard before the transfer -------------------
+
+TOOL_CONTROL: list[EslClient] = []
+TOOLS: dict[str, ReceptionistTools] = {}
+
+
+async def build_with_tools(ctx: CallContext) -> CallPipeline:
+    """The cascade plus the tenant's tools over the test's ESL client (the wiring the
+    call controller is to do for every cascade call)."""
+    cp = await build_cascade(ctx)
+    llm = cp.parts["llm"]
+    assert isinstance(llm, LLMService) and cp.context is not None
+    tools = register_tools(llm, cp.context, TOOL_CONTROL[0], ctx.tenant, ctx.call.call_uuid)
+    assert tools is not None
+    TOOLS[ctx.call.call_uuid] = tools
+    return cp
+
+
+@ASYNC
+async def test_unanswered_transfer_over_unicast_comes_back(served: Served, rig: Rig) -> None:
+    tenant = Tenant.model_validate(
+        {
+            "name": "tools.test",
+            "pipeline": "python:tests.transports.test_unicast:build_with_tools",
+            "tools": {
+                "enabled": ["transfer_call", "take_message"],
+                "transfer_targets": {"sales": {"destination": "2001", "description": "sales"}},
+                "transfer_ring_secs": 1.0,
+            },
+        }
+    )
+    TOOL_CONTROL[:] = [rig.client]
+    assert served.app.server is not None and served.app.sessions is not None
+    endpoint = UnicastEndpoint(
+        rig.media,
+        TenantResolver(StaticTenantLoader([tenant])),
+        served.app.sessions.run_call,
+        served.app.server.accepting,
+    )
+    app = web.Application()
+    endpoint.add_routes(app)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    emu = served.emu
+    saved = (emu.deepgram.script, emu.openai.script)
+    emu.deepgram.script = ["Put me through to sales please."]
+
+    def reply(messages: list[dict[str, Any]]) -> ChatReply:
+        last = messages[-1]
+        # The outcome comes back as the tool result, or (when the caller talked over the
+        # ringback and the tool call was cancelled) as a note once it is known.
+        if last["role"] == "tool" or "did not answer" in str(last.get("content", "")):
+            return "Sorry, sales did not answer. Can I take a message?"
+        if last["role"] == "user" and "sales" in str(last.get("content", "")):
+            return ToolCall("transfer_call", {"target": "sales"})
+        return "Hello."
+
+    emu.openai.script = reply
+    uuid = "unicast-tools"
+    try:
+        ch = rig.esl.new_channel(uuid)
+        async with served.http.post(f"{base}/unicast/{uuid}?domain=tools.test&rate=8000") as r:
+            assert r.status == 200
+        await until(lambda: uuid in legs(rig.esl), 3.0)
+        leg = legs(rig.esl)[uuid]
+        await heard_after(leg, 0.0, 5.0)
+        await quiet(leg)
+        leg.queue_caller_audio(await served.speech("Put me through to sales please.", 8000))
+        leg.queue_caller_silence(0.3)
+        await leg.caller_drained(10.0)
+        await until(lambda: ch.transfers, 15.0)
+        sent = next(c.t for c in rig.esl.commands if c.command.startswith("bgapi uuid_transfer"))
+        # The announcement was heard, and had finished, before the transfer went out.
+        said = [h for h in leg.heard if h.non_silent and h.t > (leg.last_voiced_sent_at or 0)]
+        assert said and said[-1].t < sent
+        assert ch.transfers[0] == ("2001", "XML", "tools.test")
+        # Nobody answers within 1 s: back to the parking extension, the agent speaks again.
+        await until(lambda: len(ch.transfers) == 2, 5.0)
+        assert ch.transfers[1] == ("pipeswitch_return", "XML", "tools.test")
+        back = rig.esl.commands[-1].t
+        assert await heard_after(leg, back, 8.0) is not None, "agent silent after the return"
+        assert TOOLS[uuid].state.transfers[0]["outcome"] == "no_answer"
+        await quiet(leg)
+        assert len(ch.transfers) == 2  # the agent offered a message, it did not retry
+    finally:
+        emu.deepgram.script, emu.openai.script = saved
+        await rig.esl.caller_hangup(uuid)
+        await until(lambda: uuid not in endpoint.active, 5.0)
+        await runner.cleanup()
