@@ -58,6 +58,8 @@ async def esl_served(served: Served) -> AsyncIterator[EslServed]:
     await fs.start()
     tenants = [Tenant(name=f"{d}.esl", playback=d) for d in DIALECTS]  # type: ignore[arg-type]
     tenants.append(Tenant(name="limit.esl", playback="file", max_call_secs=3.0))
+    # No greeting: for tests that need no bot audio before the caller acts (faster).
+    tenants += [Tenant(name=f"{d}.quiet", playback=d, first_message=None) for d in DIALECTS]  # type: ignore[arg-type]
     settings = Settings(
         host="127.0.0.1",
         port=0,
@@ -100,10 +102,11 @@ async def wait_heard(stream: FakeSwitchStream, after: float, timeout_s: float) -
 async def wait_quiet(stream: FakeSwitchStream, quiet_s: float = 0.6, timeout_s: float = 12) -> None:
     """Until the caller has heard nothing for ``quiet_s``."""
     deadline = time.monotonic() + timeout_s
+    t0 = time.monotonic()
     while time.monotonic() < deadline:
         _, frames = stream.played_audio()
         last = next((t for t, v in reversed(frames) if v), None)
-        if last is not None and time.monotonic() - last > quiet_s:
+        if time.monotonic() - (last if last is not None else t0) > quiet_s:
             return
         await asyncio.sleep(0.05)
 
@@ -157,7 +160,7 @@ async def test_file_barge_in_breaks_playback_and_drops_stale_files(
     saved = chat.script
     chat.script = LLM_SCRIPTS["long"]  # type: ignore[assignment]
     uuid = "barge-file"
-    ch = await esl_served.call(uuid, "file")
+    ch = await esl_served.call(uuid, "file", domain="file.quiet")
     st = ch.stream
     assert st is not None
     try:
@@ -184,7 +187,7 @@ async def test_file_barge_in_breaks_playback_and_drops_stale_files(
 async def test_dtmf_reaches_the_pipeline_and_the_llm_context(esl_served: EslServed) -> None:
     chat = esl_served.base.emu.openai
     uuid = "dtmf-esl"
-    ch = await esl_served.call(uuid, "json-stream")
+    ch = await esl_served.call(uuid, "json-stream", domain="json-stream.quiet")
     assert ch.stream is not None
     n = len(chat.requests)
     try:
@@ -219,7 +222,7 @@ async def test_caller_hangup_ends_everything(esl_served: EslServed, linger: bool
     dg = esl_served.base.emu.deepgram
     uuid = f"hang-{linger}"
     t_start = time.monotonic()
-    ch = await esl_served.call(uuid, "file")
+    ch = await esl_served.call(uuid, "file", domain="file.quiet")
     sessions = esl_served.app.sessions
     assert sessions is not None
 
@@ -267,19 +270,23 @@ async def test_esl_lost_and_restored_mid_call(esl_served: EslServed) -> None:
     esl = esl_served.app.esl
     assert esl is not None
     uuid = "esl-outage"
-    ch = await esl_served.call(uuid, "file")
+    ch = await esl_served.call(uuid, "file", domain="file.quiet")
     st = ch.stream
     assert st is not None
     sessions = esl_served.app.sessions
     assert sessions is not None
     try:
-        await wait_quiet(st)
-        outage = asyncio.ensure_future(esl_served.fs.outage(1.0))
+        await asyncio.sleep(0.3)
+        end = await speak(esl_served.base, st, QUESTION)
+        # ESL goes away while the reply is being made: its files cannot be played.
+        t_down = time.monotonic()
+        outage = asyncio.ensure_future(esl_served.fs.outage(1.5))
         await asyncio.sleep(0.1)
         assert not esl.connected
-        end = await speak(esl_served.base, st, QUESTION)  # answered while ESL is down
         await outage
+        t_up = time.monotonic()
         assert await esl.wait_connected(3.0)
+        assert heard_after(st, t_down) is None or heard_after(st, t_down) >= t_up  # type: ignore[operator]
         assert uuid in sessions.active, "the call did not survive the outage"
         await wait_quiet(st, timeout_s=8)
         end = await speak(esl_served.base, st, QUESTION)
