@@ -8,9 +8,11 @@ Which one fits depends on the mod_audio_stream build (see README):
 * ``binary`` - raw s16le frames at the stream rate; ``{"type":"clearAudio"}``
   flushes the module's buffer on barge-in (cloudfieldcz fork).
 * ``file`` - the community build writes each ``streamAudio`` message to a file
-  and fires ``mod_audio_stream::play``; something on the ESL side plays it.
-  Audio is coalesced per sentence (each file costs a playback start), and
-  barge-in is ``uuid_break <uuid> all`` through the :class:`PlaybackControl` seam.
+  and fires ``mod_audio_stream::play``; the ESL side plays it
+  (:mod:`pipeswitch.transports.call_events`). Audio is coalesced into files that
+  start small and double within a sentence (first audio early, files queued
+  gaplessly), and barge-in is ``uuid_break <uuid> all`` through the
+  :class:`PlaybackControl` seam.
 
 Dialects are sans-I/O: they turn PCM into wire messages and nothing else.
 """
