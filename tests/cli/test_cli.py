@@ -167,3 +167,17 @@ async def test_failing_real_call_logs_no_key(tmp_path: Path) -> None:
             assert key[:8] not in log, f"{key[:8]}… in the log"
     finally:
         server.close()
+
+
+def test_bench_without_the_bench_extra_says_what_is_missing() -> None:
+    """A [local]-only install has no psutil; ``pipeswitch bench`` says so and exits 2."""
+    code = (
+        "import sys\n"
+        "sys.modules['psutil'] = None  # as if not installed: importing it raises\n"
+        "from pipeswitch.pipelines.cli import main\n"
+        "sys.exit(main(['bench', 'latency', '--help']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "needs 'psutil'" in out.stderr and "pipeswitch[bench]" in out.stderr
+    assert "Traceback" not in out.stderr
