@@ -68,6 +68,7 @@ from pipeswitch.processors.tools import (
     register_tools,
 )
 from pipeswitch.transports.resample import StreamResampler
+from pipeswitch.transports.unicast import Authorize, UnicastEndpoint, UnicastMedia
 
 # A turn may not take longer than this end to end (the Lua script's curl waits as long).
 TURN_TIMEOUT_SECS = 20.0
@@ -379,10 +380,15 @@ class TurnEngine:
 
 
 class TurnEndpoint:
-    """The HTTP face of :class:`TurnEngine` (``/turn/{call_uuid}``)."""
+    """The HTTP face of :class:`TurnEngine` (``/turn/{call_uuid}``).
 
-    def __init__(self, engine: TurnEngine) -> None:
+    ``authorize(request, call_uuid, domain, tenant)`` returns None when the request may
+    use the tenant's agent (the WebSocket calls' rule), else the reason.
+    """
+
+    def __init__(self, engine: TurnEngine, authorize: Authorize | None = None) -> None:
         self.engine = engine
+        self.authorize = authorize
 
     def add_routes(self, app: web.Application, prefix: str = "/turn") -> None:
         """Register ``POST``/``DELETE <prefix>/{call_uuid}``."""
@@ -401,7 +407,16 @@ class TurnEndpoint:
             if len(body) > MAX_WAV_BYTES:
                 raise BadTurn("recording too large")
             pcm, in_rate = read_wav(body) if body else (b"", rate)
-            reply = await self.engine.turn(uuid, request.query.get("domain"), rate, pcm, in_rate)
+            domain = request.query.get("domain")
+            if self.authorize is not None:
+                tenant = await self.engine.resolver.resolve(domain)
+                refusal = self.authorize(request, uuid, domain, tenant)
+                if refusal:
+                    log.warning("turn refused: not authorized: {}", refusal)
+                    return web.json_response(
+                        {"error": "not authorized", "action": "fallback"}, status=403
+                    )
+            reply = await self.engine.turn(uuid, domain, rate, pcm, in_rate)
         except (BadTurn, ValueError) as exc:
             log.warning("turn refused: {}", exc)
             return web.json_response({"error": str(exc), "action": "fallback"}, status=400)
@@ -434,7 +449,16 @@ class TurnEndpoint:
 
     async def handle_hangup(self, request: web.Request) -> web.Response:
         """The call ended: forget it and return what the tools kept (messages...)."""
-        call = self.engine.forget(request.match_info["call_uuid"])
+        uuid = request.match_info["call_uuid"]
+        kept = self.engine.calls.get(uuid)
+        domain = request.query.get("domain")
+        if (
+            kept is not None
+            and self.authorize is not None
+            and self.authorize(request, uuid, domain, kept.tenant)
+        ):
+            return web.json_response({"error": "not authorized"}, status=403)
+        call = self.engine.forget(uuid)
         if call is None:
             return web.json_response({"known": False})
         return web.json_response({"known": True, "turns": call.turns, **call.state.as_dict()})
@@ -447,15 +471,14 @@ def fallback_mounts(app: Any) -> dict[str, web.Application]:
     ESL connection (unicast media needs it to start the media). ``app`` is the
     running :class:`pipelines.app.Pipeswitch` (after its server exists).
     """
-    from pipeswitch.transports.unicast import UnicastEndpoint, UnicastMedia
-
     mounts: dict[str, web.Application] = {}
     assert app.server is not None and app._http is not None
     turn = web.Application(client_max_size=MAX_WAV_BYTES)
     engine = TurnEngine(
         app.resolver, app.endpoints, app._http, ttl_secs=app.settings.turn_context_ttl_secs
     )
-    TurnEndpoint(engine).add_routes(turn, prefix="")
+    authorize = http_authorizer(app.settings)
+    TurnEndpoint(engine, authorize).add_routes(turn, prefix="")
     mounts["/turn"] = turn
     if app.esl is not None:
         unicast = web.Application()
@@ -465,6 +488,31 @@ def fallback_mounts(app: Any) -> dict[str, web.Application]:
             app.server.handler.run_call,
             app.server.accepting,
             stats=app.server.stats,
+            authorize=authorize,
         ).add_routes(unicast, prefix="")
         mounts["/unicast"] = unicast
     return mounts
+
+
+def http_authorizer(settings: Any) -> Authorize:
+    """The WebSocket calls' access rule (``transports/auth.py``) for the HTTP triggers:
+    a signed URL (``exp``/``sig`` over uuid, domain, exp), a token (``token=`` or
+    ``X-Pipeswitch-Token``), or else the ``accept_unsigned`` policy."""
+    from pipeswitch.transports.auth import check_access
+
+    def authorize(
+        request: web.Request, call_uuid: str, domain: str | None, tenant: Tenant
+    ) -> str | None:
+        decision = check_access(
+            call_uuid=call_uuid,
+            domain=domain,
+            query=dict(request.query),
+            headers=request.headers,
+            peer=request.remote,
+            access=tenant.access,
+            policy=settings.accept_unsigned,
+            now=time.time(),
+        )
+        return None if decision.allowed else decision.reason
+
+    return authorize

@@ -58,6 +58,7 @@ from pipeswitch.transports.serializer import ModAudioStreamSerializer, pipeline_
 from pipeswitch.transports.transport import FreeSwitchCallTransport
 
 __all__ = [
+    "Authorize",
     "PortPool",
     "UdpMedia",
     "UnicastCallTransport",
@@ -66,6 +67,8 @@ __all__ = [
     "unicast_headers",
 ]
 
+# (request, call uuid, domain, tenant) -> None when allowed, else the reason.
+Authorize = Callable[[web.Request, str, "str | None", Tenant], "str | None"]
 TICK_SECS = 0.02
 # Closest two datagrams may follow each other when the pacer catches up after a late tick.
 MIN_GAP_SECS = 0.016
@@ -75,6 +78,8 @@ LEAD_SECS = 0.02
 # FreeSWITCH sends the caller's audio every 20 ms while parked; this much silence on the
 # socket means the channel left park (transferred, hung up) or the switch is gone.
 NO_MEDIA_SECS = 5.0
+# Caller datagrams held while the pipeline is behind (10 s); older ones are dropped.
+MAX_QUEUED_IN = 500
 
 
 class PortPool:
@@ -151,6 +156,7 @@ class UdpMedia:
         self.ended_by_switch = False
         self.errors = 0
         self.datagrams_in = 0
+        self.dropped_in = 0
         self.datagrams_out = 0
         self.first_in_at: float | None = None
         self._inbox: asyncio.Queue[WSMessage] = asyncio.Queue()
@@ -187,13 +193,19 @@ class UdpMedia:
             self.first_in_at = now
         self._last_in = now
         self.datagrams_in += 1
+        if self._inbox.qsize() >= MAX_QUEUED_IN:  # a stalled call: keep the newest audio
+            self._inbox.get_nowait()
+            self.dropped_in += 1
         self._inbox.put_nowait(WSMessage(WSMsgType.BINARY, data, None))
 
     async def receive(self) -> WSMessage:
         """The next caller datagram, or CLOSE once the call's media is over."""
         while True:
+            if not self._inbox.empty():
+                return self._inbox.get_nowait()
             try:
-                return await asyncio.wait_for(self._inbox.get(), NO_MEDIA_SECS)
+                async with asyncio.timeout(NO_MEDIA_SECS):  # no task per datagram
+                    return await self._inbox.get()
             except TimeoutError:
                 if time.monotonic() - self._last_in >= NO_MEDIA_SECS:
                     self.peer_closed(1001, "no media from the switch")
@@ -413,8 +425,12 @@ class UnicastEndpoint:
         run_call: Callable[[CallInfo, Tenant, FreeSwitchCallTransport], Any],
         accepting: Callable[[], bool],
         stats: Any = None,
+        authorize: Authorize | None = None,
     ) -> None:
         self.media = media
+        # Same rule as WebSocket calls (signed URL, token, or the unsigned policy):
+        # anyone who can trigger unicast could point a call's media somewhere.
+        self.authorize = authorize
         self.resolver = resolver
         self.run_call = run_call
         self.accepting = accepting
@@ -443,6 +459,11 @@ class UnicastEndpoint:
         except TenantNotFound as exc:
             log.warning("unicast refused: {}", exc)
             return web.json_response({"ok": False, "error": str(exc)}, status=404)
+        if self.authorize is not None:
+            refusal = self.authorize(request, call.call_uuid, call.domain, tenant)
+            if refusal:
+                log.warning("unicast refused: not authorized: {}", refusal)
+                return web.json_response({"ok": False, "error": "not authorized"}, status=403)
         rate = call.rate or tenant.audio_rate
         if rate not in (8000, 16000, 32000, 48000):
             return web.json_response({"ok": False, "error": f"rate {rate}"}, status=400)

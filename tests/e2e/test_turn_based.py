@@ -20,8 +20,9 @@ from aiohttp import web
 
 from pipeswitch.bench.emulators.openai_chat import ChatReply, ToolCall, keyword_script
 from pipeswitch.config.loaders import StaticTenantLoader, TenantResolver
+from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import Tenant
-from pipeswitch.pipelines.turn_based import TurnEndpoint, TurnEngine
+from pipeswitch.pipelines.turn_based import TurnEndpoint, TurnEngine, http_authorizer
 from tests.conftest import QUESTION, Served
 from tests.e2e.helpers import is_speech_like
 
@@ -229,3 +230,21 @@ async def test_the_server_mounts_the_turn_endpoint(served: Served) -> None:
         assert r.headers["X-Pipeswitch-Action"] == "continue"
     async with served.http.delete(url) as r:
         assert (await r.json())["known"] is True
+
+
+async def test_turns_follow_the_stream_access_rule(served: Served, rig: Rig) -> None:
+    strict = TurnEndpoint(rig.engine, http_authorizer(Settings(accept_unsigned="never")))
+    app = web.Application()
+    strict.add_routes(app)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/turn/turn-auth?domain=default"
+        async with served.http.post(url) as r:
+            assert r.status == 403 and (await r.json())["action"] == "fallback"
+        async with served.http.post(url + "&sig=00&exp=1") as r:  # presented and wrong
+            assert r.status == 403
+    finally:
+        await runner.cleanup()
+    assert "turn-auth" not in rig.engine.calls
