@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from loguru import logger
+from pipecat.observers.base_observer import BaseObserver
 
 from pipeswitch.config.call_state import CallState, default_instance_id, make_call_state
 from pipeswitch.config.db import SecretBox
@@ -31,6 +33,7 @@ from pipeswitch.config.tenant_store import TenantStore
 from pipeswitch.config.tenants import Tenant
 from pipeswitch.pipelines.piper_client import synthesize
 from pipeswitch.pipelines.services import ProviderEndpoints
+from pipeswitch.pipelines.turn_recorder import TurnRecorder
 from pipeswitch.transports import metrics
 from pipeswitch.transports.call_info import CallInfo
 from pipeswitch.transports.serializer import pipeline_rate_for
@@ -122,9 +125,15 @@ class _LiveCall:
 class TenancyCallHandler:
     """Per-tenant admission around the call controller (a ``CallHandler`` itself)."""
 
-    def __init__(self, inner: CallHandler, state: CallState) -> None:
+    def __init__(
+        self,
+        inner: CallHandler,
+        state: CallState,
+        on_end: Callable[[str], None] | None = None,
+    ) -> None:
         self.inner = inner
         self.state = state
+        self.on_end = on_end
         self.stats: ServerStats | None = None  # the server's counters, once bound
         self.live: dict[str, _LiveCall] = {}
 
@@ -151,6 +160,8 @@ class TenancyCallHandler:
             await self.inner.run_call(call, tenant, transport)
         finally:
             self.live.pop(call.call_uuid, None)
+            if self.on_end is not None:
+                self.on_end(call.call_uuid)
             await self.state.release(call.call_uuid, tenant)
 
 
@@ -171,6 +182,7 @@ class Tenancy:
         self.records: RecordWriter | None = None
         self.handler: TenancyCallHandler | None = None
         self._closed = False
+        self.recorders: dict[str, TurnRecorder] = {}
         self.warmed_greetings: set[tuple[str, int, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -184,8 +196,9 @@ class Tenancy:
             self.records = RecordWriter(self.loader.store)
             await self.records.start()
             sessions.finished_hooks.append(self._on_call_finished)
+            sessions.observer_factories.append(self._turn_recorder)
         await self.state.start()
-        self.handler = TenancyCallHandler(sessions, self.state)
+        self.handler = TenancyCallHandler(sessions, self.state, self._call_over)
         return self.handler
 
     def _warm(self, sessions: CallSessions, entry: DomainEntry) -> None:
@@ -210,6 +223,17 @@ class Tenancy:
         task = asyncio.ensure_future(warm())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _turn_recorder(self, call: CallInfo, tenant: Tenant) -> list[BaseObserver]:
+        """Per call: the observer that collects its turns for the record (DB tenants only)."""
+        if not tenant.domain_uuid:
+            return []
+        rec = TurnRecorder()
+        self.recorders[call.call_uuid] = rec
+        return [rec]
+
+    def _call_over(self, call_uuid: str) -> None:
+        self.recorders.pop(call_uuid, None)
 
     def bind(self, stats: ServerStats) -> None:
         """Count refusals with the server's other refusals (/metrics)."""
@@ -239,6 +263,10 @@ class Tenancy:
         ended_wall = time.time() - (time.monotonic() - ended)
         started_wall = ended_wall - (ended - record.started_at)
         taken = taken_messages(record, cp)
+        recorder = self.recorders.pop(record.call.call_uuid, None)
+        turns = recorder.turns if recorder is not None else []
+        if not turns:  # no frames seen (e.g. a builder without the transport's facts)
+            turns = transcript_turns(record.messages, record.turn_latencies)
         rows = call_rows(
             domain_uuid=live.tenant.domain_uuid,
             call_uuid=record.call.call_uuid,
@@ -250,7 +278,7 @@ class Tenancy:
             ended_wall=ended_wall,
             end_reason=record.end_reason or "pipeline ended",
             metadata=record.metadata,
-            turns=transcript_turns(record.messages, record.turn_latencies),
+            turns=turns,
             messages=taken,
         )
         self.records.submit(rows)
