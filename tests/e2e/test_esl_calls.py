@@ -239,6 +239,12 @@ async def test_caller_hangup_ends_everything(esl_served: EslServed, linger: bool
         2.0,
     ), "STT socket left open"
     assert ended < 1.5
+
+    def call_tasks() -> list[str]:  # the emulator's own tasks are named fs-*
+        names = [t.get_name() for t in asyncio.all_tasks() if not t.done()]
+        return [n for n in names if uuid in n and not n.startswith("fs-")]
+
+    assert await until(lambda: not call_tasks(), 2.0), call_tasks()
     st = ch.stream
     assert st is not None
     if linger:

@@ -322,3 +322,21 @@ async def test_only_subscribed_calls_events_cross_the_wire(
         assert esl.stats.events == n
         await fs.hangup("f-mine")
         await fs.hangup("f-other")
+
+
+async def test_uuid_audio_stream_over_esl(fs: FakeSwitchEsl, esl: EslClient) -> None:
+    async with FakeServer() as ws:
+        ch = fs.new_channel("mas-1", variables=recommended_variables("community"))
+        with pytest.raises(CommandFailed, match="no bug"):
+            await esl.api("uuid_audio_stream mas-1 send_text hi")
+        reply = await esl.api(f"uuid_audio_stream mas-1 start {ws.url('/fs/mas-1')} mono 8k")
+        assert reply.startswith("+OK")
+        conn = await ws.conn()
+        with pytest.raises(CommandFailed, match="already attached"):
+            await esl.api(f"uuid_audio_stream mas-1 start {ws.url('/fs/mas-1')} mono 8k")
+        assert await esl.api('uuid_audio_stream mas-1 send_text {"event":"dtmf","digit":"5"}')
+        await conn.wait(lambda c: bool(c.of(0x1)))
+        assert conn.of(0x1)[0].payload == b'{"event":"dtmf","digit":"5"}'
+        await esl.bgapi("uuid_audio_stream mas-1 stop")
+        assert ch.stream is not None and ch.stream.close_record.initiator == "local"
+        await fs.hangup("mas-1")
