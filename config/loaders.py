@@ -259,7 +259,8 @@ class TenantResolver:
             fut.exception()  # mark retrieved: waiters re-raise it, nobody else must
             raise
         else:
-            self._cache[key] = (now + self._ttl, tenant)
+            if self._ttl > 0:  # (a self-caching loader: random domains must not grow this)
+                self._cache[key] = (now + self._ttl, tenant)
             fut.set_result(tenant)
             return tenant
         finally:

@@ -31,6 +31,8 @@ NOTIFY_CHANNEL = "pipeswitch_tenant"
 # key_ref may only name deployment secrets meant for tenants: a domain admin must not be able to
 # point a provider key at PIPESWITCH_SECRETS_KEY or the database password.
 KEY_REF_PREFIX = "PIPESWITCH_KEY_"
+# Unknown domains remembered (each costs one indexed query otherwise).
+MAX_NEGATIVE = 10_000
 
 
 @dataclass
@@ -198,6 +200,8 @@ class PgTenantLoader:
         self.stats["misses"] += 1
         domain = await self.store.find_domain(key)
         if domain is None:
+            if len(self._negative) >= MAX_NEGATIVE:  # junk domains from the network: bounded
+                self._negative.clear()
             self._negative[key] = time.monotonic() + self._negative_ttl
             return None
         entry = await self._refresh(str(domain["domain_uuid"]))
