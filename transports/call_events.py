@@ -109,6 +109,8 @@ class CallEventBridge:
         self._drop_below = -1
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._player: asyncio.Task[None] | None = None
+        self._digits: asyncio.Queue[str] = asyncio.Queue()
+        self._dtmf_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: Any = None
         self._warned = False
@@ -136,8 +138,9 @@ class CallEventBridge:
             if self.file_playback:
                 self._on_play(ev.body)
         elif ev.name == EVENT_DTMF:
-            digit = ev.dtmf_digit or ""
-            self._spawn(self.transport.input().push_dtmf(digit, "esl"))
+            self._digits.put_nowait(ev.dtmf_digit or "")
+            if self._dtmf_task is None:  # one consumer keeps the digits in order
+                self._dtmf_task = asyncio.ensure_future(self._dtmf_loop())
         elif ev.name == EVENT_CHANNEL_HANGUP_COMPLETE:
             self.caller_gone = True
             cause = ev.hangup_cause or "UNKNOWN"
@@ -151,6 +154,14 @@ class CallEventBridge:
             self.bridged_to = None
         elif kind in (MAS_DISCONNECT, MAS_ERROR):
             self.log.info("{}: {}", kind, ev.body[:200])
+
+    async def _dtmf_loop(self) -> None:
+        while True:
+            digit = await self._digits.get()
+            try:
+                await self.transport.input().push_dtmf(digit, "esl")
+            except Exception as exc:
+                self.log.warning("DTMF {!r} not delivered: {}", digit[:4], exc)
 
     def _on_play(self, body: str) -> None:
         try:
@@ -202,9 +213,10 @@ class CallEventBridge:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        if self._player is not None:
-            self._player.cancel()
-            self._player = None
+        for task in (self._player, self._dtmf_task):
+            if task is not None:
+                task.cancel()
+        self._player = self._dtmf_task = None
         for task in list(self._tasks):
             task.cancel()
         if self.transport.ended_by_bot and not (self.caller_gone or self.transferred):
