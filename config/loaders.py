@@ -204,7 +204,8 @@ class TenantResolver:
     ) -> None:
         self._loader = loader
         if getattr(loader, "self_caching", False):
-            ttl_secs = 0.0  # a live cache of its own (PostgreSQL + NOTIFY): a TTL here would hide changes
+            # A live cache of its own (PostgreSQL + NOTIFY): a TTL here would hide changes.
+            ttl_secs = 0.0
         self._default = default
         self._any_domain = answer_any_domain and bool(default)
         self._ttl = ttl_secs

@@ -16,6 +16,7 @@ import time
 import uuid as uuidlib
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from loguru import logger
@@ -61,7 +62,6 @@ def call_rows(
 ) -> CallRows:
     """Rows for one call; ``turns`` items: role, text, and optionally heard_text, latency_ms,
     interrupted, started_at/ended_at (epoch seconds)."""
-    from datetime import UTC, datetime
 
     def ts(v: float | None) -> datetime | None:
         return None if v is None else datetime.fromtimestamp(v, UTC)
