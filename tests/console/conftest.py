@@ -106,11 +106,13 @@ def wav_bytes(pcm: bytes, rate: int) -> bytes:
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def mic_wav(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The fake microphone: 0.5 s silence, the question, 6 s silence (Chromium loops it)."""
+    """The fake microphone: 1 s silence, the question, 6 s silence (Chromium loops it).
+
+    The question starts while the greeting still plays: the caller barges in on it."""
     speech = await served.speech(QUESTION, MIC_RATE)
     silence = lambda secs: b"\x00\x00" * int(MIC_RATE * secs)  # noqa: E731
     path = tmp_path_factory.mktemp("mic") / "question_16k.wav"
-    path.write_bytes(wav_bytes(silence(0.5) + speech + silence(6.0), MIC_RATE))
+    path.write_bytes(wav_bytes(silence(1.0) + speech + silence(6.0), MIC_RATE))
     return path
 
 

@@ -213,9 +213,17 @@ async def test_browser_call_with_fake_microphone_then_records_and_gdpr_delete(
         f"\nbrowser call {call_uuid}: turn latency server {first['server']} ms "
         f"(end of speech -> first bot audio, Pipecat UserBotLatencyObserver), "
         f"page {first['page']:.0f} ms (last voiced mic frame sent -> first voiced bot "
-        f"frame received); bot frames {call['botFrames']} ({call['botVoiced']} voiced)"
+        f"frame received); bot frames {call['botFrames']} ({call['botVoiced']} voiced), "
+        f"clearAudio {call['clears']}"
     )
     assert 0 < first["server"] < 5000
+    assert call["playedLevel"] > 0.01, "the reply never reached the page's audio output"
+    # The question came while the greeting played: the server sent clearAudio and the page
+    # flushed its queue. (Whether the greeting's audio had all been sent by then depends on
+    # the machine's load; when it had not, the page shows it cut.)
+    assert call["clears"] >= 1 and any(e["type"] == "clearAudio" for e in call["events"])
+    for cut in [e for e in call["events"] if e["type"] == "console.bot" and e["interrupted"]]:
+        assert len(cut["heard"]) < len(cut["text"])
     await page.click("#hangup")
     await page.wait_for_function("() => window.pipeswitchCall.state.startsWith('ended')")
 

@@ -25,7 +25,9 @@
   let lastBotVoicedAt = null;
   let userLine = null;
   const turns = []; // {server, page}
-  window.pipeswitchCall = { turns: turns, events: [], state: "idle", botFrames: 0, botVoiced: 0 };
+  window.pipeswitchCall = {
+    turns: turns, events: [], state: "idle", botFrames: 0, botVoiced: 0, playedLevel: 0, clears: 0,
+  };
   const call = window.pipeswitchCall;
 
   function setState(s) {
@@ -72,6 +74,7 @@
   function onText(msg) {
     call.events.push(msg);
     if (msg.type === "clearAudio") {
+      call.clears++;
       if (player) player.port.postMessage("clear");
       line("barge", "<i>barge-in: the agent's audio was cut</i>");
     } else if (msg.type === "console.call") {
@@ -124,7 +127,10 @@
       player = new AudioWorkletNode(ctx, "pcm-player", { processorOptions: { rate: rate } });
       ctx.createMediaStreamSource(stream).connect(capture);
       player.connect(ctx.destination);
-      player.port.onmessage = (e) => { $("spk").value = Math.min(1, e.data.level * 4); };
+      player.port.onmessage = (e) => {
+        $("spk").value = Math.min(1, e.data.level * 4);
+        call.playedLevel = Math.max(call.playedLevel, e.data.level); // what reached the speakers
+      };
       const agent = $("agent").value;
       const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host +
         root.dataset.ws + "?csrf=" + encodeURIComponent(root.dataset.csrf) +
