@@ -102,3 +102,32 @@ async def test_buffer_is_bounded_and_drops_are_counted(db: Db, pg_proxy: Cuttabl
     await w.close(timeout_secs=0.5)  # PostgreSQL still down: close gives up, does not hang
     await pg_proxy.restore()
     pool.terminate()
+
+
+async def test_messages_taken_by_the_tools_are_stored(db: Db) -> None:
+    from pipeswitch.pipelines.tenancy import taken_messages
+    from pipeswitch.processors.tools import TakenMessage
+
+    class Record:
+        taken_messages = [
+            TakenMessage(
+                "Ann Lee", "+15550199", "Call back about the invoice", "2026-11-30T08:00:00+00:00"
+            )
+        ]
+
+    duid = await db.add_domain()
+    now = time.time()
+    rows = call_rows(
+        domain_uuid=str(duid), call_uuid=f"msg-{uuidlib.uuid4()}", agent_uuid=None,
+        caller="+15550199", destination=None, instance="t", started_wall=now - 10,
+        ended_wall=now, end_reason="x", metadata=None, turns=[],
+        messages=taken_messages(Record(), None),
+    )  # fmt: skip
+    await db.store.write_records([rows.call], rows.turns, rows.messages)
+    (msg,) = await db.store.list_messages(duid)
+    assert (msg["caller_name"], msg["caller_number"], msg["reason"]) == (
+        "Ann Lee",
+        "+15550199",
+        "Call back about the invoice",
+    )
+    assert msg["voice_call_uuid"] == rows.call["voice_call_uuid"]
