@@ -162,6 +162,7 @@ class CallContext:
                         complete_wait=t.complete_wait_secs,
                         incomplete_wait=t.incomplete_wait_secs,
                         stt_timeout=t.stt_timeout_secs,
+                        speculate=t.speculate,
                     )
                 )
             ],

@@ -10,6 +10,14 @@ as complete ("...opening hours?") ends the turn at once, one that trails off
 final transcript never comes, ``stt_timeout`` after the VAD stop ends the turn
 with what we have.
 
+Speculation: Deepgram often finalizes a segment while the VAD is still
+counting its ``stop_secs`` of silence. When such a final segment reads as a
+complete question, the LLM starts on it at once (Pipecat's speculative
+inference: the response is held by the LLM service until the turn is
+confirmed), and the turn end that follows confirms it when the transcript is
+unchanged - the LLM's first tokens are then already there. New words, or the
+caller speaking again, withdraw it. When the turn ends is not changed by this.
+
 The core is ``update(state, event, params) -> (state, actions)``: no clocks, no
 tasks, testable in microseconds; :class:`AdaptiveTurnStopStrategy` drives it
 from frames and one timer.
@@ -30,7 +38,7 @@ from pipecat.frames.frames import (
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
-from pipecat.turns.types import ProcessFrameResult
+from pipecat.turns.types import ProcessFrameResult, UserTurnSpeculation
 from pipecat.turns.user_stop.base_user_turn_stop_strategy import BaseUserTurnStopStrategy
 
 # Words after which a sentence is rarely over, even with a period from the STT.
@@ -110,6 +118,7 @@ class TurnParams:
     complete_wait: float = 0.0
     incomplete_wait: float = 0.6
     stt_timeout: float = 0.8
+    speculate: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +130,8 @@ class TurnState:
     text: str = ""
     finalized: bool = False
     deadline: float | None = None
+    # The turn text a speculative inference is running on, if any.
+    speculated: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +154,7 @@ class Transcript:
 @dataclass(frozen=True, slots=True)
 class Interim:
     t: float
+    text: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +167,24 @@ TurnEvent = VadStarted | VadStopped | Transcript | Interim | Timer
 
 @dataclass(frozen=True, slots=True)
 class EndTurn:
-    """End the caller's turn now (the LLM runs on the aggregated transcript)."""
+    """End the caller's turn now (the LLM runs on the aggregated transcript).
+
+    ``confirms``: a speculative inference already answers exactly this text.
+    """
+
+    confirms: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Speculate:
+    """Start the LLM on ``text`` now, its response held until the turn ends."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelSpeculation:
+    """The speculative inference answers a turn that did not happen: discard it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +199,30 @@ class CancelTimer:
     """No wake-up needed."""
 
 
-TurnAction = EndTurn | SetTimer | CancelTimer
+TurnAction = EndTurn | SetTimer | CancelTimer | Speculate | CancelSpeculation
+
+
+def _same_words(a: str, b: str) -> bool:
+    """Equal but for case and punctuation (what an STT changes when it commits)."""
+    return _WORD.findall(a.lower()) == _WORD.findall(b.lower())
+
+
+def _end(state: TurnState) -> tuple[TurnState, list[TurnAction]]:
+    """End the turn, confirming or withdrawing a speculation in flight."""
+    spec = state.speculated
+    state = replace(state, deadline=None, speculated=None)
+    if spec is None:
+        return state, [EndTurn()]
+    if _same_words(spec, state.text):
+        return state, [EndTurn(confirms=True)]
+    return state, [CancelSpeculation(), EndTurn()]
+
+
+def _withdraw(state: TurnState, actions: list[TurnAction]) -> TurnState:
+    if state.speculated is not None:
+        actions.append(CancelSpeculation())
+        return replace(state, speculated=None)
+    return state
 
 
 def _decide(state: TurnState, now: float, p: TurnParams) -> tuple[TurnState, list[TurnAction]]:
@@ -183,7 +235,7 @@ def _decide(state: TurnState, now: float, p: TurnParams) -> tuple[TurnState, lis
     else:
         deadline = state.vad_stopped_at + p.stt_timeout
     if deadline <= now and state.text.strip():
-        return replace(state, deadline=None), [EndTurn()]
+        return _end(state)
     return replace(state, deadline=deadline), [SetTimer(deadline)]
 
 
@@ -191,16 +243,28 @@ def update(state: TurnState, event: TurnEvent, p: TurnParams) -> tuple[TurnState
     """Advance the turn state machine by one event."""
     if isinstance(event, VadStarted):
         # The caller carries on: earlier evidence of an ending is stale.
-        return replace(state, speaking=True, vad_stopped_at=None, deadline=None), [CancelTimer()]
+        actions: list[TurnAction] = [CancelTimer()]
+        state = _withdraw(state, actions)
+        return replace(state, speaking=True, vad_stopped_at=None, deadline=None), actions
     if isinstance(event, VadStopped):
         return _decide(replace(state, speaking=False, vad_stopped_at=event.t), event.t, p)
     if isinstance(event, Interim):
-        return replace(state, finalized=False), []
+        actions = []
+        if event.text.strip():
+            state = _withdraw(state, actions)  # more words are coming
+        return replace(state, finalized=False), actions
     if isinstance(event, Transcript):
         text = (state.text + " " + event.text).strip() if event.text.strip() else state.text
         state = replace(state, text=text, finalized=event.final)
         if state.speaking:
-            return state, []
+            actions = []
+            if state.speculated is not None and not _same_words(state.speculated, text):
+                state = _withdraw(state, actions)
+            if p.speculate and event.final and state.speculated is None and looks_complete(text):
+                # Final and complete while the VAD still counts its silence: start early.
+                state = replace(state, speculated=text)
+                actions.append(Speculate(text))
+            return state, actions
         if state.vad_stopped_at is None:
             # Transcript with no VAD stop (the VAD missed quiet speech): treat it as a pause.
             state = replace(state, vad_stopped_at=event.t)
@@ -209,7 +273,7 @@ def update(state: TurnState, event: TurnEvent, p: TurnParams) -> tuple[TurnState
     if state.speaking or state.deadline is None or event.t < state.deadline:
         return state, []
     if state.text.strip():
-        return replace(state, deadline=None), [EndTurn()]
+        return _end(state)
     # Nothing was transcribed (noise, a cough): no turn to answer.
     return replace(state, deadline=None, vad_stopped_at=None), []
 
@@ -222,15 +286,26 @@ class AdaptiveTurnStopStrategy(BaseUserTurnStopStrategy):
         self._p = params or TurnParams()
         self._state = TurnState()
         self._timer: asyncio.Task[None] | None = None
+        # Speculative inferences started, and how many were withdrawn (wasted LLM work).
+        self.speculations = 0
+        self.speculations_wasted = 0
 
     async def handle_user_turn_started(self) -> None:
         # Keep the live VAD flag; only the turn's text and deadlines are per turn.
         await self._cancel_timer()
+        await self._drop_speculation()
         self._state = TurnState(speaking=self._state.speaking)
 
     async def handle_user_turn_stopped(self) -> None:
         await self._cancel_timer()
+        await self._drop_speculation()
         self._state = TurnState()
+
+    async def _drop_speculation(self) -> None:
+        if self._state.speculated is not None:
+            self._state = replace(self._state, speculated=None)
+            self.speculations_wasted += 1
+            await self.trigger_user_turn_speculation_cancelled()
 
     async def cleanup(self) -> None:
         await super().cleanup()
@@ -250,7 +325,7 @@ class AdaptiveTurnStopStrategy(BaseUserTurnStopStrategy):
             # frame; so "final and no interim since" is the signal, not `finalized`.
             event = Transcript(now, frame.text, True)
         elif isinstance(frame, InterimTranscriptionFrame):
-            event = Interim(now)
+            event = Interim(now, frame.text)
         if event is not None:
             await self._apply(event)
         return ProcessFrameResult.CONTINUE
@@ -260,7 +335,18 @@ class AdaptiveTurnStopStrategy(BaseUserTurnStopStrategy):
         for action in actions:
             if isinstance(action, EndTurn):
                 await self._cancel_timer()
-                await self.trigger_user_turn_stopped()
+                if action.confirms:
+                    await self.trigger_user_turn_finalized(confirms_speculation=True)
+                else:
+                    await self.trigger_user_turn_stopped()
+            elif isinstance(action, Speculate):
+                self.speculations += 1
+                await self.trigger_user_turn_inference_triggered(
+                    speculation=UserTurnSpeculation(text=action.text)
+                )
+            elif isinstance(action, CancelSpeculation):
+                self.speculations_wasted += 1
+                await self.trigger_user_turn_speculation_cancelled()
             elif isinstance(action, SetTimer):
                 await self._cancel_timer()
                 delay = max(0.0, action.deadline - time.monotonic())

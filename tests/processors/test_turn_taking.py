@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pipeswitch.processors.turn_taking import (
+    CancelSpeculation,
     CancelTimer,
     EndTurn,
     Interim,
     SetTimer,
+    Speculate,
     Timer,
     Transcript,
     TurnAction,
@@ -102,3 +104,81 @@ def test_looks_complete() -> None:
     assert not looks_complete("Hello.")  # an opener: the question usually follows
     assert not looks_complete("Hi there!")
     assert looks_complete("Yes.")
+
+
+def kinds(actions: list[tuple[float, TurnAction]]) -> list[tuple[float, str]]:
+    return [(t, type(a).__name__) for t, a in actions if not isinstance(a, (SetTimer, CancelTimer))]
+
+
+def test_complete_final_before_vad_stop_speculates_and_the_turn_end_confirms() -> None:
+    acts = run([VadStarted(0.0), Transcript(1.05, "What are your hours?", True), VadStopped(1.2)])
+    assert kinds(acts) == [(1.05, "Speculate"), (1.2, "EndTurn")]
+    spec = next(a for _, a in acts if isinstance(a, Speculate))
+    end = next(a for _, a in acts if isinstance(a, EndTurn))
+    assert spec.text == "What are your hours?" and end.confirms
+    # The turn still ends exactly when it did without speculation.
+    assert end_times(acts) == [1.2]
+
+
+def test_more_words_withdraw_the_speculation() -> None:
+    acts = run(
+        [
+            VadStarted(0.0),
+            Transcript(1.05, "Can you help me?", True),
+            Interim(1.15, "I need"),
+            Transcript(1.6, "I need a new appointment.", True),
+            VadStopped(1.8),
+        ]
+    )
+    assert kinds(acts) == [
+        (1.05, "Speculate"),
+        (1.15, "CancelSpeculation"),
+        (1.6, "Speculate"),
+        (1.8, "EndTurn"),
+    ]
+    end = next(a for _, a in acts if isinstance(a, EndTurn))
+    assert end.confirms
+
+
+def test_caller_speaking_again_after_a_pause_withdraws_it() -> None:
+    acts = run(
+        [
+            VadStarted(0.0),
+            Transcript(1.05, "Hi, is this the clinic?", True),
+            VadStopped(1.1),
+            VadStarted(1.12),
+        ]
+    )
+    # VAD stop with a complete final ends the turn at once: the speculation is confirmed.
+    assert kinds(acts)[:2] == [(1.05, "Speculate"), (1.1, "EndTurn")]
+
+
+def test_incomplete_or_interim_text_does_not_speculate() -> None:
+    acts = run(
+        [
+            VadStarted(0.0),
+            Interim(0.8, "I would like to"),
+            Transcript(1.0, "I would like to book and", True),
+            VadStopped(1.2),
+            Transcript(1.9, "tomorrow.", True),
+        ]
+    )
+    assert not [a for _, a in acts if isinstance(a, (Speculate, CancelSpeculation))]
+
+
+def test_speculation_can_be_turned_off() -> None:
+    off = TurnParams(speculate=False)
+    state, actions = update(TurnState(speaking=True), Transcript(1.0, "Are you open?", True), off)
+    assert actions == [] and state.speculated is None
+
+
+def test_words_after_the_vad_stop_cancel_then_end() -> None:
+    state = TurnState(speaking=True)
+    state, a1 = update(state, Transcript(1.0, "Are you open?", True), P)
+    assert a1 == [Speculate("Are you open?")]
+    state, _ = update(state, Interim(1.1, ""), P)  # the STT is still working on the tail
+    state, a2 = update(state, VadStopped(1.2), P)
+    assert not [a for a in a2 if isinstance(a, EndTurn)]  # waits for the final transcript
+    state, a3 = update(state, Transcript(1.3, "On Sunday?", True), P)
+    assert a3 == [CancelSpeculation(), EndTurn()]
+    assert state.speculated is None
