@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -89,7 +88,6 @@ class BrowserCalls:
     def __init__(self) -> None:
         self._sockets: dict[str, web.WebSocketResponse] = {}
         self.feeds: dict[str, ConsoleFeed] = {}
-        self.latencies: dict[str, list[float]] = {}
 
     def add(self, call_uuid: str, ws: web.WebSocketResponse) -> None:
         self._sockets[call_uuid] = ws
@@ -106,14 +104,9 @@ class BrowserCalls:
         feed = ConsoleFeed(ws)
         self.feeds[call.call_uuid] = feed
         latency = UserBotLatencyObserver()  # the class that measures phone calls' turns
-        lat = self.latencies.setdefault(call.call_uuid, [])
 
         @latency.event_handler("on_latency_measured")
         async def _on_latency(_: Any, secs: float) -> None:
-            lat.append(secs)
             await feed.send({"type": "console.latency", "ms": round(secs * 1000.0)})
 
         return [feed, latency]
-
-
-ObserverFactory = Callable[[CallInfo, Tenant], list[BaseObserver]]
