@@ -58,12 +58,11 @@ class PlaybackControl(Protocol):
 class CallStats:
     """Per-call outbound counters, read by the call's closing log line."""
 
-    __slots__ = ("audio_out_bytes", "audio_out_secs", "clears", "messages_out", "started_at")
+    __slots__ = ("audio_out_secs", "clears", "messages_out", "started_at")
 
     def __init__(self) -> None:
         self.started_at = time.monotonic()
         self.messages_out = 0
-        self.audio_out_bytes = 0
         self.audio_out_secs = 0.0
         self.clears = 0
 
@@ -390,14 +389,22 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
                 self._sentence_outside = False
         await super().push_frame(frame, direction)
 
+    def unplayed_secs(self) -> float:
+        """Audio sent but not yet played at the far end that stopping playback would drop.
+
+        A playback fact for services that must know, at the moment of a barge-in, how
+        much of their reply was heard (speech-to-speech providers truncating their
+        memory). With json-stream nothing sent can be recalled: it all plays.
+        """
+        if not self._t.serializer.clear_drops_buffered:
+            return 0.0
+        return max(0.0, self._play_until - time.monotonic())
+
     async def _report_interrupted(self) -> None:
         """Report how much of the cut utterance reached the caller (a playback fact)."""
         if not self._sentence or self._sentence_secs <= 0:
             return
-        unplayed = 0.0
-        if self._t.serializer.clear_drops_buffered:
-            unplayed = max(0.0, self._play_until - time.monotonic())
-        heard = max(0.0, self._sentence_secs - unplayed)
+        heard = max(0.0, self._sentence_secs - self.unplayed_secs())
         fact = PlaybackFinishedFrame(
             text=self._sentence,
             playback_position=heard,
@@ -439,7 +446,6 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
             return False
         nbytes = len(frame.audio)
         secs = nbytes / (2 * frame.sample_rate * frame.num_channels)
-        t.stats.audio_out_bytes += nbytes
         t.stats.audio_out_secs += secs
         self._sentence_secs += secs
         self._audio_since_clear = True
