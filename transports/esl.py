@@ -16,8 +16,9 @@ and ``text/disconnect-notice``. Replies come strictly in command order.
 
 :class:`EslClient` is one connection per server process, shared by all calls
 (not a socket per call): it authenticates, subscribes with ``event plain`` to
-DTMF, hangup, bridge and ``CUSTOM mod_audio_stream::*``, routes events to
-per-call subscribers, reconnects with backoff, and fails commands fast with
+DTMF, hangup, bridge and ``CUSTOM mod_audio_stream::*``, filters the stream to
+its own calls (``filter Unique-ID <uuid>``: a busy switch fires events for every
+channel), routes events to per-call subscribers, reconnects with backoff, and fails commands fast with
 :class:`CallControlUnavailable` while down, so a call degrades but its audio
 never waits. The password is never logged.
 """

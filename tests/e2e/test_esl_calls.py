@@ -175,9 +175,12 @@ async def test_file_barge_in_breaks_playback_and_drops_stale_files(
         t_break = ch.breaks[0]
         await asyncio.sleep(0.4)
         _, frames = st.played_audio()
-        # Silent from ~25 ms after the break until the answer to the barge-in.
-        after = [t for t, v in frames if v and t_break + 0.06 < t < t_break + 0.35]
-        assert after == [], "the interrupted reply kept playing"
+        # Silent from ~25 ms after the break (0.15 s allowed: a loaded CI loop lags) until
+        # the answer to the barge-in, which comes after the caller's sentence.
+        after = [
+            round(t - t_break, 3) for t, v in frames if v and t_break + 0.15 < t < t_break + 0.5
+        ]
+        assert after == [], f"the interrupted reply kept playing (s after the break): {after}"
         assert any(c.command == f"api uuid_break {uuid} all" for c in esl_served.fs.commands)
     finally:
         chat.script = saved
