@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 from loguru import logger
 
@@ -686,7 +687,14 @@ def _same_origin(request: web.Request) -> None:
 
 @web.middleware
 async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    resp = await handler(request)
+    try:
+        resp = await handler(request)
+    except AdminError as exc:  # the admin API said no (or is unwell): show it, not a 500
+        logger.warning("console: admin API {} for {}", exc, request.path)
+        resp = layout("Error", f'<p class="error">{esc(exc.message)}</p>', status=exc.status)
+    except (OSError, asyncpg.PostgresError) as exc:  # PostgreSQL away: the calls go on
+        logger.warning("console: database unavailable for {}: {}", request.path, exc)
+        resp = layout("Unavailable", "<p>The tenant database is not reachable.</p>", status=503)
     if not resp.prepared:
         resp.headers.setdefault("Content-Security-Policy", CSP)
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
