@@ -139,7 +139,7 @@ def start_local_models(
         extra_args=extra,
         # Shutdown must end within the drain timeout + 2 s; model servers keep no state, and
         # llama.cpp may sit in a generation for seconds after SIGTERM.
-        stop_timeout=1.0,
+        stop_timeout=0.5,
         piper_warm=greetings,
         # Every rate a call can arrive at: a greeting synthesized on demand at 16 kHz cost
         # 170-210 ms before the first word; from the cache it is tens of ms at any rate.
@@ -422,7 +422,7 @@ GOODBYE_GRACE_SECS = 1.2
 # After the drain timeout, everything must be over within this (the goodbye included).
 SHUTDOWN_AFTER_DRAIN_SECS = 2.0
 # What closing takes after the calls: the sockets, the HTTP pool, the model processes.
-CLOSE_RESERVE_SECS = 0.6
+CLOSE_RESERVE_SECS = 0.8
 RUNNER_SHUTDOWN_SECS = 0.3
 
 

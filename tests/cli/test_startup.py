@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+from pydantic import SecretStr
 
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import Tenant
@@ -51,7 +52,7 @@ def test_bad_listen_address_is_a_startup_error() -> None:
 
 def test_keys_are_checked_per_provider_the_tenants_use() -> None:
     local_stt = Tenant.model_validate({"name": "a.example", "providers": {"stt": "whisper-local"}})
-    settings = Settings(providers="real", groq_api_key="k")
+    settings = Settings(providers="real", groq_api_key=SecretStr("k"))
     check_provider_keys(settings, [local_stt])  # Groq only: its key is there
     with pytest.raises(StartupError, match="PIPESWITCH_DEEPGRAM_API_KEY is not set"):
         check_provider_keys(settings, [local_stt, Tenant(name="b.example")])
