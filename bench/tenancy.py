@@ -175,6 +175,7 @@ async def bench(
         ]
         submit = []
         with LoopLag() as lag:
+            cpu0 = time.process_time()
             t0 = time.perf_counter()
             for rows in batch:
                 t = time.perf_counter()
@@ -183,11 +184,14 @@ async def bench(
             while writer.pending:
                 await asyncio.sleep(0.005)
             wall = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0
         out["records"] = {
             "calls": calls,
             "turns": calls * turns,
             "wall_s": round(wall, 3),
             "turns_per_s": round(calls * turns / wall),
+            # This process's CPU (the event loop that also carries the calls' audio) per turn.
+            "cpu_us_per_turn": round(cpu / (calls * turns) * 1e6, 1),
             "submit_us": summary(submit, 1e6),
             "loop_lag_while_writing_ms": summary(lag.lags),
         }
