@@ -19,11 +19,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 from loguru import logger
 
 from pipeswitch.config.tenant_store import TenantStore
 
 Json = dict[str, Any]
+
+# Errors that say nothing about the rows: the database is away or busy, so retry later.
+_TRANSIENT = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.QueryCanceledError,
+)
 
 
 @dataclass
@@ -40,7 +49,8 @@ class RecordStats:
     calls_written: int = 0
     turns_written: int = 0
     messages_written: int = 0
-    calls_dropped: int = 0
+    calls_dropped: int = 0  # buffer full
+    calls_rejected: int = 0  # PostgreSQL refused the rows themselves
     write_failures: int = 0
     batches: int = 0
 
@@ -185,18 +195,55 @@ class RecordWriter:
         msgs = [m for b in batch for m in b.messages]
         try:
             await self.store.write_records(calls, turns, msgs)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, _TRANSIENT):
+                return self._failed(exc)
+            # PostgreSQL refused the data itself (a domain or agent deleted meanwhile...): a
+            # retry would fail for ever and hold up every later call. Write one by one and
+            # drop only the calls that cannot be written.
+            try:
+                await self._write_one_by_one(batch, exc)
+            except Exception as again:  # the database went away meanwhile
+                return self._failed(again)
+            return True
         except Exception as exc:
-            self.stats.write_failures += 1
-            if self._failing_since is None:
-                self._failing_since = time.monotonic()
-                logger.warning(
-                    "call records not written ({}); {} calls buffered, retrying",
-                    exc,
-                    len(self._pending),
+            return self._failed(exc)
+        self._written(batch)
+        return True
+
+    async def _write_one_by_one(self, batch: list[CallRows], first: BaseException) -> None:
+        for rows in batch:
+            try:
+                await self.store.write_records([rows.call], rows.turns, rows.messages)
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, _TRANSIENT):
+                    raise
+                self.stats.calls_rejected += 1
+                logger.bind(call=rows.call.get("call_uuid", "-")).error(
+                    "call record rejected by PostgreSQL, dropped: {}", exc
                 )
-            return False
-        for _ in batch:
-            self._pending.popleft()
+                self._pending.remove(rows)
+                continue
+            self._written([rows])
+        logger.warning("a batch of call records was written call by call after: {}", first)
+
+    def _failed(self, exc: BaseException) -> bool:
+        self.stats.write_failures += 1
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            logger.warning(
+                "call records not written ({}); {} calls buffered, retrying",
+                exc,
+                len(self._pending),
+            )
+        return False
+
+    def _written(self, batch: list[CallRows]) -> None:
+        for rows in batch:
+            self._pending.remove(rows)
+        calls = [b.call for b in batch]
+        turns = sum(len(b.turns) for b in batch)
+        msgs = sum(len(b.messages) for b in batch)
         if self._failing_since is not None:
             logger.info(
                 "call records written again after {:.1f}s of failures",
@@ -205,9 +252,8 @@ class RecordWriter:
             self._failing_since = None
         self.stats.batches += 1
         self.stats.calls_written += len(calls)
-        self.stats.turns_written += len(turns)
-        self.stats.messages_written += len(msgs)
-        return True
+        self.stats.turns_written += turns
+        self.stats.messages_written += msgs
 
     async def close(self, timeout_secs: float = 5.0) -> None:
         """Flush what is buffered (graceful shutdown), giving up after ``timeout_secs``."""

@@ -131,3 +131,26 @@ async def test_messages_taken_by_the_tools_are_stored(db: Db) -> None:
         "Call back about the invoice",
     )
     assert msg["voice_call_uuid"] == rows.call["voice_call_uuid"]
+
+
+async def test_a_call_postgres_refuses_is_dropped_not_retried_for_ever(db: Db) -> None:
+    """A domain deleted between the call and the write: its record can never be written; the
+    other calls of the batch still are, and later calls are not held up."""
+    keep, gone = await db.add_domain(), await db.add_domain()
+    pool = await create_pool(db.dsn)
+    w = RecordWriter(TenantStore(pool, db.box), interval_secs=0.02)
+    await db.conn.execute("DELETE FROM v_domains WHERE domain_uuid = $1", gone)
+    w.submit(rows_for(keep))
+    w.submit(rows_for(gone))
+    w.submit(rows_for(keep))
+    await w.start()
+    for _ in range(200):
+        if not w.pending:
+            break
+        await asyncio.sleep(0.02)
+    assert w.pending == 0 and w.stats.calls_rejected == 1
+    assert await count_calls(db, keep) == 2
+    w.submit(rows_for(keep))
+    await w.close()
+    assert await count_calls(db, keep) == 3
+    await pool.close()
