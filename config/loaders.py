@@ -9,9 +9,10 @@ interface tomorrow.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -74,19 +75,24 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(tenant)"
 
 
-def _validation_problem(exc: ValidationError) -> str:
-    """The first problem pydantic found, as ``field: what is wrong`` (one line)."""
+Locator = Callable[[tuple[int | str, ...]], int | None]
+
+
+def _validation_problem(exc: ValidationError) -> tuple[tuple[int | str, ...], str]:
+    """The first problem pydantic found: its field path, and ``field: what is wrong``."""
     errors = exc.errors(include_url=False)
     first = errors[0]
-    where = _field_path(tuple(first.get("loc", ())))
+    loc = tuple(first.get("loc", ()))
     what = str(first.get("msg", "invalid value")).replace("\n", " ").removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
         what = "unknown key"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {what}{more}"
+    return loc, f"{_field_path(loc)}: {what}{more}"
 
 
-def parse_tenant_document(doc: Mapping[str, Any], source: str = "<tenants>") -> StaticTenantLoader:
+def parse_tenant_document(
+    doc: Mapping[str, Any], source: str = "<tenants>", locate: Locator | None = None
+) -> StaticTenantLoader:
     """Build a loader from a parsed TOML/YAML document; :class:`ConfigError` when unusable.
 
     Format::
@@ -120,7 +126,10 @@ def parse_tenant_document(doc: Mapping[str, Any], source: str = "<tenants>") -> 
         try:
             tenant = Tenant.model_validate(item)
         except ValidationError as exc:
-            raise ConfigError(f"{source}: {label}: {_validation_problem(exc)}") from None
+            loc, problem = _validation_problem(exc)
+            line = locate(("tenants", i, *loc)) if locate is not None else None
+            place = f"line {line}: " if line is not None else ""
+            raise ConfigError(f"{source}: {place}{label}: {problem}") from None
         for key in (tenant.name, tenant.domain_uuid):
             if key is None:
                 continue
@@ -176,7 +185,74 @@ def load_tenant_file(path: Path) -> StaticTenantLoader:
         raise ConfigError(f"{path}: the file is empty (define at least one [[tenants]] table)")
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: top level must be a table/mapping")
-    return parse_tenant_document(doc, str(path))
+    locate = _yaml_locator(text) if path.suffix in (".yaml", ".yml") else _toml_locator(text)
+    return parse_tenant_document(doc, str(path), locate)
+
+
+def _yaml_locator(text: str) -> Locator:
+    """Line of a field in a YAML document, from the composed node tree."""
+
+    def locate(path: tuple[int | str, ...]) -> int | None:
+        try:
+            node: Any = yaml.compose(text)
+        except yaml.YAMLError:
+            return None
+        line = None
+        for part in path:
+            if isinstance(node, yaml.MappingNode):
+                for key, value in node.value:
+                    if key.value == str(part):
+                        line, node = key.start_mark.line + 1, value
+                        break
+                else:
+                    return line
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+                if part >= len(node.value):
+                    return line
+                node = node.value[part]
+                line = node.start_mark.line + 1
+            else:
+                return line
+        return line
+
+    return locate
+
+
+_TOML_KEY = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+_TOML_TABLE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]")
+
+
+def _toml_locator(text: str) -> Locator:
+    """Line of ``tenants[i].a.b`` in a TOML file: tomllib keeps no positions, so read the
+    ``[[tenants]]`` blocks and their ``[tenants.x]`` tables (inline tables: their line)."""
+    lines = text.splitlines()
+    starts = [n for n, ln in enumerate(lines) if re.match(r"^\s*\[\[\s*tenants\s*\]\]", ln)]
+
+    def locate(path: tuple[int | str, ...]) -> int | None:
+        if len(path) < 3 or path[0] != "tenants" or not isinstance(path[1], int):
+            return None
+        i = path[1]
+        if i >= len(starts):
+            return None
+        end = starts[i + 1] if i + 1 < len(starts) else len(lines)
+        keys = [str(p) for p in path[2:]]
+        table, found = "tenants", None
+        for n in range(starts[i] + 1, end):
+            head = _TOML_TABLE.match(lines[n])
+            if head:
+                table = head.group(1)
+                continue
+            key = _TOML_KEY.match(lines[n])
+            if key is None:
+                continue
+            where = table.split(".")[1:] + [key.group(1)]
+            if where == keys:
+                return n + 1
+            if keys[: len(where)] == where and found is None:
+                found = n + 1  # an inline table holding the field
+        return found
+
+    return locate
 
 
 def builtin_loader() -> StaticTenantLoader:

@@ -63,7 +63,7 @@ def test_serve_path_imports_no_bench_module(tmp_path: Path) -> None:
         ('[[tenants]\nname = "x"\n', "line 1, column 10: invalid TOML"),
         (
             '[[tenants]]\nname = "x.example"\nvoise = "amy"\n',
-            "tenants[0] (x.example): voise: unknown key",
+            "line 3: tenants[0] (x.example): voise: unknown key",
         ),
         ("", "the file is empty"),
     ],

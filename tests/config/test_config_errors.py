@@ -25,22 +25,22 @@ CASES = [
     (
         "unknown.toml",
         '[[tenants]]\nname = "x.example"\nplaybak = "binary"\n',
-        ["playbak", "unknown key"],
+        ["line 3: tenants[0] (x.example): playbak: unknown key"],
     ),
     (
         "nested.toml",
         '[[tenants]]\nname = "x.example"\n[tenants.turns]\nvad_stop = 1\n',
-        ["turns.vad_stop", "unknown key"],
+        ["line 4: tenants[0] (x.example): turns.vad_stop: unknown key"],
     ),
     (
         "value.toml",
         '[[tenants]]\nname = "x.example"\naudio_rate = 44100\n',
-        ["tenants[0] (x.example)", "audio_rate", "multiple of 8000"],
+        ["line 3: tenants[0] (x.example): audio_rate:", "multiple of 8000"],
     ),
     (
         "type.yaml",
         "tenants:\n  - name: x.example\n    max_call_secs: soon\n",
-        ["max_call_secs", "number"],
+        ["line 3: tenants[0] (x.example): max_call_secs:", "number"],
     ),
     ("empty.toml", "", ["empty"]),
     ("blank.yaml", "# nothing yet\n", ["empty"]),
@@ -57,6 +57,17 @@ CASES = [
         ["default_tenant 'nope'"],
     ),
     ("tenants.ini", "[x]\n", ["unknown file type"]),
+    (
+        "second.toml",
+        '[[tenants]]\nname = "a.example"\n\n[[tenants]]\nname = "b.example"\n'
+        'providers = {llm = "nope"}\n',
+        ["line 6: tenants[1] (b.example): providers.llm:"],
+    ),
+    (
+        "second.yaml",
+        "tenants:\n  - name: a.example\n  - name: b.example\n    turns:\n      vad_stop: 1\n",
+        ["line 5: tenants[1] (b.example): turns.vad_stop: unknown key"],
+    ),
 ]
 
 
