@@ -141,6 +141,29 @@ async def test_signed_calls_answered_others_refused_with_1008(fleet: Fleet) -> N
     assert fleet.one.server.stats.refused["auth"] == before + 3  # type: ignore[union-attr]
 
 
+async def test_static_token_in_stream_extra_headers(fleet: Fleet) -> None:
+    await fleet.db.store.set_stream_token(fleet.duid, "static-token-for-simple-setups")
+    call = f"tok-{uuidlib.uuid4()}"
+    url = fleet.url(fleet.one, call, sign=False)
+    for _ in range(100):  # the NOTIFY re-reads the domain within milliseconds
+        if fleet.one.loader._entries[str(fleet.duid)].default.access.token_sha256:  # type: ignore[attr-defined,union-attr]
+            break
+        await asyncio.sleep(0.01)
+    # STREAM_EXTRA_HEADERS={"X-Pipeswitch-Token":"..."} as mod_audio_stream sends it.
+    stream = await open_call(
+        url,
+        8000,
+        "json-stream",
+        extra_headers={"X-Pipeswitch-Token": "static-token-for-simple-setups"},
+    )
+    assert await wait_for_bot_audio(stream, 0.0, timeout_s=6.0) is not None
+    await stream.hangup()
+    code, reason = await refused(
+        fleet.url(fleet.one, f"tok2-{uuidlib.uuid4()}", sign=False, token="wrong")
+    )
+    assert (code, reason) == (1008, "not authorized: bad token")
+
+
 async def test_limit_holds_across_two_instances_and_records_land(fleet: Fleet) -> None:
     call = f"lim-{uuidlib.uuid4()}"
     first = await answered(fleet.url(fleet.one, call))
