@@ -25,6 +25,7 @@ import importlib
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,7 @@ from pipeswitch.processors.barge_in import BargeInStartStrategy
 from pipeswitch.processors.caller_audio import CallerAudioSink
 from pipeswitch.processors.heard_context import HeardContextProcessor
 from pipeswitch.processors.turn_taking import AdaptiveTurnStopStrategy, TurnParams
+from pipeswitch.transports import metrics
 from pipeswitch.transports.call_info import CallInfo
 
 if TYPE_CHECKING:
@@ -137,6 +139,8 @@ class CallContext:
     services: ServiceFactory
     endpoints: ProviderEndpoints
     http: aiohttp.ClientSession
+    # Heard-context processors this call's builder created (for the call record).
+    heard: list[HeardContextProcessor] = field(default_factory=list)
 
     # -- standard pieces ---------------------------------------------------------------
 
@@ -163,7 +167,8 @@ class CallContext:
                         incomplete_wait=t.incomplete_wait_secs,
                         stt_timeout=t.stt_timeout_secs,
                         speculate=t.speculate,
-                    )
+                    ),
+                    on_speculation=partial(metrics.turn_speculation, self.tenant.name),
                 )
             ],
         )
@@ -179,8 +184,13 @@ class CallContext:
         )
 
     def heard_context(self, context: LLMContext) -> HeardContextProcessor:
-        """Keeps only what the caller heard in ``context`` (place after the assistant aggregator)."""
-        return HeardContextProcessor(context)
+        """Keeps only what the caller heard in ``context`` (place after the assistant aggregator).
+
+        The call controller reads its interruptions for the call record.
+        """
+        processor = HeardContextProcessor(context)
+        self.heard.append(processor)
+        return processor
 
     def caller_audio_sink(self) -> CallerAudioSink:
         """Drops caller audio where nothing downstream needs it (after the user aggregator)."""

@@ -55,6 +55,9 @@ class CallRecord:
     turn_latencies: list[float] = field(default_factory=list)
     breakdowns: list[Any] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
+    # Barge-ins: {"index": position in ``messages``, "sentence": what the bot was
+    # saying, "heard": what of it the caller heard}.
+    interruptions: list[dict[str, Any]] = field(default_factory=list)
     end_reason: str = ""
 
 
@@ -292,14 +295,33 @@ class CallSessions:
             self._workers.pop(call.call_uuid, None)
             record.ended_at = time.monotonic()
             if cp.context is not None:
+                # Positions kept (a provider-specific message becomes {}), so the
+                # interruptions' indexes still point at their messages.
                 record.messages = [
-                    dict(m.items()) for m in cp.context.get_messages() if isinstance(m, dict)
+                    dict(m.items()) if isinstance(m, dict) else {}
+                    for m in cp.context.get_messages()
                 ]
+            record.interruptions = [
+                {"index": i.index, "sentence": i.sentence, "heard": i.heard}
+                for h in ctx.heard
+                for i in h.interruptions
+            ]
+            wire_in, wire_out = transport.serializer.stats, transport.stats
             log.info(
-                "call finished: {:.1f}s, {} turns, reason={}",
+                "call finished: {:.1f}s, {} turns, reason={}; in: {} audio msgs, {} misaligned, "
+                "{} text ({} bad, {} oversized), {} dtmf; out: {:.1f}s audio in {} msgs, {} clears",
                 record.ended_at - record.started_at,
                 len(record.turn_latencies),
                 record.end_reason or "pipeline ended",
+                wire_in.audio_messages,
+                wire_in.misaligned_messages,
+                wire_in.text_messages,
+                wire_in.bad_text,
+                wire_in.oversized_text,
+                wire_in.dtmf,
+                wire_out.audio_out_secs,
+                wire_out.messages_out,
+                wire_out.clears,
             )
             for hook in self.finished_hooks:
                 try:

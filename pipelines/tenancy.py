@@ -72,14 +72,19 @@ def endpoints_for_tenant(ep: ProviderEndpoints, tenant: Tenant) -> ProviderEndpo
 
 
 def transcript_turns(
-    messages: list[dict[str, Any]], latencies: list[float]
+    messages: list[dict[str, Any]],
+    latencies: list[float],
+    interruptions: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The conversation as turns (system prompt left out); latencies go to the assistant turns
-    that answered a caller turn, in order."""
+    that answered a caller turn, in order. A turn a barge-in cut (``interruptions``, from
+    the call record) is marked: ``text`` is what the bot was saying, ``heard_text`` what
+    the caller heard of it."""
+    cuts = {int(c["index"]): c for c in interruptions or [] if int(c.get("index", -1)) >= 0}
     out: list[dict[str, Any]] = []
     lat = iter(latencies)
     after_user = False
-    for m in messages:
+    for index, m in enumerate(messages):
         role = str(m.get("role", ""))
         if role not in ("user", "assistant"):
             continue
@@ -92,6 +97,12 @@ def transcript_turns(
         if role == "assistant":
             # The context keeps what the caller heard (barge-in trims it), so this is heard text.
             turn["heard_text"] = turn["text"]
+            cut = cuts.get(index)
+            if cut is not None:
+                heard, said = str(cut.get("heard", "")), turn["text"]
+                before = said[: len(said) - len(heard)] if heard and said.endswith(heard) else said
+                turn["text"] = f"{before.rstrip()} {cut.get('sentence', '')}".strip()
+                turn["interrupted"] = True
             if after_user:
                 secs = next(lat, None)
                 turn["latency_ms"] = None if secs is None else secs * 1000.0
@@ -266,7 +277,9 @@ class Tenancy:
         recorder = self.recorders.pop(record.call.call_uuid, None)
         turns = recorder.turns if recorder is not None else []
         if not turns:  # no frames seen (e.g. a builder without the transport's facts)
-            turns = transcript_turns(record.messages, record.turn_latencies)
+            turns = transcript_turns(
+                record.messages, record.turn_latencies, getattr(record, "interruptions", None)
+            )
         rows = call_rows(
             domain_uuid=live.tenant.domain_uuid,
             call_uuid=record.call.call_uuid,

@@ -12,6 +12,7 @@ sentences - and appends them to the assistant's turn.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pipecat.frames.frames import Frame, InterruptionFrame
@@ -38,6 +39,19 @@ def heard_prefix(sentence: str, heard_secs: float, chars_per_sec: float) -> str:
         return sentence
     cut = sentence.rfind(" ", 0, n + 1)
     return sentence[:cut].rstrip(" ,;:") if cut > 0 else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Interruption:
+    """A barge-in cut the bot: what it was saying, and what of it the caller heard.
+
+    ``index`` is the position, in the context's messages, of the assistant message
+    that ends with ``heard`` (call records mark that turn as interrupted).
+    """
+
+    index: int
+    sentence: str
+    heard: str
 
 
 class SpeakingRate:
@@ -71,6 +85,8 @@ class HeardContextProcessor(FrameProcessor):
         self._context = context
         self._rate = SpeakingRate()
         self._pending = ""
+        self._pending_sentence = ""
+        self.interruptions: list[Interruption] = []
 
     @property
     def chars_per_sec(self) -> float:
@@ -82,10 +98,19 @@ class HeardContextProcessor(FrameProcessor):
         if isinstance(frame, PlaybackFinishedFrame):
             self._on_playback(frame)
             return  # consumed: nothing after us needs it
-        if isinstance(frame, InterruptionFrame) and self._pending:
+        if isinstance(frame, InterruptionFrame) and self._pending_sentence:
             # The aggregator has already written the whole sentences of this turn.
-            self.append_heard(self._pending)
-            self._pending = ""
+            if self._pending:
+                self.append_heard(self._pending)
+            self.interruptions.append(
+                Interruption(
+                    # Nothing heard: the cut sentence has no message of its own.
+                    index=len(self._context.get_messages()) - 1 if self._pending else -1,
+                    sentence=self._pending_sentence,
+                    heard=self._pending,
+                )
+            )
+            self._pending = self._pending_sentence = ""
         await self.push_frame(frame, direction)
 
     def _on_playback(self, fact: PlaybackFinishedFrame) -> None:
@@ -98,6 +123,7 @@ class HeardContextProcessor(FrameProcessor):
         self._pending = heard_prefix(
             fact.text, fact.playback_position, self._rate.chars_per_sec
         ).strip()
+        self._pending_sentence = fact.text
 
     def append_heard(self, text: str) -> None:
         """Extend this turn's assistant message, or add one if none was written."""

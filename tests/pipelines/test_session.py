@@ -138,6 +138,10 @@ async def test_barge_in_during_the_greeting_keeps_only_the_heard_words(rig: Rig)
     assert len(said) == 1
     heard = said[0]
     assert heard and heard != GREETING and GREETING.startswith(heard)
+    # The record says where the cut was, for the call's transcript.
+    (cut,) = record.interruptions
+    assert cut["sentence"] == GREETING and cut["heard"] == heard
+    assert record.messages[cut["index"]]["content"] == heard
 
 
 async def test_a_pipeline_sentence_is_played_after_the_greeting(rig: Rig) -> None:
@@ -160,3 +164,22 @@ async def test_caller_hangup_ends_the_call_and_leaves_no_task(rig: Rig) -> None:
     await asyncio.sleep(0.2)
     left = {t.get_name() for t in asyncio.all_tasks()} - before
     assert not [name for name in left if "sess-hangup" in name]
+
+
+def test_transcript_turns_mark_the_cut_turn() -> None:
+    from pipeswitch.pipelines.tenancy import transcript_turns
+
+    messages = [
+        {"role": "system", "content": "You are a receptionist."},
+        {"role": "user", "content": "Are you open on Sunday?"},
+        {"role": "assistant", "content": "We are closed on Sundays. We open"},
+        {"role": "user", "content": "Thanks, bye."},
+    ]
+    cut = {"index": 2, "sentence": "We open on Monday at nine.", "heard": "We open"}
+    turns = transcript_turns(messages, [0.42], [cut])
+    bot = turns[1]
+    assert bot["interrupted"] is True
+    assert bot["heard_text"] == "We are closed on Sundays. We open"
+    assert bot["text"] == "We are closed on Sundays. We open on Monday at nine."
+    assert bot["latency_ms"] == 420.0
+    assert "interrupted" not in turns[0] and "interrupted" not in turns[2]
