@@ -146,7 +146,7 @@ async def test_static_token_in_stream_extra_headers(fleet: Fleet) -> None:
     call = f"tok-{uuidlib.uuid4()}"
     url = fleet.url(fleet.one, call, sign=False)
     for _ in range(100):  # the NOTIFY re-reads the domain within milliseconds
-        if fleet.one.loader._entries[str(fleet.duid)].default.access.token_sha256:  # type: ignore[attr-defined,union-attr]
+        if fleet.one.loader._entries[str(fleet.duid)].default.access.token_sha256:  # type: ignore[attr-defined]
             break
         await asyncio.sleep(0.01)
     # STREAM_EXTRA_HEADERS={"X-Pipeswitch-Token":"..."} as mod_audio_stream sends it.
