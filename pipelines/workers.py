@@ -68,14 +68,15 @@ async def serve_workers(
     prom_dir = os.environ.get(metrics.MULTIPROC_ENV) or tempfile.mkdtemp(prefix="pipeswitch-prom-")
     own_prom_dir = metrics.MULTIPROC_ENV not in os.environ
     env = {**os.environ, ENDPOINTS_ENV: json.dumps(asdict(ep)), metrics.MULTIPROC_ENV: prom_dir}
-    procs = [
+
+    async def spawn() -> asyncio.subprocess.Process:
         # Own session: a terminal's Ctrl-C reaches the parent only, which forwards it once
         # (a worker counts a second signal as "end all calls now").
-        await asyncio.create_subprocess_exec(
+        return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pipeswitch.pipelines.cli", *argv, env=env, start_new_session=True
         )
-        for _ in range(workers)
-    ]
+
+    procs = [await spawn() for _ in range(workers)]
     logger.info(
         "started {} workers on port {}: pids {}", workers, settings.port, [p.pid for p in procs]
     )
@@ -97,16 +98,38 @@ async def serve_workers(
         multiprocess_dead(p.pid, prom_dir)
         return rc
 
-    waiters = [asyncio.ensure_future(reap(p)) for p in procs]
+    waiters = {asyncio.ensure_future(reap(p)): p for p in procs}
     stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([stopper, *waiters], return_when=asyncio.FIRST_COMPLETED)
-    if not stop.is_set():
-        logger.error("a worker exited; stopping the others")
+    # A worker that dies (OOM kill, a crash in native code) loses its own calls only:
+    # FreeSWITCH sees those sockets close and can fall back; the other workers' calls go on,
+    # and a new worker takes its place. A crash loop stops the whole server instead.
+    exits: list[float] = []
+    while not stop.is_set():
+        done, _ = await asyncio.wait([stopper, *waiters], return_when=asyncio.FIRST_COMPLETED)
+        dead = [waiters.pop(w) for w in done if w in waiters]
+        if stop.is_set() or not dead:
+            break
+        now = loop.time()
+        exits = [t for t in exits if now - t < 60.0] + [now] * len(dead)
+        if len(exits) > 3 * workers:
+            logger.error("{} worker exits in 60 s; stopping the server", len(exits))
+            break
+        for old in dead:
+            new = await spawn()
+            procs[procs.index(old)] = new
+            waiters[asyncio.ensure_future(reap(new))] = new
+            logger.error(
+                "worker {} exited (code {}); its calls were lost; started worker {}",
+                old.pid,
+                old.returncode,
+                new.pid,
+            )
     for p in procs:
         if p.returncode is None:
             p.send_signal(signal.SIGTERM)
     # Each worker drains, says goodbye and exits within the drain timeout + 2 s.
-    await asyncio.wait(waiters, timeout=settings.drain_timeout_secs + 5)
+    if waiters:
+        await asyncio.wait(waiters, timeout=settings.drain_timeout_secs + 5)
     for p in procs:
         if p.returncode is None:
             p.kill()
