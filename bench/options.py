@@ -87,6 +87,7 @@ def server_summary(kind: str, sr: SessionResult, tokens_per_s: float) -> dict[st
             "loop_lag_ms": sr.server_health.get("loop_lag_ms"),
             "gc_ms": sr.server_health.get("gc_ms"),
             "gc_frozen": sr.server_health.get("gc_frozen"),
+            "speculation": sr.server_health.get("speculation"),
         },
         "config": {
             "vad_stop_secs": sr.server.vad_stop_secs,

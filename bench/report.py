@@ -151,6 +151,13 @@ def latency_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(_f(v) for v in vals) + " |")
     lines += ["", _overhead_note()]
     for kind, r in servers.items():
+        spec = (r.get("server_probe") or {}).get("speculation")
+        if spec and spec.get("started"):
+            lines.append(
+                f"- {SERVER_LABELS.get(kind, kind)}: speculative end of turn started "
+                f"{spec['started']} time(s), confirmed {spec.get('confirmed', 0)}, "
+                f"wasted {spec.get('wasted', 0)} (LLM requests whose reply was discarded)"
+            )
         for n in r.get("notes", []):
             lines.append(f"- {SERVER_LABELS.get(kind, kind)}: {n}")
     return "\n".join(lines) + "\n"

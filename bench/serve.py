@@ -35,6 +35,43 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# ``turns.speculate=false,providers.stt=deepgram-flux``: tenant settings for an A/B run
+# (inherited from the ``pipeswitch bench …`` command's environment).
+TENANT_SET_ENV = "PIPESWITCH_BENCH_TENANT_SET"
+
+
+def tenant_overrides(text: str) -> dict[str, dict[str, Any]]:
+    """``section.key=value`` pairs (comma-separated) as nested tenant fields.
+
+    Values are JSON where they parse (``false``, ``0.1``), strings otherwise.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise SystemExit(f"{TENANT_SET_ENV}: expected section.key=value, got {item!r}")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def speculation_counts() -> dict[str, float]:
+    """This process's speculative-turn counters (started, confirmed, wasted)."""
+    from pipeswitch.transports.metrics import TURN_SPECULATIONS
+
+    counts: dict[str, float] = {"started": 0.0, "confirmed": 0.0, "wasted": 0.0}
+    for metric in TURN_SPECULATIONS.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                outcome = sample.labels.get("outcome", "")
+                counts[outcome] = counts.get(outcome, 0.0) + sample.value
+    return counts
+
+
 def _record_dict(rec: Any) -> dict[str, Any]:
     return {
         "call_uuid": rec.call.call_uuid,
@@ -68,7 +105,8 @@ async def _amain(args: argparse.Namespace) -> None:
         log_level=args.log_level,
         max_calls=args.max_calls,
     )
-    tenant = Tenant(name=DEFAULT_TENANT_NAME, playback=args.dialect)
+    overrides = tenant_overrides(os.environ.get(TENANT_SET_ENV, ""))
+    tenant = Tenant(name=DEFAULT_TENANT_NAME, playback=args.dialect, **overrides)
     loader = StaticTenantLoader([tenant], default=DEFAULT_TENANT_NAME)
     ep = endpoints_for(argparse.Namespace(**urls))
     app = Pipeswitch(settings, loader=loader, default_tenant=DEFAULT_TENANT_NAME, endpoints=ep)
@@ -86,18 +124,25 @@ async def _amain(args: argparse.Namespace) -> None:
         recs = [*finished, *list(sessions.active.values())]
         return [_record_dict(r) for r in recs]
 
+    spec_base = speculation_counts()
+
     def health() -> dict[str, Any]:
         st = server.stats
+        now = speculation_counts()
         return {
             "calls_active": st.calls_active,
             "calls_total": st.calls_total,
             "refused": dict(st.refused),
             "upgrade_ms": list(st.upgrade_ms),
+            # Since the last reset: the measured window only, not the warm-up call.
+            "speculation": {k: int(v - spec_base.get(k, 0.0)) for k, v in now.items()},
         }
 
     def reset() -> None:
+        nonlocal spec_base
         finished.clear()
         server.stats.upgrade_ms.clear()
+        spec_base = speculation_counts()
 
     probe = BenchProbe(calls, health, reset)
     stats_port = await probe.start()
@@ -111,6 +156,7 @@ async def _amain(args: argparse.Namespace) -> None:
         "vad_stop_secs": tenant.turns.vad_stop_secs,
         "policy_wait_secs": tenant.turns.complete_wait_secs,
         "experiments": experiments,
+        "tenant_overrides": overrides,
     }
     print(json.dumps(ready), flush=True)
     try:

@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from pipecat.frames.frames import (
     Frame,
@@ -278,17 +279,44 @@ def update(state: TurnState, event: TurnEvent, p: TurnParams) -> tuple[TurnState
     return replace(state, deadline=None, vad_stopped_at=None), []
 
 
-class AdaptiveTurnStopStrategy(BaseUserTurnStopStrategy):
-    """Pipecat user-turn stop strategy driven by :func:`update`."""
+SpeculationOutcome = Literal["started", "confirmed", "wasted"]
 
-    def __init__(self, params: TurnParams | None = None, **kwargs: Any) -> None:
+
+class AdaptiveTurnStopStrategy(BaseUserTurnStopStrategy):
+    """Pipecat user-turn stop strategy driven by :func:`update`.
+
+    ``on_speculation`` is told each speculation's fate ("started", then "confirmed"
+    or "wasted"): the call's composer feeds it to the metrics, so how often
+    speculation fires and how much LLM work it throws away is visible per tenant.
+    """
+
+    def __init__(
+        self,
+        params: TurnParams | None = None,
+        *,
+        on_speculation: Callable[[SpeculationOutcome], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self._p = params or TurnParams()
         self._state = TurnState()
         self._timer: asyncio.Task[None] | None = None
-        # Speculative inferences started, and how many were withdrawn (wasted LLM work).
+        self._on_speculation = on_speculation
+        # Speculative inferences started, confirmed by the turn end, and withdrawn
+        # (wasted LLM work: prompt tokens and a first token nobody hears).
         self.speculations = 0
+        self.speculations_confirmed = 0
         self.speculations_wasted = 0
+
+    def _count(self, outcome: SpeculationOutcome) -> None:
+        if outcome == "started":
+            self.speculations += 1
+        elif outcome == "confirmed":
+            self.speculations_confirmed += 1
+        else:
+            self.speculations_wasted += 1
+        if self._on_speculation is not None:
+            self._on_speculation(outcome)
 
     async def handle_user_turn_started(self) -> None:
         # Keep the live VAD flag; only the turn's text and deadlines are per turn.
@@ -304,7 +332,7 @@ class AdaptiveTurnStopStrategy(BaseUserTurnStopStrategy):
     async def _drop_speculation(self) -> None:
         if self._state.speculated is not None:
             self._state = replace(self._state, speculated=None)
-            self.speculations_wasted += 1
+            self._count("wasted")
             await self.trigger_user_turn_speculation_cancelled()
 
     async def cleanup(self) -> None:
@@ -336,16 +364,17 @@ class AdaptiveTurnStopStrategy(BaseUserTurnStopStrategy):
             if isinstance(action, EndTurn):
                 await self._cancel_timer()
                 if action.confirms:
+                    self._count("confirmed")
                     await self.trigger_user_turn_finalized(confirms_speculation=True)
                 else:
                     await self.trigger_user_turn_stopped()
             elif isinstance(action, Speculate):
-                self.speculations += 1
+                self._count("started")
                 await self.trigger_user_turn_inference_triggered(
                     speculation=UserTurnSpeculation(text=action.text)
                 )
             elif isinstance(action, CancelSpeculation):
-                self.speculations_wasted += 1
+                self._count("wasted")
                 await self.trigger_user_turn_speculation_cancelled()
             elif isinstance(action, SetTimer):
                 await self._cancel_timer()

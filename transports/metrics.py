@@ -99,6 +99,12 @@ UPGRADE = Histogram(
     "HTTP request received to the WebSocket 101 sent (libwsc gives it 1 s).",
     buckets=_FAST_BUCKETS,
 )
+TURN_SPECULATIONS = Counter(
+    "pipeswitch_turn_speculations",
+    "Speculative LLM starts before the caller's turn was certain (outcome: started, "
+    "confirmed by the turn end, wasted = withdrawn, its LLM work discarded).",
+    ["tenant", "outcome"],
+)
 PROVIDER_TTFB = Histogram(
     "pipeswitch_provider_ttfb_seconds",
     "Time to first byte reported by a provider service (Pipecat TTFBMetricsData).",
@@ -182,6 +188,11 @@ def call_refused(reason: str, tenant: str | None = None) -> None:
 def call_failed(tenant: str, pipeline: str, reason: str) -> None:
     """A call ended on an error; ``reason`` comes from a fixed vocabulary."""
     CALLS_FAILED.labels(tenant_label(tenant), pipeline, reason).inc()
+
+
+def turn_speculation(tenant: str, outcome: str) -> None:
+    """One speculative end of turn started, confirmed or wasted (turn-taking's counter)."""
+    TURN_SPECULATIONS.labels(tenant_label(tenant), outcome).inc()
 
 
 def provider_name(processor: object) -> str:

@@ -182,3 +182,39 @@ def test_words_after_the_vad_stop_cancel_then_end() -> None:
     state, a3 = update(state, Transcript(1.3, "On Sunday?", True), P)
     assert a3 == [CancelSpeculation(), EndTurn()]
     assert state.speculated is None
+
+
+async def test_strategy_counts_each_speculation_outcome() -> None:
+    """The Pipecat strategy reports started/confirmed/wasted (fed to the metrics)."""
+    from pipecat.frames.frames import (
+        InterimTranscriptionFrame,
+        TranscriptionFrame,
+        VADUserStartedSpeakingFrame,
+        VADUserStoppedSpeakingFrame,
+    )
+
+    from pipeswitch.processors.turn_taking import AdaptiveTurnStopStrategy
+
+    seen: list[str] = []
+    strategy = AdaptiveTurnStopStrategy(P, on_speculation=seen.append)
+    ended: list[str] = []
+
+    @strategy.event_handler("on_user_turn_stopped")
+    async def _stopped(*_: object) -> None:
+        ended.append("stopped")
+
+    # Turn 1: complete final while the VAD counts its silence, then the VAD stop confirms.
+    await strategy.process_frame(VADUserStartedSpeakingFrame())
+    await strategy.process_frame(TranscriptionFrame("What are your hours?", "u", "t"))
+    await strategy.process_frame(VADUserStoppedSpeakingFrame())
+    await strategy.handle_user_turn_stopped()
+    # Turn 2: the caller goes on ("... and on Sunday"): the speculation is withdrawn.
+    await strategy.handle_user_turn_started()
+    await strategy.process_frame(VADUserStartedSpeakingFrame())
+    await strategy.process_frame(TranscriptionFrame("Are you open tomorrow?", "u", "t"))
+    await strategy.process_frame(InterimTranscriptionFrame("and on", "u", "t"))
+
+    assert seen == ["started", "confirmed", "started", "wasted"]
+    assert (strategy.speculations, strategy.speculations_confirmed) == (2, 1)
+    assert strategy.speculations_wasted == 1
+    assert ended == ["stopped"]  # turn 1 ended (confirmed); turn 2 is still open
