@@ -49,10 +49,17 @@ def add_latency_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-barge-in", action="store_true")
     p.add_argument("--stagger-s", type=float, default=0.37, help="call start spacing")
     add_common_arguments(p, replies="unique")
+    from pipeswitch.bench.s2s import add_s2s_arguments
+
+    add_s2s_arguments(p)
 
 
 async def run_latency(args: argparse.Namespace) -> int:
     """Run the latency bench; returns the exit status."""
+    if getattr(args, "pipeline", "cascade") != "cascade":
+        from pipeswitch.bench.s2s import run_s2s_latency
+
+        return await run_s2s_latency(args)
     if args.reference and args.dialect != "json-stream":
         logger.error("the reference speaks the json-stream dialect only")
         return 2

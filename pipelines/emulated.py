@@ -34,6 +34,11 @@ def endpoints_for(urls: RunningEmulators | object) -> ProviderEndpoints:
         # The chat emulator speaks OpenAI's chat completions API, as Groq does.
         openai_base_url=str(getattr(urls, "groq_base_url")),  # noqa: B009
         openai_api_key=EMULATED_KEY,
+        # Speech-to-speech emulators (absent from an older emulator process: "").
+        openai_realtime_url=str(getattr(urls, "openai_realtime_url", "")),
+        gemini_url=str(getattr(urls, "gemini_url", "")),
+        gemini_ca_file=str(getattr(urls, "gemini_ca_file", "")),
+        google_api_key=EMULATED_KEY,
     )
 
 

@@ -28,6 +28,7 @@ from pipecat.frames.frames import (
     ErrorFrame,
     Frame,
     InputAudioRawFrame,
+    InterruptionFrame,
     ManuallySwitchServiceFrame,
     StartFrame,
     TTSAudioRawFrame,
@@ -77,6 +78,39 @@ class ProviderRateAdapter(FrameProcessor):
         await self.push_frame(frame, direction)
 
 
+class ProviderAudioOut(FrameProcessor):
+    """The provider's 24 kHz voice to the call's rate, once, right after the service.
+
+    Pipecat's output transport would resample it too, but with soxr "VHQ", which
+    releases telephone-sized chunks in ~100 ms bursts (measured: +100 ms p50 of
+    server overhead per turn); the project's "HQ" stream resampler releases every
+    chunk. Frames stay ``TTSAudioRawFrame`` so the transport still counts bot speech.
+    """
+
+    def __init__(self, rate: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rate = rate
+        self._resampler: StreamResampler | None = None
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InterruptionFrame):
+            self._resampler = None  # the filter's tail belongs to the cut reply
+        elif isinstance(frame, TTSAudioRawFrame) and frame.sample_rate != self.rate:
+            r = self._resampler
+            if r is None or r.in_rate != frame.sample_rate:
+                r = self._resampler = StreamResampler(frame.sample_rate, self.rate)
+            pcm = r.process(frame.audio)
+            if not pcm:
+                return
+            out = TTSAudioRawFrame(
+                audio=pcm, sample_rate=self.rate, num_channels=1, context_id=frame.context_id
+            )
+            out.pts = frame.pts
+            frame = out
+        await self.push_frame(frame, direction)
+
+
 class TransportPlayout:
     """What left the call's socket and was played, from the transport's own counters.
 
@@ -95,13 +129,7 @@ class TransportPlayout:
 
     def unplayed_secs(self) -> float:
         """Audio sent but not yet played at the far end that a clear would drop."""
-        ser = self._t.serializer
-        if not getattr(ser, "clear_drops_buffered", True):
-            return 0.0
-        # The output transport paces sends against this wall-clock horizon.
-        # TODO(lead): expose it publicly on FreeSwitchOutputTransport.
-        play_until = float(getattr(self._t.output(), "_play_until", 0.0))
-        return max(0.0, play_until - time.monotonic())
+        return self._t.output().unplayed_secs()
 
     def mark(self) -> float:
         """A reference point: the written total now."""
@@ -205,6 +233,7 @@ class S2SFailureWatch(FrameProcessor):
         self._connect_timeout = connect_timeout_secs
         self._connected = connected
         self.failed = False
+        self._pending = ""
         self._watch: asyncio.Task[None] | None = None
 
     async def _budget(self) -> None:
@@ -230,11 +259,19 @@ class S2SFailureWatch(FrameProcessor):
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         if isinstance(frame, ErrorFrame) and direction is FrameDirection.UPSTREAM:
-            await self.fail(str(frame.error)[:300])
+            reason = str(frame.error)[:300]
+            if self._watch is None:
+                # Refused while the pipeline is still being set up: switching now would
+                # send the switchers a frame before their StartFrame. Switch once started.
+                self._pending = self._pending or reason
+            else:
+                await self.fail(reason)
             return
+        await self.push_frame(frame, direction)
         if isinstance(frame, StartFrame) and self._watch is None:
             self._watch = asyncio.ensure_future(self._budget())
-        await self.push_frame(frame, direction)
+            if self._pending:
+                await self.fail(self._pending)
 
 
 class S2SFallback:
@@ -331,6 +368,7 @@ def s2s_pipeline(
                 rt_pair.user(),
                 *edge,
                 llm,
+                ProviderAudioOut(ctx.sample_rate),
                 t.output(),
                 rt_pair.assistant(),
                 ctx.heard_context(context),
@@ -350,7 +388,7 @@ def s2s_pipeline(
     watch = S2SFailureWatch(
         on_failure, connect_timeout_secs=p.s2s_connect_timeout_secs, connected=connected
     )
-    s2s_branch = Pipeline([rt_pair.user(), *edge, watch, llm])
+    s2s_branch = Pipeline([rt_pair.user(), *edge, watch, llm, ProviderAudioOut(ctx.sample_rate)])
     probe = CascadeProbe()
     cascade_branch = Pipeline(
         [entry, stt, pair_c.user(), ctx.caller_audio_sink(), llm_c, tts, probe]

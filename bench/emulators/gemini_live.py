@@ -114,6 +114,8 @@ class TurnRecord:
     audio_ms_sent: int = 0
     first_audio_at: float | None = None
     status: str = "in_progress"
+    # When the last loud caller audio before this turn arrived (monotonic clock).
+    speech_end_at: float | None = None
 
 
 @dataclass
@@ -137,6 +139,7 @@ class GeminiSession:
     go_away_sent_at: float | None = None
     closed_at: float | None = None
     close_reason: str = ""
+    aborted_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -310,6 +313,7 @@ class _Conn:
         self.current: TurnRecord | None = None
         self.pending_tool: asyncio.Future[dict[str, Any]] | None = None
         self.stream: SpeechStream | None = None
+        self.last_loud_at: float | None = None
         self.session_audio_ms = 0
         self.stalled = False
         self.closing = False
@@ -324,6 +328,7 @@ class _Conn:
 
     def abort(self, reason: str) -> None:
         self.rec.close_reason = reason
+        self.rec.aborted_at = time.monotonic()
         transport = self.request.transport
         if transport is not None:
             transport.abort()
@@ -420,7 +425,10 @@ class _Conn:
                 if self.vad is None or self.vad.rate != rate:
                     self.vad = EnergyVAD(rate, threshold=self.emu.vad_threshold)
                     self.vad.silence_ms = self._silence_ms
-                for kind, _ in self.vad.feed(pcm):
+                events = self.vad.feed(pcm)
+                if self.vad.loud_in_last_feed:
+                    self.last_loud_at = time.monotonic()
+                for kind, _ in events:
                     if kind == "start":
                         await self.caller_started()
                     else:
@@ -508,7 +516,9 @@ class _Conn:
         task = self.turn_task
         if task is not None and not task.done():
             return
-        rec = TurnRecord(index=n, trigger=trigger, triggered_at=time.monotonic())
+        rec = TurnRecord(
+            index=n, trigger=trigger, triggered_at=time.monotonic(), speech_end_at=self.last_loud_at
+        )
         self.rec.turns.append(rec)
         self.current = rec
         self.turn_task = asyncio.ensure_future(self.model_turn(rec))

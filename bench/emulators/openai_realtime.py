@@ -190,6 +190,8 @@ class EnergyVAD:
         self.speaking = False
         self._loud_since: int | None = None
         self._quiet_since: int | None = None
+        # Whether the last chunk fed held a loud window (the bench dates speech ends).
+        self.loud_in_last_feed = False
 
     def feed(self, pcm: bytes) -> list[tuple[str, int]]:
         """Add audio; returns ``("start"|"stop", audio_ms)`` events in order."""
@@ -202,6 +204,7 @@ class EnergyVAD:
         wins = self._buf[: n * self.win].astype(np.float32).reshape(n, self.win)
         self._buf = self._buf[n * self.win :].copy()
         rms = np.sqrt(np.mean(wins * wins, axis=1))
+        self.loud_in_last_feed = bool((rms > self.threshold).any())
         for loud in rms > self.threshold:
             now = self.audio_ms
             self.audio_ms += 20
@@ -264,6 +267,9 @@ class ResponseRecord:
     audio_ms_sent: int = 0
     first_audio_at: float | None = None
     status: str = "in_progress"
+    # When the last loud caller audio before this response arrived (monotonic clock):
+    # first_audio_at - speech_end_at is the provider's share of the turn.
+    speech_end_at: float | None = None
 
 
 @dataclass
@@ -297,6 +303,7 @@ class RealtimeSession:
     audio_in_ms: int = 0
     closed_at: float | None = None
     close_reason: str = ""
+    aborted_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -480,6 +487,7 @@ class _Conn:
         self.session_audio_ms = 0
         self.stalled = False
         self.pending_user_item: str | None = None
+        self.last_loud_at: float | None = None
         self._send_lock = asyncio.Lock()
 
     # -- plumbing ---------------------------------------------------------------
@@ -494,6 +502,7 @@ class _Conn:
     def abort(self, reason: str) -> None:
         """Drop the TCP connection without a closing handshake."""
         self.rec.close_reason = reason
+        self.rec.aborted_at = time.monotonic()
         transport = self.request.transport
         if transport is not None:
             transport.abort()
@@ -563,6 +572,8 @@ class _Conn:
         pcm = base64.b64decode(evt.get("audio", ""))
         self.rec.audio_in_ms += len(pcm) * 1000 // (2 * REALTIME_RATE)
         events = self.vad.feed(pcm)
+        if self.vad.loud_in_last_feed:
+            self.last_loud_at = time.monotonic()
         if not self.server_vad:
             return
         for kind, at_ms in events:
@@ -764,6 +775,7 @@ class _Conn:
             item_id=f"item_{uuid.uuid4().hex[:20]}",
             trigger=trigger,
             triggered_at=time.monotonic(),
+            speech_end_at=self.last_loud_at,
         )
         self.rec.responses.append(rec)
         self.current = rec

@@ -34,6 +34,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -49,9 +50,23 @@ from pipeswitch.bench.emulators.elevenlabs_convai import (
     ConvAISettings,
     ElevenLabsConvAIEmulator,
 )
+from pipeswitch.bench.emulators.gemini_live import (
+    GEMINI_LIVE_TTFA,
+    GeminiFaults,
+    GeminiLiveEmulator,
+    serve_gemini,
+)
 from pipeswitch.bench.emulators.latency import DEEPGRAM_TTFS, GROQ_TTFT, LatencyModel
 from pipeswitch.bench.emulators.openai_chat import ChatFaults, ChatScript, OpenAIChatEmulator
+from pipeswitch.bench.emulators.openai_realtime import (
+    OPENAI_REALTIME_TTFA,
+    OpenAIRealtimeEmulator,
+    RealtimeFaults,
+    piper_speech,
+    tone_speech,
+)
 from pipeswitch.bench.emulators.scripts import resolve_llm_script, resolve_stt_script
+from pipeswitch.bench.emulators.tls import make_test_ca
 
 SttScriptSpec = str | Sequence[str] | Callable[[int], str]
 LlmScriptSpec = str | Mapping[str, Any] | ChatScript
@@ -87,10 +102,25 @@ class EmulatorConfig:
     convai_faults: ConvAIFaults = field(default_factory=ConvAIFaults)
     convai_response_median_ms: float = CONVAI_RESPONSE.median_ms
     convai_response_p95_ms: float = CONVAI_RESPONSE.p95_ms
+    # OpenAI Realtime (ws) and Gemini Live (wss, test CA under tls_dir; "" = a temp dir)
+    # emulators: replies from ``s2s_script``, caller lines from the STT script, reply
+    # audio from a Piper server at ``s2s_speech_url`` (or voice-like tones without one).
+    realtime_port: int = 0
+    gemini_port: int = 0
+    tls_dir: str = ""
+    s2s_script: LlmScriptSpec = "default"
+    s2s_speech_url: str = ""
+    realtime_ttfa_median_ms: float = OPENAI_REALTIME_TTFA.median_ms
+    realtime_ttfa_p95_ms: float = OPENAI_REALTIME_TTFA.p95_ms
+    gemini_ttfa_median_ms: float = GEMINI_LIVE_TTFA.median_ms
+    gemini_ttfa_p95_ms: float = GEMINI_LIVE_TTFA.p95_ms
+    gemini_session_limit_s: float | None = None
+    realtime_faults: RealtimeFaults = field(default_factory=RealtimeFaults)
+    gemini_faults: GeminiFaults = field(default_factory=GeminiFaults)
 
     def to_json(self) -> str:
         """Serialise for a child process; callables can't cross, so they raise."""
-        for name in ("stt_script", "llm_script"):
+        for name in ("stt_script", "llm_script", "s2s_script"):
             value = getattr(self, name)
             if callable(value) and not isinstance(value, str | Mapping):
                 raise TypeError(
@@ -110,6 +140,8 @@ class EmulatorConfig:
         data["llm_faults"] = ChatFaults(**data.get("llm_faults", {}))
         data["convai"] = ConvAISettings(**data.get("convai", {}))
         data["convai_faults"] = ConvAIFaults(**data.get("convai_faults", {}))
+        data["realtime_faults"] = RealtimeFaults(**data.get("realtime_faults", {}))
+        data["gemini_faults"] = GeminiFaults(**data.get("gemini_faults", {}))
         return cls(**data)
 
     def build(self) -> tuple[DeepgramEmulator, OpenAIChatEmulator]:
@@ -144,6 +176,35 @@ class EmulatorConfig:
             user_lines=resolve_stt_script(self.stt_script),
         )
 
+    def build_s2s(self) -> tuple[OpenAIRealtimeEmulator, GeminiLiveEmulator]:
+        """Create (not start) the OpenAI Realtime and Gemini Live emulators."""
+        seed = None if self.seed is None else self.seed + 3
+        speech = piper_speech(self.s2s_speech_url) if self.s2s_speech_url else tone_speech
+        script = resolve_llm_script(self.s2s_script)
+        lines = resolve_stt_script(self.stt_script)
+        realtime = OpenAIRealtimeEmulator(
+            ttfa=LatencyModel(self.realtime_ttfa_median_ms, self.realtime_ttfa_p95_ms, seed),
+            script=script,
+            transcripts=lines,
+            speech=speech,
+            faults=dataclasses.replace(self.realtime_faults),
+            api_key=self.api_key,
+        )
+        gemini = GeminiLiveEmulator(
+            ttfa=LatencyModel(
+                self.gemini_ttfa_median_ms,
+                self.gemini_ttfa_p95_ms,
+                None if seed is None else seed + 1,
+            ),
+            script=script,
+            transcripts=lines,
+            speech=speech,
+            faults=dataclasses.replace(self.gemini_faults),
+            api_key=self.api_key,
+            session_limit_s=self.gemini_session_limit_s,
+        )
+        return realtime, gemini
+
 
 @dataclass
 class RunningEmulators:
@@ -156,6 +217,21 @@ class RunningEmulators:
     openai_port: int
     convai: ElevenLabsConvAIEmulator | None = None
     elevenlabs_port: int = 0
+    realtime: OpenAIRealtimeEmulator | None = None
+    realtime_port: int = 0
+    gemini: GeminiLiveEmulator | None = None
+    gemini_port: int = 0
+    gemini_ca_file: str = ""
+
+    @property
+    def openai_realtime_url(self) -> str:
+        """``base_url`` for ``OpenAIRealtimeLLMService``."""
+        return f"ws://{self.host}:{self.realtime_port}/v1/realtime"
+
+    @property
+    def gemini_url(self) -> str:
+        """``http_options.base_url`` for ``GeminiLiveLLMService`` (TLS; trust ``gemini_ca_file``)."""
+        return f"https://{self.host}:{self.gemini_port}"
 
     @property
     def elevenlabs_url(self) -> str:
@@ -187,6 +263,11 @@ class RunningEmulators:
             "openai_port": self.openai_port,
             "elevenlabs_url": self.elevenlabs_url,
             "elevenlabs_port": self.elevenlabs_port,
+            "openai_realtime_url": self.openai_realtime_url,
+            "realtime_port": self.realtime_port,
+            "gemini_url": self.gemini_url,
+            "gemini_port": self.gemini_port,
+            "gemini_ca_file": self.gemini_ca_file,
         }
 
 
@@ -230,7 +311,31 @@ async def run_emulators(config: EmulatorConfig | None = None) -> AsyncIterator[R
             convai.add_routes, cfg.host, cfg.elevenlabs_port, convai.close_all
         )
         runners.append(el_runner)
-        yield RunningEmulators(cfg.host, deepgram, openai, dg_port, oa_port, convai, el_port)
+        realtime, gemini = cfg.build_s2s()
+        rt_runner, rt_port = await _serve(
+            realtime.add_routes, cfg.host, cfg.realtime_port, realtime.close_all
+        )
+        runners.append(rt_runner)
+        tls_dir = cfg.tls_dir or tempfile.mkdtemp(prefix="pipeswitch-tls-")
+        ca = make_test_ca(tls_dir, hosts=(cfg.host, "localhost"))
+        gm_runner, gm_port = await serve_gemini(
+            gemini, ca.server_context(), cfg.host, cfg.gemini_port
+        )
+        runners.append(gm_runner)
+        yield RunningEmulators(
+            cfg.host,
+            deepgram,
+            openai,
+            dg_port,
+            oa_port,
+            convai,
+            el_port,
+            realtime,
+            rt_port,
+            gemini,
+            gm_port,
+            str(ca.ca_file),
+        )
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
@@ -252,6 +357,9 @@ class EmulatorProcess:
         self.deepgram_port: int = info["deepgram_port"]
         self.openai_port: int = info["openai_port"]
         self.elevenlabs_url: str = info.get("elevenlabs_url", "")
+        self.openai_realtime_url: str = info.get("openai_realtime_url", "")
+        self.gemini_url: str = info.get("gemini_url", "")
+        self.gemini_ca_file: str = info.get("gemini_ca_file", "")
         self._host: str = info["host"]
 
     @property

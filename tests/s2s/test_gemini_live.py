@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from pipeswitch.bench.emulators.openai_chat import ToolCall, keyword_script
+from pipeswitch.bench.emulators.openai_realtime import tone_speech
 from pipeswitch.bench.emulators.scripts import LLM_SCRIPTS
 from tests.e2e.helpers import ask, is_speech_like, open_call, wait_bot_quiet
 from tests.s2s.conftest import BARGE_IN, QUESTION, S2SServed
@@ -47,8 +48,10 @@ async def test_barge_in_tells_gemini_what_was_heard(s2s: S2SServed) -> None:
     question = await s2s.speech(QUESTION, rate)
     interrupt = await s2s.speech(BARGE_IN, rate)
     gm = s2s.gemini
-    saved = gm.script
+    saved, saved_speech = gm.script, gm.speech
     gm.script = LLM_SCRIPTS["long"]
+    # Synthesized at once, so the provider runs far ahead of playback (as the real ones do).
+    gm.speech = tone_speech
     n = len(gm.sessions)
     stream = await open_call(s2s.url("gm-binary.test", rate, "gm-barge"), rate, "binary")
     try:
@@ -61,7 +64,7 @@ async def test_barge_in_tells_gemini_what_was_heard(s2s: S2SServed) -> None:
         await wait_bot_quiet(stream, quiet_s=0.3, timeout_s=5.0)
         await asyncio.sleep(0.5)
     finally:
-        gm.script = saved
+        gm.script, gm.speech = saved, saved_speech
         await stream.hangup()
     sess = gm.sessions[n]
     reply = sess.turns[0]

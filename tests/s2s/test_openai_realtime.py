@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from pipeswitch.bench.emulators.openai_chat import ToolCall, keyword_script
+from pipeswitch.bench.emulators.openai_realtime import tone_speech
 from pipeswitch.bench.emulators.scripts import LLM_SCRIPTS
 from tests.e2e.helpers import ask, is_speech_like, open_call, wait_bot_quiet
 from tests.s2s.conftest import BARGE_IN, QUESTION, S2SServed
@@ -53,8 +54,10 @@ async def test_barge_in_truncates_at_played_out_ms(s2s: S2SServed) -> None:
     question = await s2s.speech(QUESTION, rate)
     interrupt = await s2s.speech(BARGE_IN, rate)
     rt = s2s.realtime
-    saved = rt.script
+    saved, saved_speech = rt.script, rt.speech
     rt.script = LLM_SCRIPTS["long"]
+    # Synthesized at once, so the provider runs far ahead of playback (as the real ones do).
+    rt.speech = tone_speech
     n_sessions = len(rt.sessions)
     stream = await open_call(s2s.url("rt-binary.test", rate, "rt-barge"), rate, "binary")
     try:
@@ -67,7 +70,7 @@ async def test_barge_in_truncates_at_played_out_ms(s2s: S2SServed) -> None:
         await wait_bot_quiet(stream, quiet_s=0.3, timeout_s=5.0)
         await asyncio.sleep(0.5)
     finally:
-        rt.script = saved
+        rt.script, rt.speech = saved, saved_speech
         await stream.hangup()
     sess = rt.sessions[n_sessions]
     reply = sess.responses[0]
