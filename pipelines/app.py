@@ -139,7 +139,7 @@ def start_local_models(
         extra_args=extra,
         # Shutdown must end within the drain timeout + 2 s; model servers keep no state, and
         # llama.cpp may sit in a generation for seconds after SIGTERM.
-        stop_timeout=0.5,
+        stop_timeout=0.7,
         piper_warm=greetings,
         # Every rate a call can arrive at: a greeting synthesized on demand at 16 kHz cost
         # 170-210 ms before the first word; from the cache it is tens of ms at any rate.
@@ -292,6 +292,7 @@ class Pipeswitch:
         self.sessions = CallSessions(s, self._endpoints, self._http)
         handler = await self.tenancy.start(self.sessions)
         self.esl = await self._start_esl()
+        self.sessions.call_control = self.esl
         self.server = CallServer(s, self.resolver, handler, call_control=self.esl)
         self.tenancy.bind(self.server.stats)
         self._metrics_source = metrics.model_queue_source(

@@ -21,6 +21,7 @@ async def build_cascade(ctx: CallContext) -> CallPipeline:
     stt, llm = await ctx.services.stt_and_llm()
     tts = ctx.services.tts()
     context = LLMContext()
+    ctx.receptionist_tools(llm, context)
     aggregators = ctx.context_aggregators(context)
     pipeline = Pipeline(
         [

@@ -38,6 +38,7 @@ from pipecat.processors.aggregators.llm_response_universal import (
     LLMUserAggregatorParams,
 )
 from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.services.llm_service import LLMService
 from pipecat.services.openai.base_llm import BaseOpenAILLMService
 from pipecat.services.stt_service import STTService
 from pipecat.services.tts_service import TTSService
@@ -52,8 +53,10 @@ from pipeswitch.pipelines.vad import BatchedSileroVADAnalyzer
 from pipeswitch.processors.barge_in import BargeInStartStrategy
 from pipeswitch.processors.caller_audio import CallerAudioSink
 from pipeswitch.processors.heard_context import HeardContextProcessor
+from pipeswitch.processors.tools import ReceptionistTools, register_tools
 from pipeswitch.processors.turn_taking import AdaptiveTurnStopStrategy, TurnParams
 from pipeswitch.transports import metrics
+from pipeswitch.transports.call_control import CallControl
 from pipeswitch.transports.call_info import CallInfo
 
 if TYPE_CHECKING:
@@ -139,8 +142,12 @@ class CallContext:
     services: ServiceFactory
     endpoints: ProviderEndpoints
     http: aiohttp.ClientSession
+    # The switch's event socket, when this process has one (transfer, hangup, DTMF).
+    call_control: CallControl | None = None
     # Heard-context processors this call's builder created (for the call record).
     heard: list[HeardContextProcessor] = field(default_factory=list)
+    # The receptionist tools on this call's LLM, once registered (for the call record).
+    tools: ReceptionistTools | None = None
 
     # -- standard pieces ---------------------------------------------------------------
 
@@ -191,6 +198,19 @@ class CallContext:
         processor = HeardContextProcessor(context)
         self.heard.append(processor)
         return processor
+
+    def receptionist_tools(
+        self, llm: LLMService[Any], context: LLMContext
+    ) -> ReceptionistTools | None:
+        """Give this call's LLM the tenant's receptionist tools (None when none are enabled).
+
+        The same definitions serve the cascade and the speech-to-speech pipelines; tools
+        that need the switch act through ESL when this process has it.
+        """
+        self.tools = register_tools(
+            llm, context, self.call_control, self.tenant, self.call.call_uuid
+        )
+        return self.tools
 
     def caller_audio_sink(self) -> CallerAudioSink:
         """Drops caller audio where nothing downstream needs it (after the user aggregator)."""

@@ -38,6 +38,7 @@ from pipeswitch.pipelines.services import ProviderEndpoints
 from pipeswitch.pipelines.tenancy import endpoints_for_tenant
 from pipeswitch.pipelines.tracing import tracing_wanted
 from pipeswitch.transports import metrics
+from pipeswitch.transports.call_control import CallControl
 from pipeswitch.transports.call_info import CallInfo
 from pipeswitch.transports.frames import CallMetadataFrame
 from pipeswitch.transports.transport import FreeSwitchCallTransport
@@ -58,6 +59,8 @@ class CallRecord:
     # Barge-ins: {"index": position in ``messages``, "sentence": what the bot was
     # saying, "heard": what of it the caller heard}.
     interruptions: list[dict[str, Any]] = field(default_factory=list)
+    # Messages the receptionist's take_message tool took (name, number, reason).
+    taken_messages: list[dict[str, Any]] = field(default_factory=list)
     end_reason: str = ""
 
 
@@ -90,6 +93,9 @@ class CallSessions:
         # The running worker of each active call, so shutdown can end them (end_all).
         self._workers: dict[str, PipelineWorker] = {}
         self.finished_hooks: list[CallFinishedHook] = []
+        # The switch's event socket (ESL), when this process has one: the receptionist
+        # tools transfer, hang up and send DTMF through it.
+        self.call_control: CallControl | None = None
         # Extra Pipecat observers per call (the web console's live transcript and latency).
         self.observer_factories: list[Callable[[CallInfo, Tenant], list[BaseObserver]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -194,6 +200,7 @@ class CallSessions:
             services=ServiceFactory(tenant, endpoints, self.http, rate, call.call_uuid),
             endpoints=endpoints,
             http=self.http,
+            call_control=self.call_control,
         )
         cp = await builder(ctx)
         latency = UserBotLatencyObserver()
@@ -301,6 +308,8 @@ class CallSessions:
                     dict(m.items()) if isinstance(m, dict) else {}
                     for m in cp.context.get_messages()
                 ]
+            if ctx.tools is not None:
+                record.taken_messages = [dict(vars(m)) for m in ctx.tools.state.messages]
             record.interruptions = [
                 {"index": i.index, "sentence": i.sentence, "heard": i.heard}
                 for h in ctx.heard
