@@ -62,7 +62,7 @@ from typing import Any, Literal
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from pipeswitch.bench.emulators.latency import DEEPGRAM_TTFS, LatencyModel
+from pipeswitch.bench.emulators.latency import DEEPGRAM_TTFS, LatencyModel, LatencySpec
 
 TranscriptScript = Sequence[str] | Callable[[int], str]
 
@@ -73,6 +73,11 @@ _NET0001 = (
     "Deepgram did not receive audio data or a text message within the timeout window. "
     "See https://dpgr.am/net0001"
 )
+# Flux (``/v2/listen``), from the true end of speech. Deepgram states ~260 ms end-of-turn
+# latency for Flux; the eager prediction comes earlier by design. These are the
+# emulator's assumptions (no public per-percentile figures), override per bench run.
+FLUX_EOT = LatencySpec(median_ms=260.0, p95_ms=340.0)
+FLUX_EAGER_EOT = LatencySpec(median_ms=150.0, p95_ms=200.0)
 _MODEL_INFO = {"name": "general-nova-3", "version": "2025-01-01.0", "arch": "nova-3"}
 _MODEL_UUID = "3b3aabe4-608a-46ac-9585-7960a25daf1a"
 
@@ -168,6 +173,9 @@ class UtteranceRecord:
     from_finalize: bool = False
     speech_final: bool = False
     discarded: bool = False
+    # Flux: when the eager end of turn went out, and whether speech resumed after it.
+    eager_sent_at: float | None = None
+    resumed_after_eager: int = 0
 
 
 @dataclass
@@ -221,9 +229,14 @@ class DeepgramEmulator:
         script: TranscriptScript | None = None,
         settings: DeepgramSettings | None = None,
         faults: DeepgramFaults | None = None,
+        flux_eager: LatencySpec | None = None,
+        flux_eot: LatencySpec | None = None,
     ) -> None:
         """Create the emulator; ``script`` lines are cycled per call (see :meth:`transcript`)."""
         self.ttfs = ttfs or DEEPGRAM_TTFS.model(seed=0)
+        seed = 1 if ttfs is None else int(ttfs.median_ms)
+        self.flux_eager = (flux_eager or FLUX_EAGER_EOT).model(seed=seed + 1)
+        self.flux_eot = (flux_eot or FLUX_EOT).model(seed=seed + 2)
         self.script: TranscriptScript = script if script is not None else DEFAULT_TRANSCRIPTS
         self.settings = settings or DeepgramSettings()
         self.faults = faults or DeepgramFaults()
@@ -264,13 +277,18 @@ class DeepgramEmulator:
     def add_routes(self, app: web.Application) -> None:
         """Register the listen endpoint and the admin endpoints on ``app``."""
         app.router.add_get("/v1/listen", self.handle_listen)
+        app.router.add_get("/v2/listen", self.handle_flux)
         app.router.add_get("/_emulator/streams", self._admin_streams)
         app.router.add_post("/_emulator/reset", self._admin_reset)
         app.router.add_post("/_emulator/faults", self._admin_faults)
 
     # -- HTTP / WebSocket -----------------------------------------------------
 
-    async def handle_listen(self, request: web.Request) -> web.StreamResponse:
+    async def handle_flux(self, request: web.Request) -> web.StreamResponse:
+        """Flux (``/v2/listen``): the same detector, turn events instead of Results."""
+        return await self.handle_listen(request, flux=True)
+
+    async def handle_listen(self, request: web.Request, flux: bool = False) -> web.StreamResponse:
         """Authenticate, validate the query, then run the stream."""
         auth_scheme, key = _credentials(request)
         if not key or auth_scheme not in ("token", "bearer"):
@@ -301,7 +319,8 @@ class DeepgramEmulator:
             id=self._next_id, query=query, auth_scheme=auth_scheme, opened_at=time.monotonic()
         )
         self.streams.append(record)
-        stream = _Stream(self, ws, request, record, sample_rate, channels, faults)
+        kind = _FluxStream if flux else _Stream
+        stream = kind(self, ws, request, record, sample_rate, channels, faults)
         self.active_streams += 1
         self._live.add(stream)
         try:
@@ -586,10 +605,7 @@ class _Stream:
             if v:
                 if cur is not None:
                     if not cur.speaking:  # resumed before the final went out
-                        cur.speaking = True
-                        if cur.timer is not None:
-                            cur.timer.cancel()
-                            cur.timer = None
+                        self._resumed(cur)
                     cur.rec.voiced_s += self.win_s
                     cur.rec.speech_end_audio_s = w_end
                     cur.rec.speech_end_at = wall(w_end)
@@ -607,6 +623,13 @@ class _Stream:
                     self._schedule_final(cur, arrival)
         if self.cur is not None and self.cur.speaking:
             self._maybe_interim(self.cur)
+
+    def _resumed(self, utt: _Utterance) -> None:
+        """Energy came back before the utterance's final went out: it continues."""
+        utt.speaking = True
+        if utt.timer is not None:
+            utt.timer.cancel()
+            utt.timer = None
 
     def _open_utterance(self, start_s: float, end_s: float, wall: Callable[[float], float]) -> None:
         turn = self.emu._reserve_turn(self.record)
@@ -781,3 +804,179 @@ class _Stream:
         if is_final:
             msg["from_finalize"] = from_finalize
         return msg
+
+
+class _FluxStream(_Stream):
+    """One Flux stream (``/v2/listen``): the same energy detector, turn events on a clock.
+
+    Flux owns turn detection, so the emulator sends, per caller turn:
+    ``Connected`` once on open; ``StartOfTurn`` once the turn has
+    ``min_utterance_ms`` of speech; an ``Update`` with the words so far every
+    240 ms of speech (Flux's update cadence); after the speech stops,
+    ``EagerEndOfTurn`` at speech end + ``flux_eager`` (only when the query sets
+    ``eager_eot_threshold``, as Flux reports no prediction without it) and
+    ``EndOfTurn`` at speech end + ``flux_eot``. Speech that resumes before the
+    EndOfTurn continues the turn; after an eager prediction it is answered with
+    ``TurnResumed`` and its words are the next script line, appended (the caller
+    went on with a new sentence), so the committed transcript differs from the
+    eager one. ``Configure`` is acknowledged with ``ConfigureSuccess``;
+    ``CloseStream`` ends an open turn and closes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.interim_s = 0.24
+        self.eager = "eager_eot_threshold" in self.record.query
+        self.seq = 0
+        self.eager_timer: asyncio.TimerHandle | None = None
+        self.started: _Utterance | None = None
+
+    async def run(self) -> None:
+        await self._send_json(self._msg({"type": "Connected"}))
+        await super().run()
+
+    def shutdown(self) -> None:
+        if self.eager_timer is not None:
+            self.eager_timer.cancel()
+        super().shutdown()
+
+    def _msg(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.seq += 1
+        return {"request_id": self.request_id, "sequence_id": self.seq, **body}
+
+    def _turn_info(self, event: str, utt: _Utterance, text: str, eot: float) -> dict[str, Any]:
+        rec = utt.rec
+        words = [
+            {"word": tok.strip(".,?!;:\"'").lower(), "confidence": 0.98} for tok in text.split()
+        ]
+        return self._msg(
+            {
+                "type": "TurnInfo",
+                "event": event,
+                "turn_index": rec.turn,
+                "audio_window_start": round(rec.speech_start_audio_s, 3),
+                "audio_window_end": round(rec.speech_end_audio_s, 3),
+                "transcript": text,
+                "words": words,
+                "end_of_turn_confidence": eot,
+            }
+        )
+
+    def _partial(self, utt: _Utterance) -> str:
+        rec = utt.rec
+        words = rec.text.split()
+        elapsed = rec.speech_end_audio_s - rec.speech_start_audio_s
+        shown = max(1, min(len(words) - 1, int(elapsed * 3.0))) if len(words) > 1 else 1
+        return " ".join(words[:shown])
+
+    # -- control messages ----------------------------------------------------------
+
+    async def _on_text(self, data: str) -> bool:
+        try:
+            kind = json.loads(data).get("type")
+        except (ValueError, AttributeError):
+            kind = None
+        if kind == "KeepAlive":
+            self.record.keepalives += 1
+        elif kind == "Configure":
+            await self._send_json(self._msg({"type": "ConfigureSuccess"}))
+        elif kind == "CloseStream":
+            self.record.close_stream = True
+            self.record.close_reason = "CloseStream"
+            await self._flush_and_close()
+            return True
+        return False
+
+    async def _flush_and_close(self) -> None:
+        now = time.monotonic()
+        if self.cur is not None:
+            utt, self.cur = self.cur, None
+            if utt.rec.voiced_s >= self.min_utt_s:
+                self.pending.append(utt)
+            else:
+                self._discard(utt)
+        for utt in list(self.pending):
+            if utt.timer is not None:
+                utt.timer.cancel()
+            await self._send_final(utt, now)
+        if not self.ws.closed:
+            await self.ws.close(code=1000)
+
+    # -- turn events ---------------------------------------------------------------
+
+    def _maybe_interim(self, utt: _Utterance) -> None:
+        rec = utt.rec
+        if self.started is not utt and rec.voiced_s >= self.min_utt_s:
+            self.started = utt
+            first = rec.text.split()[:1]
+            self._send_soon(self._turn_info("StartOfTurn", utt, " ".join(first), 0.0))
+        elapsed = rec.speech_end_audio_s - rec.speech_start_audio_s
+        if self.started is not utt or elapsed < utt.next_interim_s:
+            return
+        while utt.next_interim_s <= elapsed:
+            utt.next_interim_s += self.interim_s
+        self.record.interims_sent += 1
+        self._send_soon(self._turn_info("Update", utt, self._partial(utt), 0.05))
+
+    def _resumed(self, utt: _Utterance) -> None:
+        super()._resumed(utt)
+        if self.eager_timer is not None:
+            self.eager_timer.cancel()
+            self.eager_timer = None
+        rec = utt.rec
+        if rec.eager_sent_at is None:
+            return  # a pause inside the sentence: nothing was predicted
+        rec.eager_sent_at = None
+        rec.resumed_after_eager += 1
+        rec.text = f"{rec.text} {self.emu.transcript(self.emu._reserve_turn(self.record))}"
+        self._send_soon(self._turn_info("TurnResumed", utt, self._partial(utt), 0.1))
+
+    def _schedule_final(self, utt: _Utterance, now: float) -> None:
+        """EagerEndOfTurn (when asked for) and EndOfTurn, timed from the true speech end."""
+        rec = utt.rec
+        eot_s = self.emu.flux_eot.sample_s()
+        rec.ttfs_s = eot_s
+        super()._schedule_final(utt, now)
+        if self.eager:
+            eager_s = min(self.emu.flux_eager.sample_s(), eot_s * 0.9)
+            due = max(rec.speech_end_at + eager_s, now)
+            if self.eager_timer is not None:
+                self.eager_timer.cancel()
+            self.eager_timer = asyncio.get_running_loop().call_later(
+                max(0.0, due - time.monotonic()), self._eager_due, utt
+            )
+
+    def _eager_due(self, utt: _Utterance) -> None:
+        self.eager_timer = None
+        if utt is not self.cur or utt.speaking or utt.closed or self.started is not utt:
+            return
+        utt.rec.eager_sent_at = time.monotonic()
+        self._send_soon(self._turn_info("EagerEndOfTurn", utt, utt.rec.text, 0.55))
+
+    async def _send_final(self, utt: _Utterance, now: float) -> None:
+        if utt.closed:
+            return
+        utt.closed = True
+        if utt in self.pending:
+            self.pending.remove(utt)
+        if self.eager_timer is not None and utt is self.cur:
+            self.eager_timer.cancel()
+            self.eager_timer = None
+        rec = utt.rec
+        rec.final_sent_at = now
+        rec.speech_final = True
+        f = self.faults
+        if self.ws.closed or (f is not None and f.stall):
+            return
+        if self.started is not utt:
+            first = " ".join(rec.text.split()[:1])
+            await self._send_json(self._turn_info("StartOfTurn", utt, first, 0.0))
+        self.started = None
+        await self._send_json(self._turn_info("EndOfTurn", utt, rec.text, 0.9))
+        self.record.finals_sent += 1
+        if (
+            f is not None
+            and f.drop_after_utterances is not None
+            and self.record.finals_sent >= f.drop_after_utterances
+        ):
+            self._drop("drop_after_utterances")
