@@ -51,6 +51,7 @@ from pipeswitch.transports.call_control import (
     CallControlError,
     CallEvent,
 )
+from pipeswitch.transports.unicast import media_back, media_handed_over, media_leaving
 
 # Extension in the tenant's context that parks a caller again after an unanswered
 # transfer (freeswitch-conf ships it); the call's media stream survives the transfer.
@@ -150,11 +151,14 @@ class EslCallActions:
                 outcome.set_result("caller_hung_up")
 
         unsubscribe = self.control.subscribe(self.call_uuid, on_event)
+        # A unicast call's media stops while the channel is out of park (no-op otherwise).
+        media_leaving(self.call_uuid, ring_secs + TRANSFER_SLACK_SECS)
         try:
             try:
                 await self.control.transfer(self.call_uuid, destination, "XML", context)
             except CallControlError as exc:
                 self.log.warning("transfer to {} failed: {}", destination, exc)
+                media_leaving(self.call_uuid, 0.0)  # never left park
                 return "failed"
             try:
                 result = await asyncio.wait_for(asyncio.shield(outcome), ring_secs)
@@ -165,6 +169,7 @@ class EslCallActions:
         if result == "answered":
             # The bridged humans talk now; the agent must not listen in or answer.
             await self._quietly(f"uuid_audio_stream {self.call_uuid} stop")
+            media_handed_over(self.call_uuid)
         elif result == "no_answer":
             self.log.info(
                 "transfer to {} not answered in {:.0f}s; taking the caller back",
@@ -173,6 +178,7 @@ class EslCallActions:
             )
             try:
                 await self.control.transfer(self.call_uuid, self.return_extension, "XML", context)
+                await media_back(self.call_uuid)  # unicast restarts once parked again
             except CallControlError as exc:
                 self.log.warning("taking the caller back failed: {}", exc)
                 return "failed"

@@ -64,6 +64,9 @@ __all__ = [
     "UnicastCallTransport",
     "UnicastEndpoint",
     "UnicastMedia",
+    "media_back",
+    "media_handed_over",
+    "media_leaving",
     "unicast_headers",
 ]
 
@@ -154,6 +157,8 @@ class UdpMedia:
         self.close_code: int | None = None
         # True when the switch side ended the media (hangup, left park), not us.
         self.ended_by_switch = False
+        # Until then, no media is expected (the channel left park for a transfer).
+        self.away_until = 0.0
         self.errors = 0
         self.datagrams_in = 0
         self.dropped_in = 0
@@ -207,7 +212,10 @@ class UdpMedia:
                 async with asyncio.timeout(NO_MEDIA_SECS):  # no task per datagram
                     return await self._inbox.get()
             except TimeoutError:
-                if time.monotonic() - self._last_in >= NO_MEDIA_SECS:
+                now = time.monotonic()
+                if now < self.away_until:
+                    continue  # the channel is out of park (a transfer is ringing)
+                if now - max(self._last_in, self.away_until) >= NO_MEDIA_SECS:
                     self.peer_closed(1001, "no media from the switch")
 
     def peer_closed(self, code: int, reason: str) -> None:
@@ -341,6 +349,35 @@ def make_unicast_transport(
     return UnicastCallTransport(media, serializer, params, call, log_context=ctx)
 
 
+# Live unicast calls of this process, by call uuid: a transfer (processors/tools.py) takes
+# the channel out of park, which tears unicast down on the switch; these hooks let it say
+# so, and restart the media when the caller is parked again.
+_ACTIVE: dict[str, tuple[UnicastMedia, UdpMedia]] = {}
+
+
+def media_leaving(call_uuid: str, secs: float) -> None:
+    """The channel leaves park for up to ``secs`` (a transfer rings): no media meanwhile."""
+    entry = _ACTIVE.get(call_uuid)
+    if entry is not None:
+        entry[1].away_until = time.monotonic() + secs
+
+
+async def media_back(call_uuid: str) -> None:
+    """The channel is parked again: start unicast anew (same ports)."""
+    entry = _ACTIVE.get(call_uuid)
+    if entry is not None:
+        owner, media = entry
+        media.away_until = time.monotonic() + 2.0  # grace until the first datagram
+        await owner.control.sendmsg(call_uuid, owner.headers_for(media))
+
+
+def media_handed_over(call_uuid: str, reason: str = "transferred") -> None:
+    """The caller is with someone else now: the agent's call ends (no fallback)."""
+    entry = _ACTIVE.get(call_uuid)
+    if entry is not None:
+        entry[1].peer_closed(1000, reason)
+
+
 class UnicastMedia:
     """Starts and ends unicast media for calls on one FreeSWITCH (over ESL)."""
 
@@ -368,16 +405,23 @@ class UnicastMedia:
                     media.peer_closed(1000, f"hangup {ev.hangup_cause or ''}".strip())
 
             unsubscribe = self.control.subscribe(call.call_uuid, on_event)
-            transport.event_handler("on_client_disconnected")(_released(self, port, unsubscribe))
-            await self.control.sendmsg(
-                call.call_uuid,
-                unicast_headers(s.unicast_switch_ip, port + 1, s.unicast_media_ip, port),
+            transport.event_handler("on_client_disconnected")(
+                _released(self, port, call.call_uuid, unsubscribe)
             )
+            _ACTIVE[call.call_uuid] = (self, media)
+            await self.control.sendmsg(call.call_uuid, self.headers_for(media))
         except BaseException:
             await media.close(1011, b"setup failed")
             self.ports.give_back(port)
             raise
         return transport
+
+    def headers_for(self, media: UdpMedia) -> dict[str, str]:
+        """The ``sendmsg`` headers for this call's port pair."""
+        s = self.settings
+        return unicast_headers(
+            s.unicast_switch_ip, media.peer[1], s.unicast_media_ip, media.bind[1]
+        )
 
     async def finish(self, transport: UnicastCallTransport, fallback: str | None) -> None:
         """After the pipeline: a caller still parked goes to ``fallback`` or is hung up.
@@ -401,9 +445,13 @@ class UnicastMedia:
             logger.bind(call=uuid).warning("unicast call wrap-up failed: {}", exc)
 
 
-def _released(owner: UnicastMedia, port: int, unsubscribe: Callable[[], None]) -> Any:
+def _released(
+    owner: UnicastMedia, port: int, call_uuid: str, unsubscribe: Callable[[], None]
+) -> Any:
     async def handler(_: Any, code: int | None, reason: str) -> None:
         unsubscribe()
+        if call_uuid in _ACTIVE and _ACTIVE[call_uuid][0] is owner:
+            del _ACTIVE[call_uuid]
         owner.ports.give_back(port)
 
     return handler

@@ -12,7 +12,8 @@ phone call), which an L16 receiver hears as noise. Measured behaviour kept here:
 * each datagram received is written to the caller as it arrives, unbuffered:
   first audio ~17 ms after the first datagram; datagrams arriving faster than the
   20 ms clock (a burst) come out garbled - recorded as a hazard;
-* it runs only while parked: a transfer or a hangup ends it.
+* it runs only while parked: leaving park (a transfer, even back to a parking
+  extension) or a hangup tears it down; a new ``sendmsg`` starts it again.
 
 Install with ``install(esl)`` (adds ``esl.sendmsg_handlers["unicast"]``); the
 legs are in ``esl.unicast_legs`` by call uuid, via :func:`legs`.
@@ -38,8 +39,6 @@ __all__ = ["FIRST_WRITE_S", "UnicastLeg", "install", "legs"]
 FIRST_WRITE_S = 0.017
 # Two datagrams closer than this are a burst (the channel writes them back to back).
 BURST_GAP_S = 0.01
-# The dialplan extension that parks a caller again (freeswitch-conf).
-PARK_EXTENSION = "pipeswitch_return"
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux
 
 
@@ -66,6 +65,7 @@ class UnicastLeg:
     sent_frames: int = 0
     last_voiced_sent_at: float | None = None
     closed: bool = False
+    transfers_at_start: int = 0
     _sock: socket.socket | None = None
     _caller: bytearray = field(default_factory=bytearray)
     _task: asyncio.Task[None] | None = None
@@ -136,22 +136,22 @@ class UnicastLeg:
         t0 = time.monotonic()
         n = 0
         try:
-            while not self.closed and self.channel.up and self.channel.state != "CS_HANGUP":
+            while self._parked():
                 n += 1
                 await asyncio.sleep(max(0.0, t0 + n * tick - time.monotonic()))
-                if self._parked():  # transferred away: paused until parked again
+                if self._parked():
                     self._send_caller_frame()
         finally:
             self.close()
 
     def _parked(self) -> bool:
-        """Unicast media flows only while parked: a transfer elsewhere ends it; one back to
-        a parking extension (``pipeswitch_return``) keeps it (the channel keeps its unicast
-        settings across transfers)."""
+        """Still in the park that started it: leaving park (any transfer, even back to a
+        parking extension) tears unicast down (``switch_ivr_park`` deactivates it on exit);
+        a new ``sendmsg`` unicast starts it again."""
         ch = self.channel
         if self.closed or not ch.up or ch.state == "CS_HANGUP":
             return False
-        return not ch.transfers or ch.transfers[-1][0] == PARK_EXTENSION
+        return len(ch.transfers) == self.transfers_at_start
 
     def _send_caller_frame(self) -> None:
         assert self._sock is not None
@@ -187,8 +187,6 @@ class UnicastLeg:
             self._on_datagram(data, now)
 
     def _on_datagram(self, data: bytes, now: float) -> None:
-        if not self._parked():
-            return  # not parked: FreeSWITCH is running another application
         if self._last_rx and now - self._last_rx < BURST_GAP_S:
             self.hazard("datagrams arrived in a burst: FreeSWITCH writes them unpaced (garbled)")
         self._last_rx = now
@@ -240,7 +238,7 @@ def install(esl: FakeSwitchEsl) -> None:
         if h.get("transport", "udp") != "udp":
             return "-ERR only udp is emulated"
         native = "native" in h.get("flags", "")
-        leg = UnicastLeg(ch, local, remote, native, ch.rate)
+        leg = UnicastLeg(ch, local, remote, native, ch.rate, transfers_at_start=len(ch.transfers))
         if native:
             leg.hazard("flags: native sends the channel codec (PCMU), not L16")
         old = legs(esl).get(ch.uuid)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,24 +245,38 @@ async def build_with_tools(ctx: CallContext) -> CallPipeline:
     return cp
 
 
-@ASYNC
-async def test_unanswered_transfer_over_unicast_comes_back(served: Served, rig: Rig) -> None:
-    tenant = Tenant.model_validate(
-        {
-            "name": "tools.test",
-            "pipeline": "python:tests.transports.test_unicast:build_with_tools",
-            "tools": {
-                "enabled": ["transfer_call", "take_message"],
-                "transfer_targets": {"sales": {"destination": "2001", "description": "sales"}},
-                "transfer_ring_secs": 1.0,
-            },
-        }
-    )
+TOOLS_TENANT = Tenant.model_validate(
+    {
+        "name": "tools.test",
+        "pipeline": "python:tests.transports.test_unicast:build_with_tools",
+        "tools": {
+            "enabled": ["transfer_call", "take_message"],
+            "transfer_targets": {"sales": {"destination": "2001", "description": "sales"}},
+            "transfer_ring_secs": 1.0,
+        },
+    }
+)
+
+
+def sales_script(messages: list[dict[str, Any]]) -> ChatReply:
+    last = messages[-1]
+    # The outcome comes back as the tool result, or (when the caller talked over the
+    # ringback and the tool call was cancelled) as a note once it is known.
+    if last["role"] == "tool" or "did not answer" in str(last.get("content", "")):
+        return "Sorry, sales did not answer. Can I take a message?"
+    if last["role"] == "user" and "sales" in str(last.get("content", "")):
+        return ToolCall("transfer_call", {"target": "sales"})
+    return "Hello."
+
+
+@asynccontextmanager
+async def tools_endpoint(served: Served, rig: Rig) -> AsyncIterator[tuple[str, UnicastEndpoint]]:
+    """A unicast trigger for the tools tenant, with the emulators scripted for a transfer."""
     TOOL_CONTROL[:] = [rig.client]
     assert served.app.server is not None and served.app.sessions is not None
     endpoint = UnicastEndpoint(
         rig.media,
-        TenantResolver(StaticTenantLoader([tenant])),
+        TenantResolver(StaticTenantLoader([TOOLS_TENANT])),
         served.app.sessions.run_call,
         served.app.server.accepting,
     )
@@ -270,50 +285,75 @@ async def test_unanswered_transfer_over_unicast_comes_back(served: Served, rig: 
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
     emu = served.emu
     saved = (emu.deepgram.script, emu.openai.script)
     emu.deepgram.script = ["Put me through to sales please."]
-
-    def reply(messages: list[dict[str, Any]]) -> ChatReply:
-        last = messages[-1]
-        # The outcome comes back as the tool result, or (when the caller talked over the
-        # ringback and the tool call was cancelled) as a note once it is known.
-        if last["role"] == "tool" or "did not answer" in str(last.get("content", "")):
-            return "Sorry, sales did not answer. Can I take a message?"
-        if last["role"] == "user" and "sales" in str(last.get("content", "")):
-            return ToolCall("transfer_call", {"target": "sales"})
-        return "Hello."
-
-    emu.openai.script = reply
-    uuid = "unicast-tools"
+    emu.openai.script = sales_script
     try:
-        ch = rig.esl.new_channel(uuid)
-        async with served.http.post(f"{base}/unicast/{uuid}?domain=tools.test&rate=8000") as r:
-            assert r.status == 200
-        await until(lambda: uuid in legs(rig.esl), 3.0)
-        leg = legs(rig.esl)[uuid]
-        await heard_after(leg, 0.0, 5.0)
-        await quiet(leg)
-        leg.queue_caller_audio(await served.speech("Put me through to sales please.", 8000))
-        leg.queue_caller_silence(0.3)
-        await leg.caller_drained(10.0)
-        await until(lambda: ch.transfers, 15.0)
-        sent = next(c.t for c in rig.esl.commands if c.command.startswith("bgapi uuid_transfer"))
-        # The announcement was heard, and had finished, before the transfer went out.
-        said = [h for h in leg.heard if h.non_silent and h.t > (leg.last_voiced_sent_at or 0)]
-        assert said and said[-1].t < sent
-        assert ch.transfers[0] == ("2001", "XML", "tools.test")
-        # Nobody answers within 1 s: back to the parking extension, the agent speaks again.
-        await until(lambda: len(ch.transfers) == 2, 5.0)
-        assert ch.transfers[1] == ("pipeswitch_return", "XML", "tools.test")
-        back = rig.esl.commands[-1].t
-        assert await heard_after(leg, back, 8.0) is not None, "agent silent after the return"
-        assert TOOLS[uuid].state.transfers[0]["outcome"] == "no_answer"
-        await quiet(leg)
-        assert len(ch.transfers) == 2  # the agent offered a message, it did not retry
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", endpoint
     finally:
         emu.deepgram.script, emu.openai.script = saved
-        await rig.esl.caller_hangup(uuid)
-        await until(lambda: uuid not in endpoint.active, 5.0)
         await runner.cleanup()
+
+
+async def ask_for_sales(served: Served, rig: Rig, base: str, uuid: str) -> UnicastLeg:
+    rig.esl.new_channel(uuid)
+    async with served.http.post(f"{base}/unicast/{uuid}?domain=tools.test&rate=8000") as r:
+        assert r.status == 200
+    await until(lambda: uuid in legs(rig.esl), 3.0)
+    leg = legs(rig.esl)[uuid]
+    await heard_after(leg, 0.0, 5.0)
+    await quiet(leg)
+    leg.queue_caller_audio(await served.speech("Put me through to sales please.", 8000))
+    leg.queue_caller_silence(0.3)
+    await leg.caller_drained(10.0)
+    await until(lambda: rig.esl.channels[uuid].transfers, 15.0)
+    return leg
+
+
+@ASYNC
+async def test_unanswered_transfer_over_unicast_comes_back(served: Served, rig: Rig) -> None:
+    uuid = "unicast-tools"
+    async with tools_endpoint(served, rig) as (base, endpoint):
+        try:
+            leg = await ask_for_sales(served, rig, base, uuid)
+            ch = rig.esl.channels[uuid]
+            sent = next(
+                c.t for c in rig.esl.commands if c.command.startswith("bgapi uuid_transfer")
+            )
+            # The announcement was heard, and had finished, before the transfer went out.
+            said = [h for h in leg.heard if h.non_silent and h.t > (leg.last_voiced_sent_at or 0)]
+            assert said and said[-1].t < sent
+            assert ch.transfers[0] == ("2001", "XML", "tools.test")
+            await until(lambda: leg.closed, 1.0)  # leaving park tore the unicast media down
+            # Nobody answers within 1 s: back to the parking extension, unicast started
+            # again (same ports), and the agent speaks.
+            await until(lambda: len(ch.transfers) == 2, 5.0)
+            assert ch.transfers[1] == ("pipeswitch_return", "XML", "tools.test")
+            back = rig.esl.commands[-1].t
+            await until(lambda: legs(rig.esl)[uuid] is not leg, 3.0)
+            again = legs(rig.esl)[uuid]
+            assert again.local == leg.local and again.remote == leg.remote
+            assert await heard_after(again, back, 8.0) is not None, "agent silent after return"
+            assert TOOLS[uuid].state.transfers[0]["outcome"] == "no_answer"
+            await quiet(again)
+            assert len(ch.transfers) == 2  # the agent offered a message, it did not retry
+        finally:
+            await rig.esl.caller_hangup(uuid)
+            await until(lambda: uuid not in endpoint.active, 5.0)
+
+
+@ASYNC
+async def test_answered_transfer_over_unicast_ends_the_agent(served: Served, rig: Rig) -> None:
+    uuid = "unicast-tools-answered"
+    async with tools_endpoint(served, rig) as (base, endpoint):
+        await ask_for_sales(served, rig, base, uuid)
+        ch = rig.esl.channels[uuid]
+        rig.esl.fire("CHANNEL_BRIDGE", {"Unique-ID": uuid, "Other-Leg-Unique-ID": "sales-1"})
+        # The agent's call ends by itself: no fallback transfer, no hangup of the caller.
+        await until(lambda: uuid not in endpoint.active, 5.0)
+        assert ch.transfers == [("2001", "XML", "tools.test")]
+        assert not any(f"uuid_kill {uuid}" in c.command for c in rig.esl.commands)
+        assert ch.up
+        assert TOOLS[uuid].state.transfers[0]["outcome"] == "answered"
+        await rig.esl.caller_hangup(uuid)
