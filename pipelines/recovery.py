@@ -17,9 +17,15 @@ from pipecat.frames.frames import ErrorFrame, TTSSpeakFrame
 from pipecat.pipeline.worker import PipelineWorker
 from pipecat.services.llm_service import LLMService
 from pipecat.services.stt_service import STTService
+from pipecat.services.tts_service import TTSService
 
 LLM_APOLOGY = "Sorry, I had a problem just now. Could you say that again?"
 STT_APOLOGY = "Sorry, I didn't catch that. Could you repeat it?"
+
+
+def is_provider(processor: object) -> bool:
+    """Whether ``processor`` is a provider service (its failures degrade a call, never end it)."""
+    return isinstance(processor, (LLMService, STTService, TTSService))
 
 
 def install_apology(worker: PipelineWorker, log: Any, min_gap_secs: float = 8.0) -> None:

@@ -33,7 +33,7 @@ from pipeswitch.pipelines.compose import (
     resolve_builder,
 )
 from pipeswitch.pipelines.piper_client import WavError, synthesize
-from pipeswitch.pipelines.recovery import install_apology
+from pipeswitch.pipelines.recovery import install_apology, is_provider
 from pipeswitch.pipelines.services import ProviderEndpoints
 from pipeswitch.pipelines.tenancy import endpoints_for_tenant
 from pipeswitch.pipelines.tracing import tracing_wanted
@@ -248,8 +248,10 @@ class CallSessions:
             # Pipecat logs an uncaught exception in a processor and carries on; for a
             # phone call a processor that raised (ours or a developer's) is a broken
             # call: end this call, and only this one.
+            # A provider's failure (connection refused, a dropped or malformed stream) is not
+            # a broken call: recovery.py apologises and the next turn tries again.
             uncaught = frame.category is ErrorCategory.UNKNOWN and frame.exception is not None
-            if uncaught and not frame.fatal:
+            if uncaught and not frame.fatal and not is_provider(frame.processor):
                 where = frame.processor.name if frame.processor is not None else "pipeline"
                 log.opt(exception=frame.exception).error(
                     "call ends: {} raised {}: {}",
