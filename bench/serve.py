@@ -106,7 +106,9 @@ async def _amain(args: argparse.Namespace) -> None:
         max_calls=args.max_calls,
     )
     overrides = tenant_overrides(os.environ.get(TENANT_SET_ENV, ""))
-    tenant = Tenant(name=DEFAULT_TENANT_NAME, playback=args.dialect, **overrides)
+    tenant = Tenant.model_validate(
+        {"name": DEFAULT_TENANT_NAME, "playback": args.dialect, **overrides}
+    )
     loader = StaticTenantLoader([tenant], default=DEFAULT_TENANT_NAME)
     ep = endpoints_for(argparse.Namespace(**urls))
     app = Pipeswitch(settings, loader=loader, default_tenant=DEFAULT_TENANT_NAME, endpoints=ep)

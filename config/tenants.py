@@ -48,6 +48,9 @@ class TurnSettings(BaseModel):
     stt_timeout_secs: float = 0.8
     # Caller speech shorter than this while the bot talks is not a barge-in.
     barge_in_min_secs: float = 0.2
+    # Start the LLM on a complete-looking final transcript before the turn is certain
+    # (its reply is held until the turn ends on the same words; discarded otherwise).
+    speculate: bool = True
 
 
 class ProviderSettings(BaseModel):
@@ -55,8 +58,14 @@ class ProviderSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stt: Literal["deepgram", "whisper-local"] = "deepgram"
+    # "deepgram-flux": Deepgram Flux (/v2/listen) decides the turns itself; with
+    # turns.speculate its EagerEndOfTurn starts the LLM early (Pipecat's eager end of turn).
+    stt: Literal["deepgram", "deepgram-flux", "whisper-local"] = "deepgram"
+    # A Nova model for "deepgram"; for "deepgram-flux" a flux-* model ("flux-general-en"
+    # when this names a non-Flux model).
     stt_model: str = "nova-3-general"
+    # Flux's confidence for an EagerEndOfTurn (0.3-0.9: lower = earlier, more withdrawn).
+    stt_eager_eot_threshold: float = Field(default=0.5, ge=0.3, le=0.9)
     llm: Literal["groq", "openai", "local"] = "groq"
     # Groq is retiring llama-3.3-70b-versatile; gpt-oss-120b is Pipecat 1.14's Groq
     # default (published TTFT p50 98 ms / p95 217 ms). For llm = "openai" set a model

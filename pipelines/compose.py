@@ -54,7 +54,11 @@ from pipeswitch.processors.barge_in import BargeInStartStrategy
 from pipeswitch.processors.caller_audio import CallerAudioSink
 from pipeswitch.processors.heard_context import HeardContextProcessor
 from pipeswitch.processors.tools import ReceptionistTools, register_tools
-from pipeswitch.processors.turn_taking import AdaptiveTurnStopStrategy, TurnParams
+from pipeswitch.processors.turn_taking import (
+    AdaptiveTurnStopStrategy,
+    TurnParams,
+    provider_turn_strategies,
+)
 from pipeswitch.transports import metrics
 from pipeswitch.transports.call_control import CallControl
 from pipeswitch.transports.call_info import CallInfo
@@ -163,8 +167,15 @@ class CallContext:
         return BatchedSileroVADAnalyzer(sample_rate=self.sample_rate, params=params)
 
     def turn_strategies(self) -> UserTurnStrategies:
-        """Start on speech (longer over the bot: barge-in) or words; stop 8 kHz-safely."""
+        """Start on speech (longer over the bot: barge-in) or words; stop 8 kHz-safely.
+
+        Deepgram Flux decides turns itself: Pipecat's external (or eager, when the tenant
+        speculates) strategies instead.
+        """
         t = self.tenant.turns
+        count = partial(metrics.turn_speculation, self.tenant.name)
+        if self.tenant.providers.stt == "deepgram-flux" and self.endpoints.mode != "local":
+            return provider_turn_strategies(t.speculate, count)
         return UserTurnStrategies(
             start=[BargeInStartStrategy(t.barge_in_min_secs), TranscriptionUserTurnStartStrategy()],
             stop=[
@@ -175,7 +186,7 @@ class CallContext:
                         stt_timeout=t.stt_timeout_secs,
                         speculate=t.speculate,
                     ),
-                    on_speculation=partial(metrics.turn_speculation, self.tenant.name),
+                    on_speculation=count,
                 )
             ],
         )

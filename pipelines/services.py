@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import aiohttp
+from pipecat.services.deepgram.flux.stt import DeepgramFluxSTTService
 from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.groq.llm import GroqLLMService
 from pipecat.services.openai.base_llm import BaseOpenAILLMService
@@ -72,6 +73,16 @@ def _language(code: str) -> Language:
         return Language.EN
 
 
+def flux_url(deepgram_url: str) -> str:
+    """Flux's ``/v2/listen`` WebSocket URL on the deployment's Deepgram base."""
+    base = (deepgram_url or "wss://api.deepgram.com").rstrip("/")
+    if base.startswith("http"):
+        base = "ws" + base.removeprefix("http")
+    elif "://" not in base:
+        base = f"wss://{base}"
+    return f"{base}/v2/listen"
+
+
 def make_stt(tenant: Tenant, ep: ProviderEndpoints, sample_rate: int) -> STTService:
     """Speech-to-text for a cascade call."""
     if ep.mode == "local" or tenant.providers.stt == "whisper-local":
@@ -86,6 +97,21 @@ def make_stt(tenant: Tenant, ep: ProviderEndpoints, sample_rate: int) -> STTServ
         )
     if not ep.deepgram_api_key:
         raise ProviderUnavailable("Deepgram needs PIPESWITCH_DEEPGRAM_API_KEY")
+    if tenant.providers.stt == "deepgram-flux":
+        model = tenant.providers.stt_model
+        return DeepgramFluxSTTService(
+            api_key=ep.deepgram_api_key,
+            url=flux_url(ep.deepgram_url),
+            sample_rate=sample_rate,
+            # Eager end of turn is Flux's speculation: on when the tenant speculates.
+            enable_eager_end_of_turn=tenant.turns.speculate,
+            settings=DeepgramFluxSTTService.Settings(
+                model=model if model.startswith("flux") else "flux-general-en",
+                eager_eot_threshold=(
+                    tenant.providers.stt_eager_eot_threshold if tenant.turns.speculate else None
+                ),
+            ),
+        )
     return DeepgramSTTService(
         api_key=ep.deepgram_api_key,
         base_url=ep.deepgram_url,

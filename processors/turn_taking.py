@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pipecat.frames.frames import (
+    EagerEndOfTurnCancelFrame,
     Frame,
     InterimTranscriptionFrame,
     TranscriptionFrame,
@@ -41,6 +42,12 @@ from pipecat.frames.frames import (
 )
 from pipecat.turns.types import ProcessFrameResult, UserTurnSpeculation
 from pipecat.turns.user_stop.base_user_turn_stop_strategy import BaseUserTurnStopStrategy
+from pipecat.turns.user_stop.eager_user_turn_stop_strategy import EagerUserTurnStopStrategy
+from pipecat.turns.user_turn_strategies import (
+    EagerUserTurnStrategies,
+    ExternalUserTurnStrategies,
+    UserTurnStrategies,
+)
 
 # Words after which a sentence is rarely over, even with a period from the STT.
 _CONTINUATIONS = frozenset(
@@ -394,3 +401,83 @@ class AdaptiveTurnStopStrategy(BaseUserTurnStopStrategy):
         timer, self._timer = self._timer, None
         if timer is not None and timer is not asyncio.current_task():
             await self.task_manager.cancel_task(timer)
+
+
+class CountedEagerUserTurnStopStrategy(EagerUserTurnStopStrategy):
+    """Pipecat's eager end of turn (Deepgram Flux), telling ``on_speculation`` each outcome.
+
+    Flux predicts the end of a turn (EagerEndOfTurn) and withdraws it (TurnResumed);
+    Pipecat's strategy does the speculating. This only counts, the same way
+    :class:`AdaptiveTurnStopStrategy` does, so both STTs report comparable figures.
+    """
+
+    def __init__(
+        self,
+        *,
+        on_speculation: Callable[[SpeculationOutcome], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._on_speculation = on_speculation
+        self._in_flight = False
+        self.speculations = 0
+        self.speculations_confirmed = 0
+        self.speculations_wasted = 0
+
+    def _count(self, outcome: SpeculationOutcome) -> None:
+        if outcome == "started":
+            self._in_flight = True
+            self.speculations += 1
+        else:
+            self._in_flight = False
+            if outcome == "confirmed":
+                self.speculations_confirmed += 1
+            else:
+                self.speculations_wasted += 1
+        if self._on_speculation is not None:
+            self._on_speculation(outcome)
+
+    async def process_frame(self, frame: Frame) -> ProcessFrameResult:
+        if isinstance(frame, EagerEndOfTurnCancelFrame) and self._in_flight:
+            self._count("wasted")  # TurnResumed: the caller went on
+        return await super().process_frame(frame)
+
+    async def trigger_user_turn_inference_triggered(
+        self, *, speculation: UserTurnSpeculation | None = None
+    ) -> None:
+        if speculation is not None:
+            self._count("started")
+        await super().trigger_user_turn_inference_triggered(speculation=speculation)
+
+    async def trigger_user_turn_finalized(
+        self,
+        *,
+        enable_user_speaking_frames: bool | None = None,
+        confirms_speculation: bool = False,
+    ) -> None:
+        if confirms_speculation and self._in_flight:
+            self._count("confirmed")
+        await super().trigger_user_turn_finalized(
+            enable_user_speaking_frames=enable_user_speaking_frames,
+            confirms_speculation=confirms_speculation,
+        )
+
+    async def trigger_user_turn_speculation_cancelled(self) -> None:
+        if self._in_flight:
+            self._count("wasted")
+        await super().trigger_user_turn_speculation_cancelled()
+
+
+def provider_turn_strategies(
+    speculate: bool, on_speculation: Callable[[SpeculationOutcome], None] | None = None
+) -> UserTurnStrategies:
+    """Turns decided by the STT (Deepgram Flux): Pipecat's external/eager strategies.
+
+    The service owns turn detection, so these replace the VAD-driven chain rather than
+    run beside it (a local detector would trigger a second inference for the same turn).
+    """
+    if not speculate:
+        return ExternalUserTurnStrategies()
+    strategies = EagerUserTurnStrategies()
+    strategies.stop = [CountedEagerUserTurnStopStrategy(on_speculation=on_speculation)]
+    return strategies
