@@ -305,3 +305,20 @@ async def test_without_a_switch_only_local_tools_register(rig: Rig) -> None:
     assert sorted(tools.handlers()) == ["business_hours", "take_message"]
     none = register_tools(llm, LLMContext(), None, Tenant(name="plain.example.com"), "x")
     assert none is None
+
+
+async def test_switch_unreachable_fails_fast_and_the_call_goes_on(rig: Rig) -> None:
+    uuid = "tools-esl-down"
+    replies = iter([ToolCall("send_dtmf", {"digits": "5"})])
+    call = await place_call(rig, lambda m: next(replies, "Sorry, that did not work."), uuid)
+    outage = asyncio.create_task(rig.esl.outage(4.0))
+    await until(lambda: not rig.client.connected, 2.0)
+    await say(call, "Press five")
+    await until(lambda: "did not work" in call.said.text, 5.0)
+    assert not outage.done()  # the tool did not wait for the switch to come back
+    tool_msg = rig.chat.requests[1].messages[-1]
+    assert tool_msg["role"] == "tool" and "error" in tool_msg["content"]
+    assert call.tools.state.dtmf_sent == []
+    await outage
+    assert await rig.client.wait_connected(5.0)  # and the shared connection comes back
+    await hang_up(call)
