@@ -5,6 +5,7 @@ plus the action headers the FreeSWITCH Lua script reads; the real STT/LLM/TTS se
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 import wave
@@ -248,3 +249,12 @@ async def test_turns_follow_the_stream_access_rule(served: Served, rig: Rig) -> 
     finally:
         await runner.cleanup()
     assert "turn-auth" not in rig.engine.calls
+
+
+async def test_a_call_is_forgotten_after_its_ttl(served: Served, rig: Rig) -> None:
+    engine = TurnEngine(rig.engine.resolver, served.app.endpoints, served.http, ttl_secs=0.2)
+    await engine.turn("ttl-a", "default", 8000, b"", 8000)
+    assert "ttl-a" in engine.calls
+    await asyncio.sleep(0.3)
+    await engine.turn("ttl-b", "default", 8000, b"", 8000)  # any turn sweeps expired calls
+    assert "ttl-a" not in engine.calls and "ttl-b" in engine.calls
