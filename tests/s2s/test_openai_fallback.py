@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from pipeswitch.bench.emulators.openai_realtime import RealtimeFaults
+from pipeswitch.bench.emulators.scripts import LLM_SCRIPTS, LONG_REPLY
 from pipeswitch.pipelines.compose import CallPipeline
 from pipeswitch.pipelines.session import CallRecord
 from tests.e2e.helpers import ask, open_call, wait_bot_quiet
@@ -55,3 +56,47 @@ async def test_refused_at_connect_falls_back_silently(s2s: S2SServed) -> None:
     # The cascade's LLM (its STT's transcript) answered the caller's turn.
     req = chat.requests[n_chat]
     assert [m.get("role") for m in req.messages][-1] == "user"
+
+
+async def test_drop_mid_call_apologizes_and_carries_context(s2s: S2SServed) -> None:
+    rate = 8000
+    speech = await s2s.speech(QUESTION, rate)
+    rt = s2s.realtime
+    saved = rt.script
+    rt.script = LLM_SCRIPTS["long"]
+    rt.set_faults(RealtimeFaults(drop_after_audio_ms=1500, count=1))
+    kept, hook = keep_calls(s2s)
+    chat = s2s.emu.openai
+    n_chat = len(chat.requests)
+    n_sessions = len(rt.sessions)
+    stream = await open_call(s2s.url("rt-binary.test", rate, "rt-drop"), rate, "binary")
+    try:
+        await wait_bot_quiet(stream, timeout_s=10.0)
+        _, answer = await ask(stream, speech, rate, timeout_s=8.0)
+        assert answer is not None, "no realtime answer before the drop"
+        # The drop cuts the reply; the cascade's apology follows.
+        await wait_bot_quiet(stream, quiet_s=1.0, timeout_s=15.0)
+        assert len(chat.requests) == n_chat  # the apology is spoken, not generated
+        # Ask again: the cascade answers, knowing the conversation so far.
+        _, again = await ask(stream, speech, rate, timeout_s=8.0)
+        assert again is not None, "the cascade did not answer after the drop"
+        await wait_bot_quiet(stream, timeout_s=10.0)
+    finally:
+        rt.script = saved
+        reset_faults(s2s)
+        await stream.hangup()
+        await asyncio.sleep(0.3)
+        s2s.app.sessions.finished_hooks.remove(hook)  # type: ignore[union-attr]
+    sess = rt.sessions[n_sessions]
+    assert sess.close_reason.startswith("dropped")
+    _, cp = kept["rt-drop"]
+    event = cp.parts["llm"].fallback.events[0]
+    assert event.apologized and event.switch_secs is not None
+    assert event.switch_secs < 5.0  # Piper synthesizing the apology, on a loaded machine
+    # Carried over: the realtime phase's caller turn (its transcript) and the part of the
+    # reply the caller heard precede the cascade's own turn in what the LLM was sent.
+    messages = chat.requests[n_chat].messages
+    texts = [(m.get("role"), str(m.get("content", ""))) for m in messages]
+    assert ("user", sess.user_transcripts[0]) in texts
+    # (the words played before the drop: a prefix of the cut reply, however short)
+    assert any(r == "assistant" and t and LONG_REPLY.startswith(t) for r, t in texts), texts
