@@ -50,23 +50,19 @@ def secret(value: Any) -> str:
     return value.get_secret_value() if value is not None else ""
 
 
-# Tenant provider_keys names -> the ProviderEndpoints field each overrides.
-_KEY_FIELDS = {
-    "deepgram": "deepgram_api_key",
-    "groq": "groq_api_key",
-    "openai": "openai_api_key",
-    "google": "google_api_key",
-}
-
-
 def endpoints_for_tenant(ep: ProviderEndpoints, tenant: Tenant) -> ProviderEndpoints:
-    """The deployment's endpoints with the tenant's own provider keys in place of its keys."""
+    """The deployment's endpoints with the tenant's own provider keys in place of its keys.
+
+    A key stored for provider ``x`` replaces ``ProviderEndpoints.x_api_key`` (deepgram, groq,
+    openai, google, elevenlabs, and any provider that gains such a field); others are ignored.
+    """
     if not tenant.provider_keys:
         return ep
     changes = {
-        f: tenant.provider_keys[p].get_secret_value()
-        for p, f in _KEY_FIELDS.items()
-        if p in tenant.provider_keys
+        f"{p}_api_key": key.get_secret_value()
+        for p, key in tenant.provider_keys.items()
+        # (never the per-run key of this host's own model servers)
+        if p != "local" and p.isidentifier() and hasattr(ep, f"{p}_api_key")
     }
     return replace(ep, **changes) if changes else ep  # type: ignore[arg-type]
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import pytest_asyncio
+from pydantic import SecretStr
 
 from pipeswitch.config.loaders import TenantNotFound, TenantResolver
 from pipeswitch.config.pg_loader import PgTenantLoader
@@ -78,6 +79,10 @@ async def test_resolves_by_name_and_uuid_with_routes_keys_tools(
         by_name,
     )
     assert ep.groq_api_key == "tenant-groq-key" and ep.deepgram_api_key == "dg"
+    odd = by_name.model_copy(
+        update={"provider_keys": {"local": SecretStr("x"), "nope": SecretStr("y")}}
+    )
+    assert endpoints_for_tenant(ep, odd) == ep  # the local model servers' key is not theirs
 
 
 async def test_key_ref_only_reads_pipeswitch_key_variables(
