@@ -159,7 +159,7 @@ class TenancyCallHandler:
             if self.stats is not None:
                 self.stats.refused[kind] += 1
             metrics.call_refused(kind, tenant.name)
-            log.warning("call refused (tenant limit): {}", admission.reason)
+            log.warning("call refused ({}): {}", kind, admission.reason)
             await transport.close(CLOSE_TRY_AGAIN, admission.reason)
             return
         self.live[call.call_uuid] = _LiveCall(tenant, time.time())
