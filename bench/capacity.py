@@ -51,6 +51,13 @@ def add_capacity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", type=int, default=1, help="bisection steps after a break")
     p.add_argument("--loadgen-procs", type=int, default=1, choices=[1, 2])
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run Pipeswitch as `serve --workers N` (N processes on one port); the "
+        "reference stays one process",
+    )
+    p.add_argument(
         "--retry-disturbed",
         type=int,
         default=1,
@@ -161,11 +168,31 @@ async def _run_step(
             n,
         ),
     }
+    st["workers"] = worker_figures(sr.loaded, sr.server_health)
     st["why_not"] = evaluate(st, args.overhead_budget_ms)
     st["holds"] = not st["why_not"]
     st["near_clean"] = evaluate_near_clean(st, args.overhead_budget_ms)
     st["loadgen_suspect"] = loadgen_suspect(st)
     return st
+
+
+def worker_figures(loaded: dict[str, Any], health: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per worker of a ``--workers N`` server: CPU, main-thread CPU, calls, loop lag, GC2."""
+    out: list[dict[str, Any]] = []
+    for i, w in enumerate(health.get("workers") or []):
+        proc = loaded.get(f"worker{i}")
+        gc2 = (w.get("gc_ms") or {}).get("gen2") or {}
+        out.append(
+            {
+                "pid": w.get("pid"),
+                "cpu_pct": None if proc is None else proc.cpu_pct,
+                "main_thread_cpu_pct": None if proc is None else proc.main_thread_cpu_pct,
+                "calls_total": w.get("calls_total"),
+                "loop_lag_ms": w.get("loop_lag_ms"),
+                "gc2_max_ms": gc2.get("max_ms"),
+            }
+        )
+    return out
 
 
 DISTURBED_PCT = 25.0  # CPU of processes that are not the bench's, in % of one core
@@ -219,6 +246,7 @@ async def run_capacity(args: argparse.Namespace) -> int:
         log_dir=out_dir,
         warmup=not args.no_warmup,
         experiments=args.server_experiment,
+        workers=args.workers,
     )
     steps = _steps(args.steps, args.max)
     kinds: list[ServerKind] = ["pipeswitch", "reference"] if args.reference else ["pipeswitch"]
@@ -321,6 +349,7 @@ async def run_capacity(args: argparse.Namespace) -> int:
             "overhead_budget_ms": args.overhead_budget_ms,
             "providers": providers.__dict__,
             "loadgen_procs": args.loadgen_procs,
+            "workers": args.workers,
             "server_experiments": args.server_experiment,
         },
         "servers": servers,

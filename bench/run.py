@@ -88,6 +88,7 @@ class SessionOptions:
     # synthesis, lazy imports) are not per-call costs a long-running server pays.
     warmup: bool = True
     experiments: list[str] = field(default_factory=list)  # bench.experiments (Pipeswitch only)
+    workers: int = 1  # Pipeswitch only: N processes on one port, as `serve --workers N`
 
 
 @dataclass
@@ -205,6 +206,7 @@ async def run_session(
         log_path=log_path,
         uvloop=opts.uvloop,
         experiments=opts.experiments,
+        workers=opts.workers if kind == "pipeswitch" else 1,
     )
     notes: list[str] = []
     if quiet > 20.0:

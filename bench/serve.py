@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
+import time
 from typing import Any
 
 from pipeswitch.bench.probe import BenchProbe, breakdown_dict, user_texts, wait_for_stop_signal
@@ -29,6 +33,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--max-calls", type=int, default=1000)
     p.add_argument("--uvloop", action="store_true")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="N server processes on one port, as `pipeswitch serve --workers N` runs them",
+    )
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--experiment", action="append", default=[], help="bench.experiments patch (A/B)"
     )
@@ -94,13 +106,14 @@ async def _amain(args: argparse.Namespace) -> None:
     from pipeswitch.pipelines.app import Pipeswitch
     from pipeswitch.pipelines.emulated import endpoints_for
     from pipeswitch.pipelines.session import CallRecord
+    from pipeswitch.pipelines.workers import worker_endpoints
 
     configure_logging(args.log_level)
     experiments = apply(args.experiment)
     urls = json.loads(args.emulators)
     settings = Settings(
         host="127.0.0.1",
-        port=0,
+        port=args.port,
         providers="emulated",
         log_level=args.log_level,
         max_calls=args.max_calls,
@@ -109,9 +122,20 @@ async def _amain(args: argparse.Namespace) -> None:
     tenant = Tenant.model_validate(
         {"name": DEFAULT_TENANT_NAME, "playback": args.dialect, **overrides}
     )
+    if args.workers > 1:
+        await serve_workers(args, settings, tenant, endpoints_for(argparse.Namespace(**urls)))
+        return
     loader = StaticTenantLoader([tenant], default=DEFAULT_TENANT_NAME)
-    ep = endpoints_for(argparse.Namespace(**urls))
-    app = Pipeswitch(settings, loader=loader, default_tenant=DEFAULT_TENANT_NAME, endpoints=ep)
+    # A worker gets the parent's endpoints (its Piper included) and shares the port.
+    handed = worker_endpoints() if args.worker else None
+    ep = handed or endpoints_for(argparse.Namespace(**urls))
+    app = Pipeswitch(
+        settings,
+        loader=loader,
+        default_tenant=DEFAULT_TENANT_NAME,
+        endpoints=ep,
+        port_shared=handed is not None,
+    )
     await app.start()
     assert app.sessions is not None and app.server is not None
     sessions, server = app.sessions, app.server
@@ -166,6 +190,200 @@ async def _amain(args: argparse.Namespace) -> None:
     finally:
         await probe.stop()
         await app.stop(drain_secs=0.0)
+
+
+# -- serve --workers N ---------------------------------------------------------------------
+
+
+async def serve_workers(args: argparse.Namespace, settings: Any, tenant: Any, ep: Any) -> None:
+    """The parent of ``--workers N``: what ``pipeswitch serve --workers N`` does, probed.
+
+    Piper starts once here; N worker processes (this module with ``--worker``) get its
+    endpoints through the same environment variable ``serve --workers`` uses and bind one
+    port with SO_REUSEPORT, each with its own probe. This process's probe merges theirs
+    and keeps each worker's own calls, loop lag and GC under ``workers``.
+    """
+    import socket
+    from dataclasses import asdict
+
+    from pipeswitch.pipelines.app import endpoints_with_local, start_local_models
+    from pipeswitch.pipelines.workers import ENDPOINTS_ENV
+    from pipeswitch.transports import metrics
+
+    with socket.socket() as sock:  # a free port for the workers to share
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    greetings = [tenant.first_message] if tenant.first_message else []
+    models = start_local_models(settings, greetings, (8000, 16000))
+    await models.start()
+    ep = endpoints_with_local(ep, models)
+    prom_dir = tempfile.mkdtemp(prefix="pipeswitch-bench-prom-")
+    env = {**os.environ, ENDPOINTS_ENV: json.dumps(asdict(ep)), metrics.MULTIPROC_ENV: prom_dir}
+    argv = [
+        *("--emulators", args.emulators, "--dialect", args.dialect),
+        *("--log-level", args.log_level, "--max-calls", str(args.max_calls)),
+        *("--port", str(port), "--worker"),
+        *[x for name in args.experiment for x in ("--experiment", name)],
+        *(["--uvloop"] if args.uvloop else []),
+    ]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pipeswitch.bench.serve",
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        for _ in range(args.workers)
+    ]
+    readies: list[dict[str, Any]] = []
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            while True:
+                line = (await proc.stdout.readline()).decode(errors="replace").strip()
+                if not line:
+                    raise SystemExit("a bench worker exited before it was ready")
+                if line.startswith("{") and '"ready"' in line:
+                    readies.append(json.loads(line))
+                    break
+        probe = _MergedProbe([int(r["stats_port"]) for r in readies])
+        stats_port = await probe.start()
+        ready = {
+            **readies[0],
+            "port": port,
+            "stats_port": stats_port,
+            "pid": os.getpid(),
+            "workers": args.workers,
+            "worker_pids": [int(r["pid"]) for r in readies],
+        }
+        print(json.dumps(ready), flush=True)
+        try:
+            await wait_for_stop_signal()
+        finally:
+            await probe.stop()
+    finally:
+        for proc in procs:
+            if proc.returncode is None and proc.stdin is not None:
+                proc.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), 10.0)
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+        await models.stop()
+        shutil.rmtree(prom_dir, ignore_errors=True)
+
+
+def _merge_lag(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worst worker's figure for each statistic (a stalled loop is one worker's)."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for k, v in (part or {}).items():
+            if isinstance(v, int | float) and (out.get(k) is None or v > out[k]):
+                out[k] = v
+    return out
+
+
+def merge_health(workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """One ``/bench/health`` for N workers: sums, worst-of, and each worker's own view."""
+    refused: dict[str, int] = {}
+    spec: dict[str, int] = {}
+    gc_ms: dict[str, dict[str, Any]] = {}
+    for h in workers:
+        for k, v in (h.get("refused") or {}).items():
+            refused[k] = refused.get(k, 0) + int(v)
+        for k, v in (h.get("speculation") or {}).items():
+            spec[k] = spec.get(k, 0) + int(v)
+        for gen, g in (h.get("gc_ms") or {}).items():
+            m = gc_ms.setdefault(gen, {"count": 0, "total_ms": 0.0, "p99_ms": None, "max_ms": None})
+            m["count"] += g.get("count") or 0
+            m["total_ms"] = round(m["total_ms"] + (g.get("total_ms") or 0.0), 1)
+            for k in ("p99_ms", "max_ms"):
+                if g.get(k) is not None and (m[k] is None or g[k] > m[k]):
+                    m[k] = g[k]
+    return {
+        "pid": os.getpid(),
+        "clock": {"unix": time.time(), "monotonic": time.monotonic()},
+        "calls_active": sum(int(h.get("calls_active") or 0) for h in workers),
+        "calls_total": sum(int(h.get("calls_total") or 0) for h in workers),
+        "refused": refused,
+        "upgrade_ms": [x for h in workers for x in h.get("upgrade_ms") or []],
+        "loop_lag_ms": _merge_lag([h.get("loop_lag_ms") or {} for h in workers]),
+        "loop_lag_spikes": sorted(x for h in workers for x in h.get("loop_lag_spikes") or []),
+        "gc_ms": gc_ms,
+        "gc_frozen": min((int(h.get("gc_frozen") or 0) for h in workers), default=0),
+        "speculation": spec,
+        "workers": [
+            {
+                "pid": h.get("pid"),
+                "calls_total": h.get("calls_total"),
+                "calls_active": h.get("calls_active"),
+                "loop_lag_ms": h.get("loop_lag_ms"),
+                "gc_ms": h.get("gc_ms"),
+            }
+            for h in workers
+        ],
+    }
+
+
+class _MergedProbe:
+    """``/bench/calls``, ``/bench/health`` and ``/bench/reset`` over N workers' probes."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self._ports = ports
+        self._runner: Any = None
+        self._http: Any = None
+
+    async def start(self) -> int:
+        import aiohttp
+        from aiohttp import web
+
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        app = web.Application()
+        app.router.add_get("/bench/calls", self._calls)
+        app.router.add_get("/bench/health", self._health)
+        app.router.add_post("/bench/reset", self._reset)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        return int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _each(self, method: str, path: str) -> list[dict[str, Any]]:
+        async def one(port: int) -> dict[str, Any]:
+            async with self._http.request(method, f"http://127.0.0.1:{port}{path}") as r:
+                r.raise_for_status()
+                body: dict[str, Any] = await r.json()
+                return body
+
+        return list(await asyncio.gather(*(one(p) for p in self._ports)))
+
+    async def _calls(self, _: Any) -> Any:
+        from aiohttp import web
+
+        parts = await self._each("GET", "/bench/calls")
+        calls = [c for part in parts for c in part.get("calls") or []]
+        clock = {"unix": time.time(), "monotonic": time.monotonic()}
+        return web.json_response({"clock": clock, "calls": calls})
+
+    async def _health(self, _: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response(merge_health(await self._each("GET", "/bench/health")))
+
+    async def _reset(self, _: Any) -> Any:
+        from aiohttp import web
+
+        await self._each("POST", "/bench/reset")
+        return web.json_response({"ok": True})
 
 
 def main(argv: list[str] | None = None) -> None:

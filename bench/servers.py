@@ -45,6 +45,8 @@ class ServerInfo:
     piper_url: str
     vad_stop_secs: float
     policy_wait_secs: float
+    # ``--workers N``: the worker processes (``pid`` is then their parent's).
+    worker_pids: list[int] = field(default_factory=list)
 
 
 class ServerProcess:
@@ -61,8 +63,10 @@ class ServerProcess:
         uvloop: bool = False,
         start_timeout_s: float = 90.0,
         experiments: list[str] | None = None,
+        workers: int = 1,
     ) -> None:
         self.kind = kind
+        self.workers = workers
         self.emulator_urls = emulator_urls
         self.dialect = dialect
         self.log_level = log_level
@@ -101,6 +105,8 @@ class ServerProcess:
             cmd += ["--dialect", self.dialect]
             for name in self.experiments:
                 cmd += ["--experiment", name]
+            if self.workers > 1:
+                cmd += ["--workers", str(self.workers)]
         if self.uvloop:
             cmd.append("--uvloop")
         env = dict(os.environ)
@@ -133,6 +139,7 @@ class ServerProcess:
             piper_url=str(data.get("piper_url", "")),
             vad_stop_secs=float(data.get("vad_stop_secs", 0.2)),
             policy_wait_secs=float(data.get("policy_wait_secs", 0.0)),
+            worker_pids=[int(p) for p in data.get("worker_pids", [])],
         )
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         return self.info
@@ -163,12 +170,21 @@ class ServerProcess:
             resp.raise_for_status()
 
     def processes(self) -> dict[str, psutil.Process]:
-        """``server`` and, when found, ``piper`` (its TTS child)."""
+        """``server`` and, when found, ``piper`` (its TTS child).
+
+        With ``--workers N`` the ``server`` is all of them together (parent and workers,
+        as one :class:`ProcessGroup`), and each worker is also ``worker0``, ``worker1``…
+        """
         assert self.info is not None
         out: dict[str, psutil.Process] = {}
         with contextlib.suppress(psutil.Error):
             server = psutil.Process(self.info.pid)
             out["server"] = server
+            if self.info.worker_pids:
+                workers = [psutil.Process(pid) for pid in self.info.worker_pids]
+                out["server"] = ProcessGroup([server, *workers])
+                for i, w in enumerate(workers):
+                    out[f"worker{i}"] = w
             for child in server.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     if "piper_server" in " ".join(child.cmdline()):
@@ -200,6 +216,56 @@ class ServerProcess:
 
 
 # -- CPU / memory sampling -----------------------------------------------------------------
+
+
+@dataclass
+class _Times:
+    user: float
+    system: float
+
+
+@dataclass
+class _Thread:
+    id: int
+    user_time: float
+    system_time: float
+
+
+@dataclass
+class _Memory:
+    rss: int
+
+
+class ProcessGroup(psutil.Process):
+    """Several processes sampled as one (a ``--workers N`` server): sums of their figures.
+
+    Only what :class:`ProcessSampler` reads: CPU times, the main threads' CPU (each
+    process's main thread is an event loop), RSS and thread count.
+    """
+
+    def __init__(self, procs: list[psutil.Process]) -> None:
+        super().__init__(procs[0].pid)  # the group is known by its first member (the parent)
+        self.members = procs
+        self._group_pid = procs[0].pid
+
+    def cpu_times(self) -> Any:
+        ts = [p.cpu_times() for p in self.members]
+        return _Times(sum(t.user for t in ts), sum(t.system for t in ts))
+
+    def threads(self) -> Any:
+        user = system = 0.0
+        for p in self.members:
+            for th in p.threads():
+                if th.id == p.pid:
+                    user += th.user_time
+                    system += th.system_time
+        return [_Thread(self._group_pid, user, system)]
+
+    def memory_info(self) -> Any:
+        return _Memory(sum(p.memory_info().rss for p in self.members))
+
+    def num_threads(self) -> int:
+        return sum(p.num_threads() for p in self.members)
 
 
 def machine_busy_s() -> float:
