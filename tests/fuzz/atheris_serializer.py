@@ -6,7 +6,7 @@
 Each input is split into a stream format and a sequence of messages (binary or text);
 any exception other than the serializer's documented ``ValueError`` for bad stream
 formats is a crash. ``test_atheris_short_run`` in ``test_serializer_fuzz.py`` runs a
-short session when atheris is installed.
+short session when atheris is installed and ``PIPESWITCH_ATHERIS=1``.
 """
 
 from __future__ import annotations

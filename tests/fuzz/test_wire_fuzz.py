@@ -31,7 +31,7 @@ from pipeswitch.bench.fakeswitch.wsframe import (
 from tests.conftest import QUESTION, Served
 from tests.e2e.helpers import ask, open_call, wait_bot_quiet
 
-CASES = int(os.environ.get("PIPESWITCH_WIRE_FUZZ_CASES", "240"))
+CASES = int(os.environ.get("PIPESWITCH_WIRE_FUZZ_CASES", "160"))
 SEED = int(os.environ.get("PIPESWITCH_WIRE_FUZZ_SEED", str(int(time.time()) % 100_000)))
 KINDS = (
     "binary_junk",
