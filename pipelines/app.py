@@ -290,6 +290,7 @@ class Pipeswitch:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
         )
         self.sessions = CallSessions(s, self._endpoints, self._http)
+        self.sessions.finished_hooks.append(self._collect_when_idle)
         handler = await self.tenancy.start(self.sessions)
         self.esl = await self._start_esl()
         self.sessions.call_control = self.esl
@@ -409,6 +410,14 @@ class Pipeswitch:
             self._http = None
         if models is not None:
             await models
+
+    async def _collect_when_idle(self, _record: Any, _cp: Any) -> None:
+        """The last call just ended: collect its reference cycles now, while no call's audio
+        can be delayed by it. Left to the generation thresholds, a call's cycles pile up
+        across calls and every peak raises the process's RSS for good (measured: RSS steps
+        at the peaks in ``pipeswitch bench soak``, Python objects flat after a collection)."""
+        if self.sessions is not None and not self.sessions.active:
+            gc.collect()
 
     async def __aenter__(self) -> Pipeswitch:
         await self.start()
