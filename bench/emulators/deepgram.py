@@ -26,8 +26,9 @@ script. What the emulator does reproduce is *when* the final transcript comes:
   per utterance from the latency model (default: Deepgram Nova-3, p50 247 / p95
   298 ms from the true end of speech). If energy resumes before then the
   utterance simply continues (the TTFS doubles as the endpointing hangover).
-* ``Finalize`` closes the current utterance at once: its final keeps the same due
-  time but carries ``from_finalize: true`` (``speech_final: false``). A Finalize
+* ``Finalize`` closes the current utterance at once: its final goes out at the same
+  due time or ``finalize_latency_ms`` after the Finalize, whichever is sooner, and
+  carries ``from_finalize: true`` (``speech_final: false``). A Finalize
   with nothing pending is answered within ~20 ms by an empty
   ``from_finalize`` final, as Deepgram does.
 
@@ -95,6 +96,11 @@ class DeepgramSettings:
             without a transcript, and do not consume a script line.
         interim_interval_ms: Speech time between interim results.
         finalize_empty_delay_ms: How fast an empty Finalize is answered.
+        finalize_latency_ms: How fast a Finalize flushes an open utterance: its final
+            goes out at ``min(true end + ttfs, Finalize + this)``. Deepgram finalizes
+            the audio it has at once; the stt-benchmark TTFS (247 ms with a 200 ms VAD
+            wait plus Silero's ~50 ms lag before the Finalize) leaves tens of ms for it.
+            This is what makes an earlier Finalize (a shorter VAD pause) pay off.
         idle_timeout_s: Close with 1011 (NET-0001) after this long without any
             message; Deepgram uses 10 s. None disables it.
         api_key: If set, the token in the Authorization header must equal it.
@@ -106,6 +112,7 @@ class DeepgramSettings:
     min_utterance_ms: int = 100
     interim_interval_ms: int = 300
     finalize_empty_delay_ms: float = 20.0
+    finalize_latency_ms: float = 30.0
     idle_timeout_s: float | None = 10.0
     api_key: str | None = None
 
@@ -523,7 +530,7 @@ class _Stream:
         utt.speaking = False
         utt.rec.finalize_at = now
         utt.rec.from_finalize = True
-        self._schedule_final(utt, now)
+        self._schedule_final(utt, now, cap=now + self.emu.settings.finalize_latency_ms / 1000.0)
 
     async def _flush_and_close(self) -> None:
         now = time.monotonic()
@@ -673,9 +680,10 @@ class _Stream:
 
     # -- finals ---------------------------------------------------------------
 
-    def _schedule_final(self, utt: _Utterance, now: float) -> None:
-        """Send utt's final at max(true speech end + ttfs, now)."""
-        due = max(utt.rec.speech_end_at + utt.rec.ttfs_s, now)
+    def _schedule_final(self, utt: _Utterance, now: float, cap: float | None = None) -> None:
+        """Send utt's final at max(true speech end + ttfs, now), or by ``cap`` (Finalize)."""
+        due = utt.rec.speech_end_at + utt.rec.ttfs_s
+        due = max(due if cap is None else min(due, cap), now)
         utt.rec.final_due_at = due
         if utt.timer is not None:
             utt.timer.cancel()
@@ -931,12 +939,12 @@ class _FluxStream(_Stream):
         rec.text = f"{rec.text} {self.emu.transcript(self.emu._reserve_turn(self.record))}"
         self._send_soon(self._turn_info("TurnResumed", utt, self._partial(utt), 0.1))
 
-    def _schedule_final(self, utt: _Utterance, now: float) -> None:
+    def _schedule_final(self, utt: _Utterance, now: float, cap: float | None = None) -> None:
         """EagerEndOfTurn (when asked for) and EndOfTurn, timed from the true speech end."""
         rec = utt.rec
         eot_s = self.emu.flux_eot.sample_s()
         rec.ttfs_s = eot_s
-        super()._schedule_final(utt, now)
+        super()._schedule_final(utt, now, cap)
         if self.eager:
             eager_s = min(self.emu.flux_eager.sample_s(), eot_s * 0.9)
             due = max(rec.speech_end_at + eager_s, now)
