@@ -115,6 +115,7 @@ class TrialResult:
     server_interruptions: int = 0
     barge_in_stop_ms: list[float] = field(default_factory=list)
     barge_ins_missed: int = 0
+    barge_ins_void: int = 0  # the bot was already quiet at the caller's onset
 
     @property
     def false_per_min(self) -> float:
@@ -203,6 +204,7 @@ async def running_bench() -> AsyncIterator[Bench]:
                 async def _record_guard(record: Any, cp: Any) -> None:
                     bench.guards[record.call.call_uuid] = cp.parts.get("echo_guard")
 
+                assert app.sessions is not None
                 app.sessions.finished_hooks.append(_record_guard)
                 try:
                     yield bench
@@ -220,11 +222,16 @@ async def _wait_conversation(b: Bench, n: int) -> ConversationRecord:
     raise RuntimeError("no agent conversation opened")
 
 
-async def _wait_reply_over(stream: FakeSwitchStream, started: float, timeout: float) -> None:
-    """Until bot audio has started after ``started`` and then paused for 1.2 s."""
+async def _wait_reply_over(
+    stream: FakeSwitchStream, started: float, timeout: float, conv: ConversationRecord
+) -> None:
+    """Until the reply played out (bot quiet for 1.2 s) or the agent was interrupted."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         await asyncio.sleep(0.1)
+        if any(t.interrupted_at is not None for t in conv.agent_turns):
+            await asyncio.sleep(0.5)  # let the cut reach the wire
+            return
         last = stream.last_bot_audio_at()
         if last is not None and last > started and time.monotonic() - last > 1.2:
             return
@@ -271,7 +278,7 @@ async def run_trial(
             conv = await _wait_conversation(b, n)
             asked = await _ask(stream, ask)
             if i < replies:
-                await _wait_reply_over(stream, asked, timeout=40.0)
+                await _wait_reply_over(stream, asked, timeout=40.0, conv=conv)
                 long_turns = [t for t in conv.agent_turns if t.text == REPLY]
                 res.replies += 1
                 res.server_interruptions += sum(
@@ -308,7 +315,9 @@ async def run_trial(
                 await asyncio.sleep(2.0)
                 stop = _stop_after(stream, onset)
                 if stop is None:
-                    res.barge_ins_missed += 1
+                    res.barge_ins_void += 1
+                elif stop - onset > 1.0:
+                    res.barge_ins_missed += 1  # the bot talked on through the caller
                 else:
                     res.barge_in_stop_ms.append(round((stop - onset) * 1000, 1))
         finally:
@@ -342,11 +351,13 @@ def _stop_after(stream: FakeSwitchStream, onset: float, quiet_s: float = 0.7) ->
     times = [a.t for a in rx if a.non_silent and a.t > onset - quiet_s]
     if not times:
         return None
+    if times[-1] < onset:
+        return None
     for t, nxt in zip(times, times[1:], strict=False):
         if t >= onset and nxt - t > quiet_s:
             return t
         if t < onset <= nxt and nxt - t > quiet_s:
-            return onset  # the bot was already quiet when the caller began
+            return None  # the bot was between sentences when the caller began: no trial
     return max(times[-1], onset)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from pipecat.frames.frames import Frame, TranscriptionFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.aggregators.llm_response_universal import LLMAssistantAggregator
+from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from pipeswitch.config.tenants import Tenant
@@ -128,8 +128,12 @@ def echo_guard_params(tenant: Tenant) -> EchoGuardParams:
 
 
 async def build_elevenlabs_agent(ctx: CallContext) -> CallPipeline:
-    """Compose the ElevenLabs Agents pipeline for one call."""
-    from pipeswitch.pipelines.s2s_fallback import TransportPlayout
+    """Compose the ElevenLabs Agents pipeline for one call (with the cascade on standby)."""
+    from pipeswitch.pipelines.s2s_fallback import (
+        TransportPlayout,
+        s2s_pipeline,
+        standby_cascade,
+    )
 
     context = LLMContext()
     service = make_elevenlabs_agent(
@@ -140,22 +144,34 @@ async def build_elevenlabs_agent(ctx: CallContext) -> CallPipeline:
         call_uuid=ctx.call.call_uuid,
     )
     register_client_tools(ctx, service, context)
-    guard = EchoGuard(echo_guard_params(ctx.tenant))
     on = ctx.tenant.turns.echo_guard
-    pipeline = Pipeline(
+    guard = EchoGuard(echo_guard_params(ctx.tenant)) if on else None
+    if guard is not None and ctx.transport.params.audio_out_filter is None:
+        # Time the bot's audio where the transport writes it (see EchoGuard.output_filter).
+        ctx.transport.params.audio_out_filter = guard.output_filter()
+    # The agent and what must sit right after it on the speech-to-speech branch: the
+    # guard's bot-audio tap (and backchannel filter), then the transcript recorder.
+    agent = Pipeline(
         [
-            ctx.transport.input(),
-            *([guard.input()] if on else []),
             service,
-            *([guard.reference()] if on else []),
+            *([guard.reference()] if guard is not None else []),
             UserTranscriptRecorder(context),
-            ctx.transport.output(),
-            LLMAssistantAggregator(context),
-            ctx.heard_context(context),
         ]
     )
+    pipeline, fallback = s2s_pipeline(
+        ctx,
+        context=context,
+        # ElevenLabs ends the caller's turns itself; this pair's assistant half records
+        # what was played, its user half has nothing to do.
+        rt_pair=LLMContextAggregatorPair(context),
+        edge=[guard.input()] if guard is not None else [],
+        llm=agent,  # type: ignore[arg-type]  # a pipeline around the service, see above
+        connected=lambda: service.connected,
+        cascade=await standby_cascade(ctx, context),
+    )
+    service.fallback = fallback
     parts: dict[str, FrameProcessor] = {"llm": service}
-    if on:
+    if guard is not None:
         parts["echo_guard"] = guard.input()
     return CallPipeline(pipeline, context, parts=parts)
 

@@ -282,6 +282,8 @@ class ElevenLabsAgentService(LLMService):
         self.pings_answered = 0
         self.malformed_messages = 0
         self.disconnect_reason: str | None = None
+        # Set by a pipeline builder: the call's fallback record (inspected by tests).
+        self.fallback: Any = None
         self._register_event_handler("on_agent_connected")
         self._register_event_handler("on_agent_disconnected")
         self._register_event_handler("on_agent_correction")

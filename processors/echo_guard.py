@@ -42,7 +42,9 @@ from enum import Enum
 from typing import Any
 
 import numpy as np
+from pipecat.audio.filters.base_audio_filter import BaseAudioFilter
 from pipecat.frames.frames import (
+    FilterControlFrame,
     Frame,
     InputAudioRawFrame,
     InterruptionFrame,
@@ -53,6 +55,8 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 SILENCE_DB = -96.0
+# Caller audio more than this behind real time is a pause in the stream, not a delay.
+RESYNC_SECS = 0.3
 
 BACKCHANNEL_WORDS = frozenset(
     [
@@ -127,9 +131,10 @@ class EchoGuardParams:
     Attributes:
         min_speech_secs: Speech over the bot needed before it counts as a barge-in.
         max_gap_secs: Quiet allowed inside that speech (between syllables).
-        echo_margin_db: How far above the expected echo speech must be, at least.
-        spread_factor: ...and how many standard deviations of the echo's level
+        echo_margin_db: How far above the expected echo speech must be...
+        spread_factor: ...plus this many standard deviations of the echo's level
             around its expectation (a line whose echo wanders needs more room).
+            Until the path is learnt, the margin is ``echo_margin_db`` + 4 dB.
         noise_margin_db: How far above the noise floor speech must be.
         initial_erl_db: Echo return loss assumed until the echo path is learnt.
         max_lag_secs: Longest delay from a chunk's scheduled playout to its echo in
@@ -143,14 +148,14 @@ class EchoGuardParams:
     """
 
     min_speech_secs: float = 0.15
-    max_gap_secs: float = 0.06
-    echo_margin_db: float = 6.0
-    spread_factor: float = 2.0
+    max_gap_secs: float = 0.1
+    echo_margin_db: float = 2.0
+    spread_factor: float = 1.5
     noise_margin_db: float = 12.0
     initial_erl_db: float = -6.0
     max_lag_secs: float = 0.5
     bot_active_db: float = -40.0
-    learn_alpha: float = 0.02
+    learn_alpha: float = 0.05
     learn_frames: int = 40
     tail_secs: float = 0.1
     backchannel_window_secs: float = 1.5
@@ -280,12 +285,12 @@ class EchoGuardCore:
         path = self.path
         if path is None:
             levels = [bot[s] for s in range(slot - self._n_lags, slot + 1) if s in bot]
-            return max(levels) + self.p.initial_erl_db if levels else None
+            return max(levels) + self.p.initial_erl_db + 4.0 if levels else None
         lag = round(path[0] / _SLOT)
-        levels = [bot[s] for s in range(slot - lag - 2, slot - lag + 3) if s in bot]
+        levels = [bot[s] for s in range(slot - lag - 1, slot - lag + 2) if s in bot]
         if not levels:
             return None
-        return max(levels) + path[1] + max(0.0, self.p.spread_factor * path[2] - 3.0)
+        return max(levels) + path[1] + self.p.spread_factor * path[2]
 
     def _learn(self, now: float, level: float) -> None:
         slot = round(now / _SLOT)
@@ -391,6 +396,7 @@ class EchoGuard:
         self.core = EchoGuardCore(params)
         self._input = EchoGuardInput(self, interrupt=interrupt)
         self._reference = EchoGuardReference(self)
+        self._filter: EchoReferenceFilter | None = None
 
     def input(self) -> EchoGuardInput:
         """The caller-audio gate."""
@@ -399,6 +405,23 @@ class EchoGuard:
     def reference(self) -> EchoGuardReference:
         """The bot-audio tap and backchannel filter."""
         return self._reference
+
+    def output_filter(self) -> EchoReferenceFilter:
+        """A transport ``audio_out_filter`` that times the bot's audio as it is written.
+
+        Better than the pipeline tap: the output transport paces its writes in real
+        time, so the echo path learnt from these times has no queueing jitter in it
+        (the tap sees a provider's audio in bursts, faster than real time). With it
+        attached, the reference processor leaves bot audio to the filter.
+        """
+        if self._filter is None:
+            self._filter = EchoReferenceFilter(self.core)
+        return self._filter
+
+    @property
+    def timed_by_filter(self) -> bool:
+        """Whether the output filter, not the pipeline tap, feeds the bot's audio."""
+        return self._filter is not None and self._filter.active
 
 
 def _now() -> float:
@@ -414,6 +437,21 @@ class EchoGuardInput(FrameProcessor):
         self._guard = guard
         self._interrupt = interrupt
         self._held: list[InputAudioRawFrame] = []
+        self._clock = -math.inf
+
+    def _audio_time(self, secs: float) -> float:
+        """When this frame was captured: the caller's audio clock, not its arrival.
+
+        Frames delayed on the way arrive in bursts; stamping each with its arrival
+        time would misalign it with the bot's echo. The clock advances by the audio's
+        own duration, never runs ahead of now, and re-anchors after a real pause.
+        """
+        now = _now()
+        t = self._clock + secs
+        if t > now or t < now - RESYNC_SECS:
+            t = now
+        self._clock = t
+        return t
 
     @property
     def core(self) -> EchoGuardCore:
@@ -429,7 +467,7 @@ class EchoGuardInput(FrameProcessor):
             await self.push_frame(frame, direction)
             return
         secs = len(frame.audio) / (2 * frame.sample_rate * frame.num_channels)
-        verdict = self._guard.core.caller_frame(_now(), secs, level_db(frame.audio))
+        verdict = self._guard.core.caller_frame(self._audio_time(secs), secs, level_db(frame.audio))
         if verdict is Verdict.PASS:
             await self.push_frame(frame, direction)
         elif verdict is Verdict.HOLD:
@@ -459,7 +497,11 @@ class EchoGuardReference(FrameProcessor):
         """Bot audio is measured and passed on; backchannels become ``UserBackchannelFrame``."""
         await super().process_frame(frame, direction)
         core = self._guard.core
-        if isinstance(frame, OutputAudioRawFrame) and direction is FrameDirection.DOWNSTREAM:
+        if (
+            isinstance(frame, OutputAudioRawFrame)
+            and direction is FrameDirection.DOWNSTREAM
+            and not self._guard.timed_by_filter
+        ):
             now = _now()
             rate = frame.sample_rate * frame.num_channels
             pieces = frame_levels_db(frame.audio, rate)
@@ -473,6 +515,37 @@ class EchoGuardReference(FrameProcessor):
                 text=frame.text, user_id=frame.user_id, timestamp=frame.timestamp
             )
         await self.push_frame(frame, direction)
+
+
+class EchoReferenceFilter(BaseAudioFilter):
+    """Feeds the core each chunk of bot audio as the output transport writes it."""
+
+    def __init__(self, core: EchoGuardCore) -> None:
+        """Bind to the call's core."""
+        self._core = core
+        self._rate = 0
+        self.active = False
+
+    async def start(self, sample_rate: int) -> None:
+        """The transport's output rate."""
+        self._rate = sample_rate
+        self.active = True
+
+    async def stop(self) -> None:
+        """Nothing to release."""
+        self.active = False
+
+    async def process_frame(self, frame: FilterControlFrame) -> None:
+        """No controls."""
+
+    async def filter(self, audio: bytes) -> bytes:
+        """Measure and pass the audio through unchanged."""
+        if self._rate and audio:
+            now = _now()
+            secs = len(audio) / (2 * self._rate)
+            for k, lv in enumerate(frame_levels_db(audio, self._rate)):
+                self._core.bot_audio(now, min(0.02, secs - 0.02 * k), lv)
+        return audio
 
 
 def _silent(frame: InputAudioRawFrame) -> InputAudioRawFrame:

@@ -346,6 +346,13 @@ class ElevenLabsConvAIEmulator:
         self._speech_cache[key] = pcm
         return pcm
 
+    def drop_live(self, mode: Literal["abort", "close"] = "abort") -> int:
+        """Drop every open conversation now, as a provider outage would; returns how many."""
+        live = [c for c in self._live if not c.ws.closed]
+        for conv in live:
+            conv.drop_now("drop_live", mode)
+        return len(live)
+
     async def close_all(self) -> None:
         """Close every conversation (1001) and the Piper client."""
         for conv in list(self._live):
@@ -571,11 +578,14 @@ class _Conversation:
         self.record.close_reason = "fault: stalled"
 
     def _drop(self, why: str) -> None:
+        self.drop_now(why, self.faults.drop_mode if self.faults is not None else "abort")
+
+    def drop_now(self, why: str, mode: Literal["abort", "close"]) -> None:
         if self.dropped or self.ws.closed:
             return
         self.dropped = True
         self.record.close_reason = f"fault: {why}"
-        if self.faults is not None and self.faults.drop_mode == "close":
+        if mode == "close":
             self._spawn(self.ws.close(code=1011, message=b"Emulated provider failure"))
         elif self.request.transport is not None:
             self.request.transport.abort()

@@ -211,4 +211,4 @@ async def test_reference_swaps_backchannel_transcripts() -> None:
         frames_to_send=frames,
         expected_down_frames=[UserBackchannelFrame, TranscriptionFrame],
     )
-    assert down[1].text == "What about Sunday?"
+    assert isinstance(down[1], TranscriptionFrame) and down[1].text == "What about Sunday?"

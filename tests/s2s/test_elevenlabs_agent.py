@@ -12,6 +12,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
@@ -19,6 +20,8 @@ import pytest_asyncio
 from aiohttp import web
 
 from pipeswitch.bench.emulators.elevenlabs_convai import (
+    ConvAIFaults,
+    ConvAIReply,
     ConvAISettings,
     ConversationRecord,
     ElevenLabsConvAIEmulator,
@@ -35,26 +38,32 @@ from pipeswitch.pipelines import elevenlabs_agent  # noqa: F401  (registers the 
 from pipeswitch.pipelines.app import Pipeswitch
 from pipeswitch.pipelines.emulated import endpoints_for
 from tests.conftest import trim_silence
-from tests.e2e.helpers import ask, is_speech_like, open_call, wait_bot_quiet
+from tests.e2e.helpers import (
+    ask,
+    is_speech_like,
+    open_call,
+    wait_bot_quiet,
+    wait_for_bot_audio,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 AGENT = "agent_pipeswitch_test"
 QUESTION = "What are your opening hours on Saturday?"
 BARGE_IN = "Sorry, can you hold on a second?"
-SCRIPT = {
+SCRIPT: dict[str, ConvAIReply] = {
     "hours": "We are open nine to five on Saturday.",
     "long": LONG_REPLY,
     "tool": ToolCall(name="business_hours", arguments={}),
 }
 
 
-def _tenant(name: str, **providers: object) -> Tenant:
+def _tenant(name: str, greeting: str | None = None, **providers: object) -> Tenant:
     return Tenant(
         name=name,
         pipeline="elevenlabs-agent",
         playback="json-stream",
-        first_message=None,
+        first_message=greeting,
         providers=ProviderSettings(elevenlabs_agent_id=AGENT, **providers),  # type: ignore[arg-type]
         tools=ToolSettings(enabled=["business_hours"], business_hours={"mon": ["00:00-23:59"]}),
     )
@@ -67,6 +76,7 @@ def tenants() -> StaticTenantLoader:
             _tenant("el.test"),
             _tenant("el-ulaw.test", elevenlabs_output_format="ulaw_8000"),
             _tenant("el-signed.test", elevenlabs_signed_url=True),
+            _tenant("el-greet.test", greeting="Riverside Dental, how can I help?"),
         ],
         default="default",
     )
@@ -78,6 +88,7 @@ class ElServed:
     emu: RunningEmulators
     convai: ElevenLabsConvAIEmulator
     http: aiohttp.ClientSession
+    finished: dict[str, Any]
 
     def url(self, domain: str, rate: int, uuid: str) -> str:
         return f"ws://127.0.0.1:{self.app.port}/fs/{uuid}?rate={rate}&mix=mono&domain={domain}"
@@ -124,9 +135,19 @@ async def el() -> AsyncIterator[ElServed]:
             )
             await app.start()
             convai.piper_url = app.endpoints.piper_url
+            for reply in SCRIPT.values():  # synthesized once, not inside a test's timeout
+                if isinstance(reply, str):
+                    await convai.speech(reply, 16000)
             async with aiohttp.ClientSession() as http:
+                served = ElServed(app, emu, convai, http, {})
+
+                async def _finished(record: Any, cp: Any) -> None:
+                    served.finished[record.call.call_uuid] = cp
+
+                assert app.sessions is not None
+                app.sessions.finished_hooks.append(_finished)
                 try:
-                    yield ElServed(app, emu, convai, http)
+                    yield served
                 finally:
                     await app.stop(drain_secs=2.0)
     finally:
@@ -166,6 +187,23 @@ async def test_call_reaches_the_agent_and_hears_its_speech(el: ElServed, rate: i
         assert conv.pings_sent and answered == conv.pings_sent[:-1]
         # Wire turn latency stays the emulator's 300 ms plus local overhead.
         assert answer - end < 1.5 + 0.4  # server VAD 400 ms + 300 ms + playout, loaded CI
+    finally:
+        await stream.hangup()
+
+
+async def test_greeting_is_ours_and_the_agent_knows_it(el: ElServed) -> None:
+    rate = 8000
+    n = len(el.convai.conversations)
+    stream = await open_call(el.url("el-greet.test", rate, "el-greet"), rate, "json-stream")
+    try:
+        conv = await _conversation(el, n)
+        # Played from Piper's cache by Pipeswitch at once; the agent must not greet again.
+        first = await wait_for_bot_audio(stream, 0.0, 3.0)
+        assert first is not None
+        assert conv.override("agent", "first_message") == ""
+        assert "Riverside Dental, how can I help?" in conv.override("agent", "prompt", "prompt")
+        await wait_bot_quiet(stream, quiet_s=0.5, timeout_s=6.0)
+        assert not conv.agent_turns, "the agent spoke first as well"
     finally:
         await stream.hangup()
 
@@ -236,6 +274,68 @@ async def test_client_tool_call_runs_the_receptionist_tool(el: ElServed) -> None
         assert conv.agent_turns[-1].text.startswith("Here is what I found")
     finally:
         await stream.hangup()
+
+
+async def _finished_call(el: ElServed, uuid: str) -> Any:
+    for _ in range(200):
+        if uuid in el.finished:
+            return el.finished.pop(uuid)
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"call {uuid} never finished")
+
+
+async def test_refused_agent_falls_back_to_the_cascade(el: ElServed) -> None:
+    rate = 8000
+    el.convai.set_faults(ConvAIFaults(reject_status=503, connections=1))
+    chat = el.emu.openai
+    n_requests = len(chat.requests)
+    stream = await open_call(el.url("el.test", rate, "el-refused"), rate, "json-stream")
+    try:
+        end, answer = await ask(stream, await el.speech(QUESTION, rate), rate, timeout_s=8.0)
+        assert answer is not None, "the cascade did not answer after the refusal"
+        assert len(chat.requests) > n_requests, "the cascade's LLM was never asked"
+    finally:
+        el.convai.set_faults(ConvAIFaults())
+        await stream.hangup()
+    cp = await _finished_call(el, "el-refused")
+    fb = cp.parts["llm"].fallback
+    assert fb is not None and fb.fell_back
+    assert "HTTP 503" in fb.events[0].reason
+    assert fb.events[0].switch_secs is not None and fb.events[0].switch_secs < 1.0
+
+
+async def test_mid_call_drop_carries_the_conversation_to_the_cascade(el: ElServed) -> None:
+    rate = 8000
+    el.convai.user_lines = lambda turn: "Tell me your opening hours."
+    chat = el.emu.openai
+    n_requests = len(chat.requests)
+    n = len(el.convai.conversations)
+    stream = await open_call(el.url("el.test", rate, "el-drop"), rate, "json-stream")
+    try:
+        conv = await _conversation(el, n)
+        _, answer = await ask(stream, await el.speech(QUESTION, rate), rate, timeout_s=6.0)
+        assert answer is not None
+        await wait_bot_quiet(stream, quiet_s=0.6, timeout_s=8.0)
+        assert conv.agent_turns[-1].text == SCRIPT["hours"]
+        # The provider vanishes mid-call (TCP reset): the cascade apologises and takes over.
+        assert el.convai.drop_live() == 1
+        await asyncio.sleep(1.5)
+        _, answer2 = await ask(stream, await el.speech(QUESTION, rate), rate, timeout_s=8.0)
+        assert answer2 is not None, "no answer after the provider dropped"
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and len(chat.requests) <= n_requests:
+            await asyncio.sleep(0.05)
+    finally:
+        await stream.hangup()
+    cp = await _finished_call(el, "el-drop")
+    fb = cp.parts["llm"].fallback
+    assert fb.fell_back and fb.events[0].apologized
+    assert fb.events[0].messages_carried >= 2
+    # The cascade's LLM saw the conversation held with the agent before the drop.
+    msgs = chat.requests[-1].messages
+    texts = [str(m.get("content", "")) for m in msgs]
+    assert "Tell me your opening hours." in texts
+    assert any(SCRIPT["hours"] in t for t in texts)
 
 
 __all__ = ["web"]
