@@ -172,6 +172,16 @@ def test_dockerfile_rules() -> None:
             for m in re.finditer(r"([A-Z_]*(KEY|TOKEN|PASSWORD|SECRET)[A-Z_]*)=(\S+)", a):
                 raise AssertionError(f"secret baked into the image: {m.group(1)}")
         assert ins != "ADD" or not a.startswith("http"), "remote ADD"
+    # Every folder the wheel maps into pipeswitch.* is copied into the build stage.
+    import tomllib
+
+    dirs = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "package-dir"
+        ].values()
+    )
+    copied = {a.split()[0].rstrip("/") for ins, a in lines if ins == "COPY" and "--from" not in a}
+    assert dirs <= copied, f"not copied into the image: {dirs - copied}"
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "tests", "*.env"} <= set(ignore)
 
