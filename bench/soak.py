@@ -493,15 +493,48 @@ def plot(result: SoakResult, path: Path, warmup: int) -> None:
     plt.close(fig)
 
 
+def plot_compare(runs: dict[str, Path], path: Path) -> None:
+    """RSS, live objects and descriptors of several soak runs (``soak.json``) on one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, file in runs.items():
+        samples = json.loads(file.read_text())["samples"]
+        n = [x["n"] for x in samples]
+        for ax, key in zip(axes, ("rss_mb", "objects", "fds"), strict=True):
+            ax.plot(n, [x[key] for x in samples], lw=1.2, label=f"{name} ({len(n)} calls)")
+    for ax, title in zip(
+        axes, ("RSS (MB)", "live Python objects", "file descriptors"), strict=True
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("call #")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("pipeswitch bench soak: sequential emulated calls on one server process")
+    fig.tight_layout()
+    fig.savefig(path, dpi=85)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m pipeswitch.bench.soak serve --emulators JSON`` (the server under soak)."""
+    """``python -m pipeswitch.bench.soak serve --emulators JSON`` (the server under soak), or
+    ``compare NAME=soak.json ... --out soak.png`` (several runs on one plot)."""
     p = argparse.ArgumentParser(prog="python -m pipeswitch.bench.soak")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--emulators", required=True)
     s.add_argument("--log-level", default="WARNING")
     s.add_argument("--dialect", default="json-stream")
+    c = sub.add_parser("compare")
+    c.add_argument("runs", nargs="+", help="NAME=path/to/soak.json")
+    c.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.cmd == "compare":
+        plot_compare({r.rsplit("=", 1)[0]: Path(r.rsplit("=", 1)[1]) for r in args.runs}, args.out)
+        return
     asyncio.run(_serve_child(args))
 
 
