@@ -25,19 +25,28 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
     ErrorFrame,
     Frame,
+    FunctionCallInProgressFrame,
+    FunctionCallsStartedFrame,
     InputAudioRawFrame,
     InterruptionFrame,
+    LLMRunFrame,
     ManuallySwitchServiceFrame,
     StartFrame,
     TTSAudioRawFrame,
     TTSSpeakFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.service_switcher import ServiceSwitcher, ServiceSwitcherStrategyManual
 from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
+from pipecat.processors.aggregators.llm_response_universal import (
+    LLMContextAggregatorPair,
+    LLMUserAggregator,
+)
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.llm_service import LLMService
 from pipecat.services.stt_service import STTService
@@ -180,6 +189,7 @@ class FallbackEvent:
     switch_secs: float | None = None
     apologized: bool = False
     messages_carried: int = 0
+    answered_pending_turn: bool = False
 
 
 class CascadeEntry(FrameProcessor):
@@ -188,6 +198,10 @@ class CascadeEntry(FrameProcessor):
     async def say(self, text: str) -> None:
         """Speak ``text`` through the cascade's TTS."""
         await self.push_frame(TTSSpeakFrame(text))
+
+    async def answer(self) -> None:
+        """Have the cascade's LLM answer the conversation as it stands."""
+        await self.push_frame(LLMRunFrame())
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
@@ -226,11 +240,15 @@ class S2SFailureWatch(FrameProcessor):
         *,
         connect_timeout_secs: float,
         connected: Callable[[], bool],
+        reply_timeout_secs: float = 15.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._on_failure = on_failure
         self._connect_timeout = connect_timeout_secs
+        self._reply_timeout = reply_timeout_secs
+        self._reply_watch: asyncio.TimerHandle | None = None
+        self._stall_task: asyncio.Task[None] | None = None
         self._connected = connected
         self.failed = False
         self._pending = ""
@@ -255,6 +273,25 @@ class S2SFailureWatch(FrameProcessor):
         await super().cleanup()
         if self._watch is not None:
             self._watch.cancel()
+        self._disarm_reply()
+
+    def _arm_reply(self) -> None:
+        """The caller's turn ended: the provider owes a reply within the budget."""
+        self._disarm_reply()
+        loop = asyncio.get_running_loop()
+        self._reply_watch = loop.call_later(self._reply_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        # A plain task, not one of this processor's: the fallback interrupts (and so
+        # resets) this processor's own tasks on its way.
+        self._stall_task = asyncio.ensure_future(
+            self.fail(f"no reply within {self._reply_timeout:.1f}s of the caller's turn")
+        )
+
+    def _disarm_reply(self) -> None:
+        if self._reply_watch is not None:
+            self._reply_watch.cancel()
+            self._reply_watch = None
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
@@ -267,6 +304,20 @@ class S2SFailureWatch(FrameProcessor):
             else:
                 await self.fail(reason)
             return
+        if not self.failed:
+            if isinstance(frame, UserStoppedSpeakingFrame):
+                self._arm_reply()
+            elif isinstance(
+                frame,
+                (
+                    UserStartedSpeakingFrame,
+                    BotStartedSpeakingFrame,
+                    FunctionCallInProgressFrame,
+                    FunctionCallsStartedFrame,
+                ),
+            ):
+                # The caller talks again, the bot is heard, or a tool is working.
+                self._disarm_reply()
         await self.push_frame(frame, direction)
         if isinstance(frame, StartFrame) and self._watch is None:
             self._watch = asyncio.ensure_future(self._budget())
@@ -287,6 +338,7 @@ class S2SFallback:
         entry: CascadeEntry,
         probe: CascadeProbe,
         watch: S2SFailureWatch,
+        rt_user: LLMUserAggregator,
         context: LLMContext,
         apology: str,
         log: Any,
@@ -298,6 +350,7 @@ class S2SFallback:
         self._entry = entry
         self._probe = probe
         self._watch = watch
+        self._rt_user = rt_user
         self._context = context
         self._apology = apology
         self._log = log
@@ -328,6 +381,10 @@ class S2SFallback:
         # for up to its whole length): the playback stops as on a barge-in, and the
         # S2S assistant half writes the words the caller heard into the shared context.
         await self._watch.broadcast_interruption()
+        # A caller turn the provider transcribed but never answered is still held by the
+        # realtime user half (it writes on the reply's start): write it now.
+        if self._rt_user.aggregation_string():
+            await self._rt_user.push_aggregation()
         await asyncio.sleep(SETTLE_SECS)
         await self._head.queue_frame(ManuallySwitchServiceFrame(service=self._cascade))
         await self._tail.queue_frame(ManuallySwitchServiceFrame(service=self._cascade_tail))
@@ -340,6 +397,12 @@ class S2SFallback:
             await self._entry.say(self._apology)
         else:
             event.switch_secs = time.monotonic() - event.failed_at
+        messages = self._context.get_messages()
+        last = messages[-1] if messages else None
+        if isinstance(last, dict) and last.get("role") == "user":
+            # The provider took the caller's turn and never answered it: the cascade does.
+            event.answered_pending_turn = True
+            await self._entry.answer()
 
 
 def s2s_pipeline(
@@ -386,9 +449,13 @@ def s2s_pipeline(
 
     p = ctx.tenant.providers
     watch = S2SFailureWatch(
-        on_failure, connect_timeout_secs=p.s2s_connect_timeout_secs, connected=connected
+        on_failure,
+        connect_timeout_secs=p.s2s_connect_timeout_secs,
+        connected=connected,
+        reply_timeout_secs=p.s2s_reply_timeout_secs,
     )
-    s2s_branch = Pipeline([rt_pair.user(), *edge, watch, llm, ProviderAudioOut(ctx.sample_rate)])
+    rt_user = rt_pair.user()
+    s2s_branch = Pipeline([rt_user, *edge, watch, llm, ProviderAudioOut(ctx.sample_rate)])
     probe = CascadeProbe()
     cascade_branch = Pipeline(
         [entry, stt, pair_c.user(), ctx.caller_audio_sink(), llm_c, tts, probe]
@@ -409,6 +476,7 @@ def s2s_pipeline(
         entry=entry,
         probe=probe,
         watch=watch,
+        rt_user=rt_user,
         context=context,
         apology=p.s2s_apology,
         log=log,

@@ -98,6 +98,9 @@ class GeminiFaults:
     drop_on_turn: int | None = None
     stall_after_turns: int | None = None
     malformed_on_turn: int | None = None
+    # After a drop, refuse every later connection (a provider that cannot take the call
+    # back: the client's resumption fails and the call must fall back).
+    refuse_after_drop: bool = False
     count: int | None = None
 
 
@@ -220,7 +223,9 @@ class GeminiLiveEmulator:
 
     def _take_faults(self) -> GeminiFaults | None:
         f = self.faults
-        if not any(v is not None for k, v in dataclasses.asdict(f).items() if k != "count"):
+        if not any(
+            v not in (None, False) for k, v in dataclasses.asdict(f).items() if k != "count"
+        ):
             return None
         if f.count is not None and self._faulted >= f.count:
             return None
@@ -329,6 +334,8 @@ class _Conn:
     def abort(self, reason: str) -> None:
         self.rec.close_reason = reason
         self.rec.aborted_at = time.monotonic()
+        if self.faults is not None and self.faults.refuse_after_drop:
+            self.emu.set_faults(GeminiFaults(refuse_status=503))
         transport = self.request.transport
         if transport is not None:
             transport.abort()
@@ -536,7 +543,11 @@ class _Conn:
         if isinstance(reply, ToolCall) or (
             isinstance(reply, Sequence) and not isinstance(reply, str)
         ):
-            calls = [reply] if isinstance(reply, ToolCall) else list(reply)
+            calls: list[ToolCall] = (
+                [reply]
+                if isinstance(reply, ToolCall)
+                else [c for c in reply if isinstance(c, ToolCall)]
+            )
             await asyncio.sleep(delay)
             fcs = []
             for c in calls:

@@ -829,7 +829,11 @@ class _Conn:
         if isinstance(reply, ToolCall) or (
             isinstance(reply, Sequence) and not isinstance(reply, str)
         ):
-            calls = [reply] if isinstance(reply, ToolCall) else list(reply)
+            calls: list[ToolCall] = (
+                [reply]
+                if isinstance(reply, ToolCall)
+                else [c for c in reply if isinstance(c, ToolCall)]
+            )
             await asyncio.sleep(delay)
             await self.function_calls(rec, calls)
             return

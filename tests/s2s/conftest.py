@@ -69,6 +69,14 @@ def s2s_tenants() -> StaticTenantLoader:
     )
     tenants.append(
         Tenant(
+            name="rt-stall.test",
+            pipeline="openai-realtime",
+            playback="binary",
+            providers=ProviderSettings(realtime_silence_ms=300, s2s_reply_timeout_secs=2.0),
+        )
+    )
+    tenants.append(
+        Tenant(
             name="rt-local.test",
             pipeline="openai-realtime",
             playback="binary",

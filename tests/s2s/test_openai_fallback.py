@@ -100,3 +100,33 @@ async def test_drop_mid_call_apologizes_and_carries_context(s2s: S2SServed) -> N
     assert ("user", sess.user_transcripts[0]) in texts
     # (the words played before the drop: a prefix of the cut reply, however short)
     assert any(r == "assistant" and t and LONG_REPLY.startswith(t) for r, t in texts), texts
+
+
+async def test_stalled_provider_falls_back_and_answers_the_turn(s2s: S2SServed) -> None:
+    """The provider takes the caller's turn and says nothing: after the reply budget the
+    cascade apologizes and answers that same turn (no need to ask again)."""
+    rate = 8000
+    speech = await s2s.speech(QUESTION, rate)
+    s2s.realtime.set_faults(RealtimeFaults(stall_after_responses=0, count=1))
+    kept, hook = keep_calls(s2s)
+    chat = s2s.emu.openai
+    n_chat = len(chat.requests)
+    stream = await open_call(s2s.url("rt-stall.test", rate, "rt-stall"), rate, "binary")
+    try:
+        await wait_bot_quiet(stream, timeout_s=10.0)
+        end, answer = await ask(stream, speech, rate, timeout_s=10.0)
+        assert answer is not None, "nothing after the stall"
+        assert answer - end > 1.5  # the reply budget (2 s) ran out first
+        await wait_bot_quiet(stream, quiet_s=1.0, timeout_s=15.0)
+    finally:
+        reset_faults(s2s)
+        await stream.hangup()
+        await asyncio.sleep(0.3)
+        s2s.app.sessions.finished_hooks.remove(hook)  # type: ignore[union-attr]
+    _, cp = kept["rt-stall"]
+    event = cp.parts["llm"].fallback.events[0]
+    assert "no reply" in event.reason and event.apologized and event.answered_pending_turn
+    # The cascade's LLM answered the realtime phase's caller turn.
+    req = chat.requests[n_chat]
+    assert req.messages[-1]["role"] == "user"
+    assert req.messages[-1]["content"] == s2s.realtime.sessions[-1].user_transcripts[0]
