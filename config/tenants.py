@@ -89,6 +89,8 @@ class ProviderSettings(BaseModel):
     s2s_fallback: bool = True
     s2s_connect_timeout_secs: float = Field(default=3.0, gt=0, le=30)
     s2s_apology: str = "Sorry, one moment please."
+    # A provider that takes the caller's turn and says nothing for this long has stalled.
+    s2s_reply_timeout_secs: float = Field(default=15.0, gt=0, le=120)
 
 
 ToolName = Literal["transfer_call", "end_call", "send_dtmf", "take_message", "business_hours"]
