@@ -41,6 +41,7 @@ import aiohttp
 import numpy as np
 
 from pipeswitch.bench.emulators.elevenlabs_convai import (
+    CONVAI_RESPONSE,
     ConvAISettings,
     ConversationRecord,
     ElevenLabsConvAIEmulator,
@@ -168,7 +169,7 @@ class Bench:
 
 
 @asynccontextmanager
-async def running_bench() -> AsyncIterator[Bench]:
+async def running_bench(response: LatencyModel | None = None) -> AsyncIterator[Bench]:
     """Piper, the emulators and a Pipeswitch server with the two echo tenants."""
     from pipeswitch.config.settings import Settings
     from pipeswitch.pipelines import elevenlabs_agent  # noqa: F401  (registers the builder)
@@ -177,7 +178,7 @@ async def running_bench() -> AsyncIterator[Bench]:
 
     convai = ElevenLabsConvAIEmulator(
         settings=ConvAISettings(agent_ids=[AGENT], api_key="emulated", first_message=None),
-        response_latency=LatencyModel.constant(300),
+        response_latency=response or LatencyModel.constant(300),
         user_lines=lambda turn: ASK_LONG,
         script=lambda text, turn: REPLY if "office" in text else "Sure, take your time.",
     )
@@ -361,6 +362,72 @@ def _stop_after(stream: FakeSwitchStream, onset: float, quiet_s: float = 0.7) ->
     return max(times[-1], onset)
 
 
+@dataclass
+class TurnTiming:
+    """One caller turn: wire latency and what of it the (emulated) agent took."""
+
+    wire_ms: float
+    provider_ms: float
+
+    @property
+    def overhead_ms(self) -> float:
+        """Pipeswitch's share: caller audio in plus agent audio out."""
+        return self.wire_ms - self.provider_ms
+
+
+async def measure_turns(b: Bench, turns: int, rate: int = 8000) -> list[TurnTiming]:
+    """Wire turn latency of the ElevenLabs pipeline (guard on, no echo) and its overhead.
+
+    Wire latency: caller's last voiced frame sent -> first audible agent audio
+    received, at the FreeSWITCH emulator. Provider time: the agent's end of turn (its
+    VAD saw the last voiced audio arrive) -> its first audible audio sent (the reply's
+    leading silence is the provider's). The difference is what Pipeswitch adds on the
+    way in and out.
+    """
+    out: list[TurnTiming] = []
+    b.convai.script = lambda text, turn: "We are open from nine to five."
+    await b.convai.speech("We are open from nine to five.", 16000)
+    ask = await b.say(BARGE_IN, rate)
+    path = EchoPath(rate, -90.0, 0.05, -70.0)
+    url = f"ws://127.0.0.1:{b.app.port}/fs/turns?rate={rate}&mix=mono&domain=echo-on.test"
+    stream = EchoingStream(StreamConfig(url=url, uuid="turns", rate=rate, playback="voxcom"), path)
+    n = len(b.convai.conversations)
+    await stream.start()
+    await stream.wait_connected(3.0)
+    try:
+        conv = await _wait_conversation(b, n)
+        for _ in range(turns):
+            stream.queue_caller_audio(ask)
+            stream.queue_caller_silence(0.3)
+            await stream.wait_caller_drained(timeout_s=len(ask) / (2 * rate) + 3.0)
+            end = stream.last_voiced_sent_at()
+            first = None
+            while first is None and end is not None and time.monotonic() - end < 5.0:
+                await asyncio.sleep(0.01)
+                first = stream.first_bot_audio_received_after(end)
+            await _wait_reply_over(stream, end or 0.0, timeout=10.0, conv=conv)
+            utt = conv.user_turns[-1] if conv.user_turns else None
+            agent = conv.agent_turns[-1] if conv.agent_turns else None
+            if (
+                first is None
+                or end is None
+                or utt is None
+                or utt.speech_end_at is None
+                or agent is None
+                or agent.first_voiced_at is None
+            ):
+                continue
+            out.append(
+                TurnTiming(
+                    wire_ms=(first - end) * 1000,
+                    provider_ms=(agent.first_voiced_at - utt.speech_end_at) * 1000,
+                )
+            )
+    finally:
+        await stream.hangup()
+    return out
+
+
 def report(results: Sequence[TrialResult], noise_dbfs: float) -> str:
     """Markdown table, one row per level and guard setting."""
     lines = [
@@ -409,6 +476,17 @@ async def run_echo_bench(
     return results
 
 
+async def _turns_only(turns: int) -> list[TurnTiming]:
+    async with running_bench(CONVAI_RESPONSE.model(seed=3)) as b:
+        return await measure_turns(b, turns)
+
+
+def _q(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: ``python -m pipeswitch.bench.echo``."""
     p = argparse.ArgumentParser(prog="python -m pipeswitch.bench.echo", description=__doc__)
@@ -418,7 +496,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--noise-dbfs", type=float, default=-55.0)
     p.add_argument("--no-baseline", action="store_true", help="skip the guard-off runs")
     p.add_argument("--out", default=None, help="results folder")
+    p.add_argument(
+        "--turns", type=int, default=0, help="only measure N turns' wire latency and overhead"
+    )
     args = p.parse_args(argv)
+    if args.turns:
+        timings = asyncio.run(_turns_only(args.turns))
+        wire = sorted(t.wire_ms for t in timings)
+        over = sorted(t.overhead_ms for t in timings)
+        print(f"turns: {len(timings)}")
+        print(f"wire turn latency ms: p50 {_q(wire, 0.5):.0f} p95 {_q(wire, 0.95):.0f}")
+        print(f"server overhead ms:   p50 {_q(over, 0.5):.0f} p95 {_q(over, 0.95):.0f}")
+        print(
+            "provider ms (emulated agent, end of turn -> first audio):",
+            [round(t.provider_ms) for t in timings],
+        )
+        return
     levels = [float(x) for x in args.levels.split(",")]
     results = asyncio.run(
         run_echo_bench(

@@ -101,6 +101,13 @@ def ulaw_encode(pcm: bytes) -> bytes:
     return (~(sign | (exp << 4) | mant) & 0xFF).astype(np.uint8).tobytes()
 
 
+def _first_loud(pcm: bytes, peak: int) -> int:
+    """Index of the first sample louder than ``peak`` (-1: none)."""
+    a = np.frombuffer(pcm[: len(pcm) - len(pcm) % 2], dtype="<i2").astype(np.int32)
+    idx = np.flatnonzero(np.abs(a) > peak)
+    return int(idx[0]) if idx.size else -1
+
+
 def _wav_body(wav: bytes) -> bytes:
     """The samples of a (possibly streamed, size-less) mono s16le WAV."""
     at = wav.find(b"data", 12)
@@ -221,6 +228,9 @@ class AgentTurnRecord:
     text: str
     audio_s: float = 0.0
     first_audio_at: float | None = None
+    # When the first audible sample (peak > 500) would play if the client played the
+    # audio the moment it was sent: the reply's leading silence is the provider's latency.
+    first_voiced_at: float | None = None
     audio_done_at: float | None = None
     interrupted_at: float | None = None
     corrected_text: str | None = None
@@ -827,6 +837,9 @@ class _Conversation:
                         },
                     }
                 )
+                if rec.first_voiced_at is None and (at := _first_loud(chunk, 500)) >= 0:
+                    # Sent now; the client plays it in real time from its first sample.
+                    rec.first_voiced_at = time.monotonic() + at / self.out_rate
                 rec.audio_s += len(chunk) / 2 / self.out_rate
                 due = t0 + rec.audio_s / self.s.stream_speed
                 wait = due - time.monotonic()
