@@ -51,6 +51,9 @@ class TurnSettings(BaseModel):
     # Start the LLM on a complete-looking final transcript before the turn is certain
     # (its reply is held until the turn ends on the same words; discarded otherwise).
     speculate: bool = True
+    # Speech-to-speech: while the bot talks, caller audio must clear the estimated echo of
+    # the bot's own voice to reach the provider's VAD (processors/echo_guard.py).
+    echo_guard: bool = True
 
 
 class ProviderSettings(BaseModel):
@@ -91,6 +94,13 @@ class ProviderSettings(BaseModel):
     s2s_apology: str = "Sorry, one moment please."
     # A provider that takes the caller's turn and says nothing for this long has stalled.
     s2s_reply_timeout_secs: float = Field(default=15.0, gt=0, le=120)
+    # ElevenLabs Agents (pipeline = "elevenlabs-agent"): the agent, the audio formats it is
+    # configured with on ElevenLabs (pcm_<rate> or ulaw_8000), and whether to connect
+    # through a one-use signed URL (the key then never rides on the WebSocket).
+    elevenlabs_agent_id: str | None = None
+    elevenlabs_input_format: str = Field(default="pcm_16000", pattern=r"^(pcm_\d{4,5}|ulaw_8000)$")
+    elevenlabs_output_format: str = Field(default="pcm_16000", pattern=r"^(pcm_\d{4,5}|ulaw_8000)$")
+    elevenlabs_signed_url: bool = False
 
 
 ToolName = Literal["transfer_call", "end_call", "send_dtmf", "take_message", "business_hours"]

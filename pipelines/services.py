@@ -52,6 +52,9 @@ class ProviderEndpoints:
     gemini_url: str = ""
     google_api_key: str = ""
     gemini_ca_file: str = ""
+    # ElevenLabs Agents: the API origin (ws:// for the emulator) and the xi-api-key.
+    elevenlabs_url: str = "wss://api.elevenlabs.io"
+    elevenlabs_api_key: str = ""
     local_stt_base_url: str = ""
     local_llm_base_url: str = ""
     local_api_key: str = ""
