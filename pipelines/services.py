@@ -23,6 +23,7 @@ from pipecat.transcriptions.language import Language
 
 from pipeswitch.config.settings import ProviderMode
 from pipeswitch.config.tenants import Tenant
+from pipeswitch.pipelines.local.incremental_stt import IncrementalWhisperSTTService
 from pipeswitch.processors.clause_aggregator import FirstClauseAggregator
 
 LOCAL_LLM_MODEL = "qwen2.5-0.5b-instruct"
@@ -91,7 +92,8 @@ def make_stt(tenant: Tenant, ep: ProviderEndpoints, sample_rate: int) -> STTServ
     if ep.mode == "local" or tenant.providers.stt == "whisper-local":
         if not ep.local_stt_base_url:
             raise ProviderUnavailable("local Whisper server is not running")
-        return OpenAISTTService(
+        # Pipecat's OpenAISTTService, sending each pause's audio while the caller speaks.
+        return IncrementalWhisperSTTService(
             api_key=ep.local_api_key,
             base_url=ep.local_stt_base_url,
             settings=OpenAISTTService.Settings(
