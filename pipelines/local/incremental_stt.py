@@ -52,7 +52,9 @@ class IncrementalWhisperSTTService(OpenAISTTService):
         self._voiced, self._quiet_s = False, 0.0
         await super()._handle_user_started_speaking(frame)
 
-    async def process_audio_frame(self, frame: InputAudioRawFrame, direction: FrameDirection):
+    async def process_audio_frame(
+        self, frame: InputAudioRawFrame, direction: FrameDirection
+    ) -> None:
         await super().process_audio_frame(frame, direction)
         if not self._user_speaking:
             return
