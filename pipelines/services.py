@@ -7,7 +7,7 @@ or to the Deepgram emulator, to Groq or to the local llama.cpp server.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from pipecat.services.deepgram.flux.stt import DeepgramFluxSTTService
@@ -41,24 +41,24 @@ class ProviderEndpoints:
     mode: ProviderMode
     piper_url: str  # Piper HTTP server base, without query
     deepgram_url: str = ""  # "" = Deepgram cloud
-    deepgram_api_key: str = ""
+    deepgram_api_key: str = field(default="", repr=False)
     groq_base_url: str = "https://api.groq.com/openai/v1"
-    groq_api_key: str = ""
+    groq_api_key: str = field(default="", repr=False)
     openai_base_url: str = "https://api.openai.com/v1"
-    openai_api_key: str = ""
+    openai_api_key: str = field(default="", repr=False)
     # Speech-to-speech: OpenAI Realtime's WebSocket base, Gemini Live's API base (https;
     # google-genai derives wss:// from it) and, for a private endpoint (the emulator), the
     # PEM CA file that signs its certificate.
     openai_realtime_url: str = "wss://api.openai.com/v1/realtime"
     gemini_url: str = ""
-    google_api_key: str = ""
+    google_api_key: str = field(default="", repr=False)
     gemini_ca_file: str = ""
     # ElevenLabs Agents: the API origin (ws:// for the emulator) and the xi-api-key.
     elevenlabs_url: str = "wss://api.elevenlabs.io"
-    elevenlabs_api_key: str = ""
+    elevenlabs_api_key: str = field(default="", repr=False)
     local_stt_base_url: str = ""
     local_llm_base_url: str = ""
-    local_api_key: str = ""
+    local_api_key: str = field(default="", repr=False)
 
     @property
     def local_llm_root(self) -> str:
