@@ -59,6 +59,15 @@ _PROVIDER_KEYS = {
     "deepgram": "deepgram_api_key",
     "groq": "groq_api_key",
     "openai": "openai_api_key",
+    "google": "google_api_key",
+    "elevenlabs": "elevenlabs_api_key",
+}
+# Speech-to-speech kinds and the provider each talks to (their cascade fallback needs the
+# cascade's keys as well).
+_S2S_PROVIDER = {
+    "openai-realtime": "openai",
+    "gemini-live": "google",
+    "elevenlabs-agent": "elevenlabs",
 }
 
 
@@ -68,10 +77,12 @@ def required_keys(tenants: list[Tenant]) -> dict[str, list[str]]:
     for t in tenants:
         p = t.providers
         used = []
-        if p.stt != "whisper-local":
+        if p.stt.startswith("deepgram"):
             used.append("deepgram")
         if p.llm != "local":
             used.append(p.llm)
+        if t.pipeline in _S2S_PROVIDER:
+            used.append(_S2S_PROVIDER[t.pipeline])
         for provider in used:
             need.setdefault(_PROVIDER_KEYS[provider], []).append(t.name)
     return need

@@ -57,3 +57,14 @@ def test_keys_are_checked_per_provider_the_tenants_use() -> None:
     with pytest.raises(StartupError, match="PIPESWITCH_DEEPGRAM_API_KEY is not set"):
         check_provider_keys(settings, [local_stt, Tenant(name="b.example")])
     check_provider_keys(Settings(providers="emulated"), [Tenant(name="b.example")])
+
+
+def test_speech_to_speech_tenants_need_their_provider_key() -> None:
+    keys = {"deepgram_api_key": "d", "groq_api_key": "g"}
+    settings = Settings(providers="real", **keys)  # type: ignore[arg-type]
+    with pytest.raises(StartupError, match="PIPESWITCH_OPENAI_API_KEY.*rt.example"):
+        check_provider_keys(settings, [Tenant(name="rt.example", pipeline="openai-realtime")])
+    with pytest.raises(StartupError, match="PIPESWITCH_GOOGLE_API_KEY"):
+        check_provider_keys(settings, [Tenant(name="gl.example", pipeline="gemini-live")])
+    with pytest.raises(StartupError, match="PIPESWITCH_ELEVENLABS_API_KEY"):
+        check_provider_keys(settings, [Tenant(name="el.example", pipeline="elevenlabs-agent")])
