@@ -153,6 +153,13 @@ async def one_call(
         lambda: a in sessions.active and bool(sessions.active[a].turn_latencies), 20.0
     )
     latencies = list(sessions.active[a].turn_latencies) if a in sessions.active else []
+    record = sessions.active.get(a)
+    dtmf_seen: bool | None = None
+    if args.dtmf and record is not None:
+        # Keys pressed on the far leg arrive as DTMF on the A-leg the stream is on.
+        b = (await esl.api(f"uuid_getvar {a} other_loopback_leg_uuid")).strip()
+        await esl.api(f"uuid_send_dtmf {b} {args.dtmf}")
+        dtmf_seen = await _wait(lambda: "DTMF" in events, 3.0)
     await asyncio.sleep(args.listen_s)  # let the reply play
     await esl.api(f"uuid_record {a} stop {rec}")
     t_kill = time.monotonic()
@@ -163,6 +170,7 @@ async def one_call(
     channels = (await esl.api("show channels count")).strip()
     unsubscribe()
     segs = voiced_segments(rec) if rec.exists() else []
+    said = [str(m.get("content", "")) for m in (record.messages if record else [])]
     return {
         "call": a,
         "originate_ms": round((t_start - t_orig) * 1000),
@@ -176,6 +184,10 @@ async def one_call(
         "channels_after": channels,
         "events": sorted(set(events)),
         "play_events": sum(1 for e in events if e.endswith("::play")),
+        "dtmf_event_seen": dtmf_seen,
+        "dtmf_in_context": any(args.dtmf in m and "pressed" in m for m in said)
+        if args.dtmf
+        else None,
         "recording": str(rec),
     }
 
@@ -237,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--rtt", type=int, default=200, help="ESL round trips to time")
     p.add_argument("--listen-s", type=float, default=6.0, help="after the first answer")
+    p.add_argument("--dtmf", default="", help="keys to press on the far leg after the answer")
     p.add_argument("--esl-host", default="127.0.0.1")
     p.add_argument("--esl-port", type=int, default=8021)
     p.add_argument("--out", default="bench/results/realswitch")
