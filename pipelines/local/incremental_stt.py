@@ -3,7 +3,8 @@
 Pipecat's segmented STT (``OpenAISTTService``) sends the whole utterance when the VAD
 stops (``stop_secs`` after the speech ended, plus Silero's own lag), so every offline
 turn then waits for Whisper on all of it. Here, once the caller has been quiet for
-``pause_secs`` (energy of the 20 ms frames, no model), the turn's audio so far is sent
+``pause_secs`` (energy of the 20 ms frames, no model; shorter pauses inside a
+sentence would each cost the single Whisper worker a wasted run), the turn's audio so far is sent
 to Whisper at once, in the background. If the VAD stop follows with no speech after
 that point, the result of that early request *is* the turn's transcript: it is pushed
 as soon as it is there (usually at the stop), so only Whisper's tail remains. If the
@@ -35,7 +36,7 @@ from pipecat.services.openai.stt import OpenAISTTService
 class IncrementalWhisperSTTService(OpenAISTTService):
     """``OpenAISTTService`` that starts transcribing at the caller's pause, not the VAD stop."""
 
-    def __init__(self, *, pause_secs: float = 0.1, level_dbfs: float = -45.0, **kwargs: Any):
+    def __init__(self, *, pause_secs: float = 0.16, level_dbfs: float = -45.0, **kwargs: Any):
         super().__init__(**kwargs)
         self._pause_secs = pause_secs
         # Mean square of an int16 frame at ``level_dbfs``: above it, the frame is voiced.

@@ -70,6 +70,7 @@ class Metrics:
     errors: int = 0
     rejected: int = 0
     bad_requests: int = 0
+    abandoned: int = 0  # requests whose client had gone when their turn came
     queue_waits: int = 0
     queue_wait_seconds: float = 0.0
     max_queue_depth: int = 0
@@ -269,6 +270,13 @@ class WhisperServer:
                     self.metrics.queue_wait_seconds += time.perf_counter() - t_wait
             else:
                 await self._slot.acquire()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                # The caller withdrew the request while it waited (a speculative transcription
+                # of a turn that went on): don't make the requests behind it wait for it too.
+                self._slot.release()
+                self.metrics.abandoned += 1
+                return web.Response(status=499)
             self._running += 1
             try:
                 t0 = time.perf_counter()
@@ -329,6 +337,7 @@ class WhisperServer:
                 "requests": m.requests,
                 "errors": m.errors,
                 "bad_requests": m.bad_requests,
+                "abandoned": m.abandoned,
                 "rejected_queue_full": m.rejected,
                 "queue_depth": self._waiting,
                 "running": self._running,
