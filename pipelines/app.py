@@ -88,6 +88,8 @@ def settings_endpoints(settings: Settings) -> ProviderEndpoints:
         groq_api_key=settings.groq_api_key.get_secret_value(),
         openai_base_url=settings.openai_base_url,
         openai_api_key=settings.openai_api_key.get_secret_value(),
+        google_api_key=settings.google_api_key.get_secret_value(),
+        elevenlabs_api_key=settings.elevenlabs_api_key.get_secret_value(),
     )
 
 
@@ -220,6 +222,13 @@ class Pipeswitch:
     def _greetings(self) -> list[str]:
         """Phrases Piper synthesizes at start-up: greetings, and the shutdown goodbye."""
         texts = {t.first_message for t in self._tenants() if t.first_message}
+        # A speech-to-speech call that falls back to the cascade apologizes first: have it
+        # ready (synthesized on demand it cost ~0.8 s of the switch).
+        texts |= {
+            t.providers.s2s_apology
+            for t in self._tenants()
+            if t.pipeline != "cascade" and t.providers.s2s_fallback and t.providers.s2s_apology
+        }
         if self.settings.shutdown_goodbye:
             texts.add(self.settings.shutdown_goodbye)
         return sorted(texts)

@@ -232,7 +232,12 @@ Builder = Callable[[CallContext], Awaitable[CallPipeline]]
 
 _BUILTIN: dict[str, Builder] = {}
 # Modules whose import registers built-in kinds (each calls register_builder).
-BUILTIN_MODULES: tuple[str, ...] = ("pipeswitch.pipelines.cascade",)
+BUILTIN_MODULES: tuple[str, ...] = (
+    "pipeswitch.pipelines.cascade",
+    "pipeswitch.pipelines.openai_realtime",
+    "pipeswitch.pipelines.gemini_live",
+    "pipeswitch.pipelines.elevenlabs_agent",
+)
 
 
 def register_builder(kind: str, builder: Builder) -> None:

@@ -304,9 +304,6 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
     async def start(self, frame: StartFrame) -> None:
         await super().start(frame)
         await self.set_transport_ready(frame)
-        self._started = True
-        if self._prompt_done is not None:
-            await self._report_prompt()
 
     def play_prompt(self, pcm: bytes, sample_rate: int, text: str) -> None:
         """Play prepared audio (the greeting) now, before the pipeline is even running.
@@ -372,6 +369,12 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         await super().process_frame(frame, direction)
         if isinstance(frame, InterruptionFrame):
             await self._stop_playback()
+        elif isinstance(frame, StartFrame):
+            # Only now has the StartFrame gone downstream: a fact pushed from start()
+            # would reach processors that are not started yet and be dropped.
+            self._started = True
+            if self._prompt_done is not None:
+                await self._report_prompt()
 
     async def push_frame(
         self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM
