@@ -31,11 +31,12 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from pipeswitch.bench.emulators.openai_chat import ToolCall
 from pipeswitch.bench.emulators.runner import EmulatorConfig, run_emulators
 from pipeswitch.bench.fakeswitch.esl import recommended_variables
 from pipeswitch.config.loaders import StaticTenantLoader
 from pipeswitch.config.settings import Settings
-from pipeswitch.config.tenants import PlaybackDialect, Tenant
+from pipeswitch.config.tenants import PlaybackDialect, Tenant, ToolSettings, TransferTarget
 from pipeswitch.pipelines.app import Pipeswitch
 from pipeswitch.pipelines.emulated import endpoints_for
 from pipeswitch.transports.call_control import CallEvent
@@ -162,6 +163,10 @@ async def one_call(
         dtmf_seen = await _wait(lambda: "DTMF" in events, 3.0)
     await asyncio.sleep(args.listen_s)  # let the reply play
     await esl.api(f"uuid_record {a} stop {rec}")
+    transfer_history = ""
+    if args.transfer_to:
+        got = (await esl.api(f"uuid_getvar {a} transfer_history")).strip()
+        transfer_history = "" if got in ("", "_undef_") or got.startswith("-ERR") else got
     t_kill = time.monotonic()
     await esl.api(f"uuid_kill {a}")
     server_done = await _wait(lambda: a not in sessions.active, 10.0)
@@ -171,6 +176,7 @@ async def one_call(
     unsubscribe()
     segs = voiced_segments(rec) if rec.exists() else []
     said = [str(m.get("content", "")) for m in (record.messages if record else [])]
+    transferred = bool(transfer_history) if args.transfer_to else None
     return {
         "call": a,
         "originate_ms": round((t_start - t_orig) * 1000),
@@ -185,6 +191,8 @@ async def one_call(
         "events": sorted(set(events)),
         "play_events": sum(1 for e in events if e.endswith("::play")),
         "dtmf_event_seen": dtmf_seen,
+        "transferred": transferred,
+        "transfer_history": transfer_history or None,
         "dtmf_in_context": any(args.dtmf in m and "pressed" in m for m in said)
         if args.dtmf
         else None,
@@ -203,6 +211,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         EmulatorConfig(llm_script="office", stt_script="office", seed=1)
     ) as emu:
         tenant = Tenant(name=f"{args.dialect}.real", playback=args.dialect)
+        if args.transfer_to:
+            # The receptionist's transfer tool, asked for by the (emulated) LLM on the
+            # caller's first turn: uuid_transfer over ESL into the switch's dialplan.
+            tools = ToolSettings(
+                enabled=["transfer_call"],
+                transfer_targets={"front": TransferTarget(destination=args.transfer_to)},
+                dialplan_context="default",
+            )
+            tenant = tenant.model_copy(update={"tools": tools})
+
+            def script(messages: list[dict[str, Any]]) -> Any:
+                done = any(m.get("role") == "tool" for m in messages)
+                return (
+                    "Connecting you now."
+                    if done
+                    else ToolCall("transfer_call", {"target": "front"})
+                )
+
+            emu.openai.script = script
         settings = Settings(
             host="127.0.0.1",
             port=0,
@@ -250,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtt", type=int, default=200, help="ESL round trips to time")
     p.add_argument("--listen-s", type=float, default=6.0, help="after the first answer")
     p.add_argument("--dtmf", default="", help="keys to press on the far leg after the answer")
+    p.add_argument(
+        "--transfer-to", default="", help="the LLM transfers the caller to this extension"
+    )
     p.add_argument("--esl-host", default="127.0.0.1")
     p.add_argument("--esl-port", type=int, default=8021)
     p.add_argument("--out", default="bench/results/realswitch")
