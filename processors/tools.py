@@ -569,10 +569,10 @@ def register_tools(
     """Give one call's LLM the tenant's tools; None when the tenant enables none.
 
     ``speak`` says a sentence and returns once it was heard; None (streamed calls)
-    speaks through the pipeline the LLM runs in (:func:`pipeline_speaker`). ``actions`` defaults to ESL
-    through ``call_control``; without either, tools that need the switch are
-    left out (they could only fail). ``state`` is where the call keeps what the
-    tools did (turn-based calls keep one across turns).
+    speaks through the pipeline the LLM runs in (:func:`pipeline_speaker`).
+    ``actions`` defaults to ESL through ``call_control``; without either, tools
+    that need the switch are left out (they could only fail). ``state`` is where
+    the call keeps what the tools did (turn-based calls keep one across turns).
     """
     if not tenant.tools.enabled:
         return None

@@ -65,7 +65,9 @@ class ToolCall:
         return json.dumps(self.arguments)
 
 
-ChatReply = str | ToolCall | Sequence[ToolCall]
+# A reply: text, tool call(s), or (text, tool call(s)) - the text streamed first and the
+# calls after it in the same response, as the real API does ("Let me transfer you." + call).
+ChatReply = str | ToolCall | Sequence[ToolCall] | tuple[str, ToolCall | Sequence[ToolCall]]
 ChatScript = Callable[[list[dict[str, Any]]], ChatReply] | Mapping[str, ChatReply]
 
 Outcome = Literal["pending", "completed", "client_disconnected", "dropped", "error"]
@@ -353,10 +355,13 @@ class OpenAIChatEmulator:
             rec.status, rec.outcome, rec.fault = 500, "error", f"script error: {e!r}"
             return _error(500, f"Emulator script failed: {e!r}", "server_error")
 
+        preamble = ""
+        if isinstance(reply, tuple) and len(reply) == 2 and isinstance(reply[0], str):
+            preamble, reply = reply[0], reply[1]
         calls = (
             [reply]
             if isinstance(reply, ToolCall)
-            else (None if isinstance(reply, str) else list(reply))
+            else (None if isinstance(reply, str) else [c for c in reply if isinstance(c, ToolCall)])
         )
         rec.ttft_s = self.ttft.sample_s()
         if faults is not None and faults.first_token_delay_s:
@@ -379,6 +384,7 @@ class OpenAIChatEmulator:
                 }
                 for c in calls
             ]
+            rec.reply_text = preamble
         else:
             rec.reply_text = str(reply)
         if rec.stream:
@@ -386,10 +392,8 @@ class OpenAIChatEmulator:
         return await self._complete(rec)
 
     async def _complete(self, rec: ChatRequestRecord) -> web.Response:
-        n = (
-            len(tokenize(rec.reply_text))
-            if not rec.tool_calls
-            else sum(len(_fragments(c["function"]["arguments"])) + 1 for c in rec.tool_calls)
+        n = len(tokenize(rec.reply_text)) + sum(
+            len(_fragments(c["function"]["arguments"])) + 1 for c in rec.tool_calls
         )
         rec.tokens_total = n
         await _sleep_until(rec.received_at + rec.ttft_s + n / self.tokens_per_s)
@@ -445,6 +449,11 @@ class OpenAIChatEmulator:
         # Each slot is what goes out for one "token"; slot 0 carries the role too.
         slots: list[tuple[bytes, str]] = []
         if rec.tool_calls:
+            for i, tok in enumerate(tokenize(rec.reply_text)):  # text before the calls
+                data = event({"content": tok})
+                if i == 0:
+                    data = event({"role": "assistant", "content": ""}) + data
+                slots.append((data, tok))
             for idx, call in enumerate(rec.tool_calls):
                 head: dict[str, Any] = {
                     "tool_calls": [
@@ -456,7 +465,7 @@ class OpenAIChatEmulator:
                         }
                     ]
                 }
-                if idx == 0:
+                if idx == 0 and not slots:
                     head = {"role": "assistant", "content": None, **head}
                 slots.append((event(head), ""))
                 for frag in _fragments(call["function"]["arguments"]):

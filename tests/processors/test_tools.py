@@ -78,6 +78,20 @@ async def rig() -> AsyncIterator[Rig]:
     await runner.cleanup()
 
 
+OPEN_CALLS: list[Call] = []
+
+
+@pytest_asyncio.fixture(autouse=True, loop_scope="module")
+async def end_open_calls() -> AsyncIterator[None]:
+    """A failed test must not leave its pipeline running (the module teardown would hang)."""
+    yield
+    while OPEN_CALLS:
+        call = OPEN_CALLS.pop()
+        if call.task is not None and not call.task.done() and call.worker is not None:
+            await call.worker.cancel()
+            await asyncio.gather(call.task, return_exceptions=True)
+
+
 class Said(FrameProcessor):
     """Collects what the LLM streamed (the text the caller would hear)."""
 
@@ -137,6 +151,7 @@ async def place_call(
         enable_turn_tracking=False,
     )
     call = Call(uuid, receptionist, said, spoken, worker)
+    OPEN_CALLS.append(call)
     runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
     await runner.add_workers(worker)
     call.task = asyncio.create_task(runner.run())
@@ -322,3 +337,27 @@ async def test_switch_unreachable_fails_fast_and_the_call_goes_on(rig: Rig) -> N
     await outage
     assert await rig.client.wait_connected(5.0)  # and the shared connection comes back
     await hang_up(call)
+
+
+async def test_text_and_a_tool_call_in_one_streamed_response(rig: Rig) -> None:
+    uuid = "tools-text-then-call"
+
+    def script(m: list[dict[str, Any]]) -> ChatReply:
+        if m[-1]["role"] == "user":
+            return ("Of course, one moment.", ToolCall("send_dtmf", {"digits": "9"}))
+        return "Done."
+
+    call = await place_call(rig, script, uuid)
+    try:
+        await say(call, "Dial nine for me")
+        await until(lambda: rig.esl.channels[uuid].dtmf_sent == ["9"])
+        await until(lambda: "Done." in call.said.text)
+        assert call.said.text.startswith("Of course, one moment.")
+        first = rig.chat.requests[0]
+        assert first.reply_text == "Of course, one moment." and first.tool_calls
+        # The context kept the words, then the call, then its result.
+        roles = [(m["role"], bool(m.get("tool_calls"))) for m in rig.chat.requests[1].messages]
+        assert roles[-3:] == [("assistant", False), ("assistant", True), ("tool", False)]
+        assert rig.chat.requests[1].messages[-3]["content"] == "Of course, one moment."
+    finally:
+        await hang_up(call)
