@@ -39,6 +39,8 @@ def endpoints_for(urls: RunningEmulators | object) -> ProviderEndpoints:
         gemini_url=str(getattr(urls, "gemini_url", "")),
         gemini_ca_file=str(getattr(urls, "gemini_ca_file", "")),
         google_api_key=EMULATED_KEY,
+        elevenlabs_url=str(getattr(urls, "elevenlabs_url", "")) or "wss://api.elevenlabs.io",
+        elevenlabs_api_key=EMULATED_KEY,
     )
 
 
