@@ -481,6 +481,24 @@ async def _turns_only(turns: int) -> list[TurnTiming]:
         return await measure_turns(b, turns)
 
 
+async def elevenlabs_latency(turns: int, out_dir: Path) -> int:
+    """``bench latency --pipeline elevenlabs-agent``: wire turn latency and server overhead."""
+    timings = await _turns_only(turns)
+    wire = sorted(t.wire_ms for t in timings)
+    over = sorted(t.overhead_ms for t in timings)
+    doc = {
+        "pipeline": "elevenlabs-agent",
+        "turns": len(timings),
+        "wire_ms": {"p50": _q(wire, 0.5), "p95": _q(wire, 0.95)},
+        "overhead_ms": {"p50": _q(over, 0.5), "p95": _q(over, 0.95)},
+        "provider_ms": [round(t.provider_ms) for t in timings],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "s2s-elevenlabs-agent.json").write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc, indent=1))
+    return 0 if timings else 2
+
+
 def _q(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")

@@ -1,4 +1,4 @@
-"""``pipeswitch bench latency --pipeline openai-realtime|gemini-live``: S2S wire figures.
+"""``pipeswitch bench latency --pipeline openai-realtime|gemini-live|elevenlabs-agent``: S2S figures.
 
 One Pipeswitch server (in this process, with its Piper child for the greeting and
 the fallback cascade) answers emulated FreeSWITCH calls; the OpenAI Realtime and
@@ -40,7 +40,7 @@ from pipeswitch.bench.emulators.runner import EmulatorConfig, start_emulator_pro
 from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, Playback, StreamConfig
 from pipeswitch.bench.stats import summarize
 
-S2S_PIPELINES = ("openai-realtime", "gemini-live")
+S2S_PIPELINES = ("openai-realtime", "gemini-live", "elevenlabs-agent")
 PLAYBACK: dict[str, Playback] = {"json-stream": "voxcom", "binary": "cloudfieldcz"}
 
 
@@ -176,6 +176,13 @@ async def run_s2s_latency(args: argparse.Namespace) -> int:
     from pipeswitch.pipelines.session import CallRecord
 
     pipeline: str = args.pipeline
+    if pipeline == "elevenlabs-agent":
+        # The ConvAI emulator's bench lives with the echo harness (same call set-up).
+        from pipeswitch.bench.echo import elevenlabs_latency
+
+        return await elevenlabs_latency(
+            args.turns, Path(getattr(args, "out", None) or "bench/results")
+        )
     rate: int = args.rate
     dialect = args.dialect if args.dialect in PLAYBACK else "binary"
     cfg = EmulatorConfig(seed=1, stt_script="office", s2s_script="office")
