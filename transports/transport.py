@@ -12,7 +12,7 @@ import asyncio
 import time
 from typing import Any, Protocol
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType
 from loguru import logger
 from pipecat.frames.frames import (
     AggregatedTextFrame,
@@ -43,6 +43,41 @@ from pipeswitch.transports.serializer import ModAudioStreamSerializer
 MAX_DRAIN_SECS = 5.0
 # Coalescing dialects flush when no new audio arrived for this long (end of a TTS burst).
 FLUSH_IDLE_SECS = 0.03
+class CallSocket(Protocol):
+    """What the transport needs of the call's media socket.
+
+    aiohttp's ``WebSocketResponse`` (mod_audio_stream) is one; the UDP media of a
+    ``unicast`` call (:mod:`pipeswitch.transports.unicast`) is another. Messages are
+    aiohttp's ``WSMessage`` either way.
+    """
+
+    @property
+    def closed(self) -> bool:
+        """No more sending."""
+        ...
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code, once closed."""
+        ...
+
+    async def receive(self) -> WSMessage:
+        """The next inbound message (BINARY audio, TEXT, or CLOSE/CLOSED/ERROR)."""
+        ...
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Send one binary message."""
+        ...
+
+    async def send_str(self, data: str) -> None:
+        """Send one text message."""
+        ...
+
+    async def close(self, *, code: int = 1000, message: bytes = b"") -> bool:
+        """Close with ``code`` and ``message``."""
+        ...
+
+
 class PlaybackControl(Protocol):
     """Out-of-band playback control (ESL), the seam the ``file`` dialect needs.
 
@@ -76,7 +111,7 @@ class FreeSwitchCallTransport(BaseTransport):
 
     def __init__(
         self,
-        ws: web.WebSocketResponse,
+        ws: CallSocket,
         serializer: ModAudioStreamSerializer,
         params: TransportParams,
         call: CallInfo,

@@ -316,7 +316,7 @@ class UnicastCallTransport(FreeSwitchCallTransport):
         log_context: dict[str, str] | None = None,
     ) -> None:
         super().__init__(
-            cast(web.WebSocketResponse, media),
+            media,
             serializer,
             params,
             call,
