@@ -320,7 +320,8 @@ class CallSessions:
             wire_in, wire_out = transport.serializer.stats, transport.stats
             log.info(
                 "call finished: {:.1f}s, {} turns, reason={}; in: {} audio msgs, {} misaligned, "
-                "{} text ({} bad, {} oversized), {} dtmf; out: {:.1f}s audio in {} msgs, {} clears",
+                "{} text ({} bad, {} oversized), {} dtmf; out: {:.1f}s audio in {} msgs, {} clears, "
+                "{} underruns",
                 record.ended_at - record.started_at,
                 len(record.turn_latencies),
                 record.end_reason or "pipeline ended",
@@ -333,6 +334,7 @@ class CallSessions:
                 wire_out.audio_out_secs,
                 wire_out.messages_out,
                 wire_out.clears,
+                wire_out.underruns,
             )
             for hook in self.finished_hooks:
                 try:

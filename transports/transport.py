@@ -34,6 +34,7 @@ from pipecat.transports.base_input import BaseInputTransport
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
+from pipeswitch.transports import metrics
 from pipeswitch.transports.call_events import DtmfDeduplicator, keypad_entry
 from pipeswitch.transports.call_info import CallInfo
 from pipeswitch.transports.frames import CallMetadataFrame, PlaybackFinishedFrame
@@ -41,6 +42,8 @@ from pipeswitch.transports.serializer import ModAudioStreamSerializer
 
 # How long a closing call waits for queued audio to finish playing at the far end.
 MAX_DRAIN_SECS = 5.0
+# A gap longer than one 20 ms frame in the middle of an utterance is an underrun.
+UNDERRUN_SECS = 0.02
 # Coalescing dialects flush when no new audio arrived for this long (end of a TTS burst).
 FLUSH_IDLE_SECS = 0.03
 class CallSocket(Protocol):
@@ -93,13 +96,14 @@ class PlaybackControl(Protocol):
 class CallStats:
     """Per-call outbound counters, read by the call's closing log line."""
 
-    __slots__ = ("audio_out_secs", "clears", "messages_out", "started_at")
+    __slots__ = ("audio_out_secs", "clears", "messages_out", "started_at", "underruns")
 
     def __init__(self) -> None:
         self.started_at = time.monotonic()
         self.messages_out = 0
         self.audio_out_secs = 0.0
         self.clears = 0
+        self.underruns = 0
 
 
 class FreeSwitchCallTransport(BaseTransport):
@@ -127,6 +131,8 @@ class FreeSwitchCallTransport(BaseTransport):
         self.playback_control = playback_control
         self.stats = CallStats()
         self.log = logger.bind(**(log_context or {"call": call.call_uuid}))
+        # Bounded metric label (tenant yes, call id never).
+        self.tenant_label = metrics.tenant_label((log_context or {}).get("tenant", "-"))
         self.closed = asyncio.Event()
         self.close_code: int | None = None
         # The pipeline ended on our side (EndFrame, goodbye played out): with call control
@@ -485,6 +491,7 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         nbytes = len(frame.audio)
         secs = nbytes / (2 * frame.sample_rate * frame.num_channels)
         t.stats.audio_out_secs += secs
+        mid_utterance = self._sentence_secs > 0
         self._sentence_secs += secs
         self._audio_since_clear = True
         if not t.serializer.streaming:
@@ -492,6 +499,10 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         # Pace: keep at most `lead` of audio queued at the far end.
         now = time.monotonic()
         if self._play_until < now:
+            if mid_utterance and t.serializer.streaming and now - self._play_until > UNDERRUN_SECS:
+                # The far end ran dry in the middle of a sentence: the caller heard a gap.
+                t.stats.underruns += 1
+                metrics.PLAYBACK_UNDERRUNS.labels(t.tenant_label).inc()
             self._play_until = now  # the far end ran dry (or this is a new utterance)
         self._play_until += secs
         wait = self._play_until - self._lead - now

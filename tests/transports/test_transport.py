@@ -267,3 +267,23 @@ async def test_caller_close_ends_the_call(fake_call_factory: Any) -> None:
     await call.ws.close(code=1000, message=b"Normal closure")
     await asyncio.wait_for(call.closed.wait(), 5.0)
     assert call.transport.closed.is_set() and call.transport.close_code == 1000
+
+
+async def test_a_gap_in_the_middle_of_a_sentence_counts_as_an_underrun(
+    fake_call_factory: Any,
+) -> None:
+    call: FakeCall = await fake_call_factory("underrun-1", "binary")
+    await call.speak("This sentence stalls halfway.", secs=0.3, end=False)
+    await _wait(lambda: len(call.audio()) >= 15)
+    await asyncio.sleep(0.3)  # the TTS stalls: the far end's 60 ms lead runs out
+    assert call.transport.stats.underruns == 0
+    tone = b"\x10\x20" * (FRAME_BYTES // 2)
+    await call.worker.queue_frame(OutputAudioRawFrame(audio=tone, sample_rate=RATE, num_channels=1))
+    await _wait(lambda: call.transport.stats.underruns == 1)
+    # A new sentence after a pause is not a gap in one.
+    await call.worker.queue_frame(TTSTextFrame(text="x", text_type=TextType.SENTENCE))
+    await asyncio.sleep(0.3)
+    await call.speak("Next sentence.", secs=0.2)
+    await _wait(lambda: call.after_output.of(PlaybackFinishedFrame))
+    await asyncio.sleep(0.1)
+    assert call.transport.stats.underruns == 1
