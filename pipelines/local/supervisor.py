@@ -70,6 +70,8 @@ class ChildServer:
     proc: asyncio.subprocess.Process | None = None
     port: int | None = None
     start_seconds: float | None = None
+    # Times the supervisor brought this server back after it died.
+    restarts: int = 0
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL_LINES))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -206,6 +208,7 @@ class LocalModelServers:
         if not self._children:
             raise ValueError("nothing to start")
         self._started = False
+        self._stopping = False
 
     @classmethod
     def piper_only(cls, **kwargs: Any) -> LocalModelServers:
@@ -303,6 +306,41 @@ class LocalModelServers:
             f"{child.name} server ready on {HOST}:{port} (pid {child.pid}, "
             f"{child.start_seconds:.2f}s)"
         )
+        child._tasks.append(asyncio.create_task(self._watch(child)))
+
+    async def _watch(self, child: ChildServer) -> None:
+        """Bring a server that died back, on the same port (calls keep their URLs).
+
+        Calls in progress see errors from that provider meanwhile and degrade (an
+        apology, a retry); new turns work again once it is back. Backoff doubles from
+        0.5 s to 30 s so a server that keeps crashing does not spin.
+        """
+        assert child.proc is not None
+        rc = await child.proc.wait()
+        if self._stopping:
+            return
+        logger.error(
+            f"{child.name} server (pid {child.pid}) exited with code {rc}; restarting on "
+            f"port {child.port}; stderr tail:\n{child.tail()}"
+        )
+        delay = 0.5
+        while not self._stopping:
+            child.restarts += 1
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            if "--port" in child.args and child.port is not None:
+                child.args[child.args.index("--port") + 1] = str(child.port)
+            child._tasks = [
+                t for t in child._tasks if not t.done() and t is not asyncio.current_task()
+            ]
+            try:
+                await self._spawn(child)
+                logger.info(f"{child.name} server is back (restart {child.restarts})")
+                return
+            except (LocalServerError, OSError) as exc:
+                logger.error(f"{child.name} server restart failed: {exc}")
+                delay = min(30.0, delay * 2)
 
     async def _read_ready(self, child: ChildServer, stdout: asyncio.StreamReader) -> int:
         while True:
@@ -339,6 +377,7 @@ class LocalModelServers:
 
     async def stop(self) -> None:
         """SIGTERM every child, wait ``stop_timeout``, then SIGKILL what is left."""
+        self._stopping = True
         procs = [c for c in self._children.values() if c.proc is not None]
         for c in procs:
             assert c.proc is not None
@@ -363,6 +402,7 @@ class LocalModelServers:
                     await task
             c._tasks.clear()
         self._started = False
+        self._stopping = False
 
     # ------------------------------------------------------------------ warm-up
     async def _post_json(self, url: str, payload: Any, *, auth: bool) -> dict[str, Any]:
