@@ -77,7 +77,9 @@ class Db:
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def db() -> AsyncIterator[Db]:
     """``pipeswitch_test_<pid>``: created, FusionPBX's v_domains added, migrated; dropped after."""
-    name = f"pipeswitch_test_{os.getpid()}"
+    # Unique per fixture instance: the console tests import this fixture too, and pytest
+    # then holds two session-scoped instances at once.
+    name = f"pipeswitch_test_{os.getpid()}_{uuidlib.uuid4().hex[:8]}"
     try:
         admin = await asyncpg.connect(dsn("postgres"), timeout=5)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -95,7 +97,7 @@ async def db() -> AsyncIterator[Db]:
         await admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
         )
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
 
 
