@@ -274,6 +274,8 @@ async def test_send_dtmf_and_bad_digits(rig: Rig) -> None:
     assert ch.dtmf_sent == ["1w23#"]  # the injected one never reached the switch
     assert f"bgapi uuid_send_dtmf {uuid} 1w23#" in [c for _, c in commands(rig, uuid)]
     assert "error" in rig.chat.requests[1].messages[-1]["content"]
+    # The tool records it once the switch's job answered (after the command went out).
+    await until(lambda: call.tools.state.dtmf_sent)
     assert call.tools.state.dtmf_sent == ["1w23#"]
     await hang_up(call)
 
