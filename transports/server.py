@@ -13,7 +13,6 @@ is a call.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -95,7 +94,6 @@ class CallServer:
         self.stats = ServerStats()
         self.draining = False
         self.ready = True
-        self._tasks: set[asyncio.Task[None]] = set()
         self.sampler = metrics.RuntimeSampler()
 
     def app(self, mounts: dict[str, web.Application] | None = None) -> web.Application:
