@@ -63,6 +63,7 @@ from aiohttp import ClientSession, ClientTimeout, WSMsgType, web
 
 from pipeswitch.bench.emulators.latency import LatencyModel, LatencySpec
 from pipeswitch.bench.emulators.openai_chat import ToolCall
+from pipeswitch.bench.emulators.serving import serve_emulator
 from pipeswitch.bench.fakeswitch.audio import g711_decode
 
 # End of the caller's turn (server VAD) -> first agent audio byte. No published figure
@@ -868,15 +869,4 @@ async def serve_convai(
     emu: ElevenLabsConvAIEmulator, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[web.AppRunner, int]:
     """Start ``emu`` on its own port (0: a free one); returns the runner and the port."""
-    app = web.Application()
-    emu.add_routes(app)
-
-    async def _shutdown(_app: web.Application) -> None:
-        await emu.close_all()
-
-    app.on_shutdown.append(_shutdown)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    return runner, int(runner.addresses[0][1])
+    return await serve_emulator(emu, host, port)

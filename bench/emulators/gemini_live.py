@@ -61,6 +61,7 @@ from pipeswitch.bench.emulators.openai_realtime import (
     heard_from_timeline,
     tone_speech,
 )
+from pipeswitch.bench.emulators.serving import serve_emulator
 
 # gemini-3.1-flash-live (minimal thinking) voice-to-voice median 1,632 ms (aiewf-eval,
 # 30 turns, server VAD). No first-audio split is published: the server-VAD share
@@ -665,15 +666,4 @@ async def serve_gemini(
     port: int = 0,
 ) -> tuple[web.AppRunner, int]:
     """Start ``emu`` (TLS when ``ssl_context`` is given); returns (runner, port)."""
-    app = web.Application()
-    emu.add_routes(app)
-
-    async def _shutdown(_app: web.Application) -> None:
-        await emu.close_all()
-
-    app.on_shutdown.append(_shutdown)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    await site.start()
-    return runner, int(runner.addresses[0][1])
+    return await serve_emulator(emu, host, port, ssl_context=ssl_context)

@@ -50,6 +50,7 @@ from aiohttp import WSMsgType, web
 from pipeswitch.bench.emulators.deepgram import DEFAULT_TRANSCRIPTS, TranscriptScript
 from pipeswitch.bench.emulators.latency import LatencyModel, LatencySpec
 from pipeswitch.bench.emulators.openai_chat import ChatScript, ToolCall, default_reply
+from pipeswitch.bench.emulators.serving import serve_emulator
 
 # gpt-realtime server TTFB p50 732 ms (kwindla/aiewf-eval audio-timing deep dive, 30 turns,
 # measured from the server VAD's speech_stopped). No p95 is published: 1.5 x the median is
@@ -1054,15 +1055,4 @@ async def serve_realtime(
     emu: OpenAIRealtimeEmulator, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[web.AppRunner, int]:
     """Start ``emu`` on its own aiohttp runner; returns (runner, port)."""
-    app = web.Application()
-    emu.add_routes(app)
-
-    async def _shutdown(_app: web.Application) -> None:
-        await emu.close_all()
-
-    app.on_shutdown.append(_shutdown)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    return runner, int(runner.addresses[0][1])
+    return await serve_emulator(emu, host, port)
