@@ -360,6 +360,8 @@ class EslClient:
         self._replies: deque[asyncio.Future[EslMessage]] = deque()
         self._jobs: dict[str, asyncio.Future[str]] = {}
         self._subs: dict[str, list[_Sub]] = {}
+        # Calls this switch has reported events for (only those can be "ended while away").
+        self._seen: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closing = False
@@ -506,12 +508,24 @@ class EslClient:
         for call_uuid in list(self._subs):
             self._spawn(self._check_alive(call_uuid))
 
+    async def _learn(self, call_uuid: str) -> None:
+        with contextlib.suppress(CallControlError):
+            if (await self.api(f"uuid_exists {call_uuid}")).strip() == "true":
+                self._seen.add(call_uuid)
+
     async def _check_alive(self, call_uuid: str) -> None:
         try:
             alive = await self.api(f"uuid_exists {call_uuid}")
         except CallControlError:
             return
-        if alive.strip() == "false":
+        if alive.strip() == "true":
+            self._seen.add(call_uuid)
+        elif alive.strip() == "false":
+            if call_uuid not in self._seen:
+                # This switch never reported the call: it is on another FreeSWITCH (a
+                # fleet), or its events have not come yet. Its socket close ends it.
+                self.log.debug("call {} is not on this switch; not ending it", call_uuid)
+                return
             self.log.info("call {} ended while ESL was down", call_uuid)
             self._dispatch(
                 CallEvent(
@@ -593,7 +607,10 @@ class EslClient:
         )
 
     def _dispatch(self, ev: CallEvent) -> None:
-        for sub in list(self._subs.get(ev.call_uuid, ())):
+        subs = self._subs.get(ev.call_uuid)
+        if subs and ev.headers.get("X-Pipeswitch-Synthesized") != "true":
+            self._seen.add(ev.call_uuid)
+        for sub in list(subs or ()):
             try:
                 res = sub.callback(ev)
             except Exception as exc:
@@ -749,6 +766,8 @@ class EslClient:
         sub = _Sub(callback)
         if call_uuid not in self._subs:
             self._filter(f"filter Unique-ID {_word(call_uuid, 'call uuid')}")
+            if self.connected:  # learn whether the call is on this switch at all
+                self._spawn(self._learn(call_uuid))
         self._subs.setdefault(call_uuid, []).append(sub)
 
         def unsubscribe() -> None:
@@ -757,6 +776,7 @@ class EslClient:
                 subs.remove(sub)
                 if not subs:
                     del self._subs[call_uuid]
+                    self._seen.discard(call_uuid)
                     self.handed_over.discard(call_uuid)
                     self._filter(f"filter delete Unique-ID {call_uuid}")
 

@@ -230,6 +230,19 @@ async def test_call_that_ended_during_an_outage_gets_a_hangup_event(fs: FakeSwit
     await client.close()
 
 
+async def test_a_call_on_another_switch_is_not_ended_on_reconnect(fs: FakeSwitchEsl) -> None:
+    """A fleet: the stream came from a FreeSWITCH this client is not connected to."""
+    client = EslClient("127.0.0.1", fs.port, "s3cret", backoff_initial=0.05, backoff_max=0.2)
+    await client.start()
+    assert await client.wait_connected(3.0)
+    got: list[CallEvent] = []
+    client.subscribe("on-another-switch", got.append)
+    fs.drop_clients()
+    await asyncio.sleep(0.5)  # reconnected and checked its calls
+    assert client.connected and not got
+    await client.close()
+
+
 @pytest.mark.parametrize("buffer_ms,stuck", [(20, True), ("40", False)])
 async def test_voxcom_hangup_deadlock_is_detectable_and_cured(
     fs: FakeSwitchEsl, buffer_ms: int | str, stuck: bool
