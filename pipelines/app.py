@@ -337,9 +337,13 @@ class Pipeswitch:
         if self._runner.addresses:
             self.port = int(self._runner.addresses[0][1])
         # Start-up garbage (imports, model servers' handles) never needs collecting again;
-        # freezing it keeps gen-2 pauses short while calls run (capacity baseline).
+        # freezing it keeps gen-2 pauses short while calls run.
         gc.collect()
         gc.freeze()
+        # Full collections 10x rarer: at 20 calls each one stalled the loop (and every call's
+        # audio) up to 635 ms; with (700, 10, 100) the longest was 136 ms (bench capacity,
+        # experiment gc-gen2-rare). The cycles are still collected when the last call ends.
+        gc.set_threshold(700, 10, 100)
         logger.info(
             "pipeswitch listening on {}:{} (providers={}, models: {})",
             s.host,
