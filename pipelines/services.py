@@ -8,6 +8,7 @@ or to the Deepgram emulator, to Groq or to the local llama.cpp server.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from pipecat.services.deepgram.flux.stt import DeepgramFluxSTTService
@@ -147,31 +148,27 @@ def make_llm(tenant: Tenant, ep: ProviderEndpoints) -> BaseOpenAILLMService:
                 max_tokens=min(p.llm_max_tokens or 80, 80),
             ),
         )
+    # Groq speaks OpenAI's API: the same service family, another base URL and key.
+    common: dict[str, Any] = {
+        "model": p.llm_model,
+        "system_instruction": tenant.system_prompt,
+        "temperature": p.llm_temperature,
+        "max_tokens": p.llm_max_tokens,
+    }
     if p.llm == "openai":
         if not ep.openai_api_key:
             raise ProviderUnavailable("OpenAI needs PIPESWITCH_OPENAI_API_KEY")
         return OpenAILLMService(
             api_key=ep.openai_api_key,
             base_url=ep.openai_base_url,
-            settings=OpenAILLMService.Settings(
-                model=p.llm_model,
-                system_instruction=tenant.system_prompt,
-                temperature=p.llm_temperature,
-                max_tokens=p.llm_max_tokens,
-            ),
+            settings=OpenAILLMService.Settings(**common),
         )
     if not ep.groq_api_key:
         raise ProviderUnavailable("Groq needs PIPESWITCH_GROQ_API_KEY")
     return GroqLLMService(
         api_key=ep.groq_api_key,
         base_url=ep.groq_base_url,
-        settings=GroqLLMService.Settings(
-            model=p.llm_model,
-            system_instruction=tenant.system_prompt,
-            temperature=p.llm_temperature,
-            max_tokens=p.llm_max_tokens,
-            reasoning_effort=p.llm_reasoning_effort,
-        ),
+        settings=GroqLLMService.Settings(**common, reasoning_effort=p.llm_reasoning_effort),
     )
 
 

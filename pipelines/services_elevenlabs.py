@@ -85,22 +85,12 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as websocket_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from pipeswitch.processors.heard_context import heard_prefix
 from pipeswitch.transports.resample import StreamResampler
 
 DEFAULT_BASE_URL = "wss://api.elevenlabs.io"
 # Speaking rate assumed until a response's own text/audio ratio is known.
 DEFAULT_CHARS_PER_SEC = 14.0
-
-
-def heard_prefix(text: str, heard_secs: float, chars_per_sec: float) -> str:
-    """The whole words of ``text`` spoken in ``heard_secs`` at ``chars_per_sec``."""
-    n = int(heard_secs * chars_per_sec)
-    if n <= 0:
-        return ""
-    if n >= len(text):
-        return text
-    cut = text.rfind(" ", 0, n + 1)
-    return text[:cut].rstrip(" ,;:") if cut > 0 else ""
 
 
 def format_rate(fmt: str) -> int:

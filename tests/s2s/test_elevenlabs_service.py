@@ -37,10 +37,10 @@ from pipeswitch.bench.emulators.latency import LatencyModel
 from pipeswitch.pipelines.services_elevenlabs import (
     ElevenLabsAgentService,
     format_rate,
-    heard_prefix,
     ulaw_decode,
     ulaw_encode,
 )
+from pipeswitch.processors.heard_context import heard_prefix
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
