@@ -30,6 +30,7 @@ from loguru import logger
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
 from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
     EndWorkerFrame,
     FunctionCallResultProperties,
@@ -62,8 +63,26 @@ TRANSFER_SLACK_SECS = 20.0
 # How long end_call waits for the goodbye to play before hanging up anyway.
 GOODBYE_MAX_SECS = 15.0
 
+# A speech-to-speech provider answers a tool result within this (else the action goes on).
+REPLY_START_MAX_SECS = 10.0
+# Longest wait for the far end to play what it still holds after the bot stopped.
+DRAIN_MAX_SECS = 2.0
+SWITCH_TOOLS: tuple[ToolName, ...] = ("transfer_call", "end_call", "send_dtmf")
+
 TransferOutcome = Literal["answered", "no_answer", "caller_hung_up", "failed", "handed_off"]
 Speak = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class ProviderVoice:
+    """The call's voice is a speech-to-speech provider's: it says announcements itself.
+
+    A tool then tells the model what to say in its result, and acts once that reply
+    was heard: the bot stopped speaking, and the far end played what it still held
+    (``queued_secs``: the output transport's estimate).
+    """
+
+    queued_secs: Callable[[], float] = lambda: 0.0
 
 
 # -- what a call keeps ---------------------------------------------------------------------
@@ -177,7 +196,9 @@ class EslCallActions:
                 ring_secs,
             )
             try:
-                await self.control.transfer(self.call_uuid, self.return_extension, "XML", context)
+                await self.control.transfer(
+                    self.call_uuid, self.return_extension, "XML", context, hand_over=False
+                )
                 await media_back(self.call_uuid)  # unicast restarts once parked again
             except CallControlError as exc:
                 self.log.warning("taking the caller back failed: {}", exc)
@@ -237,6 +258,21 @@ class _PlayedOut(BaseObserver):
         if isinstance(data.frame, TTSStoppedFrame):
             self.tts_done = True
         elif isinstance(data.frame, BotStoppedSpeakingFrame) and self.tts_done:
+            self.done.set()
+
+
+class _ReplyHeard(BaseObserver):
+    """Sets ``done`` when the next bot reply (one that starts after now) stops playing."""
+
+    def __init__(self) -> None:
+        super().__init__(observe_every_push=False)
+        self.started = asyncio.Event()
+        self.done = asyncio.Event()
+
+    async def on_push_frame(self, data: FramePushed) -> None:
+        if isinstance(data.frame, BotStartedSpeakingFrame):
+            self.started.set()
+        elif isinstance(data.frame, BotStoppedSpeakingFrame) and self.started.is_set():
             self.done.set()
 
 
@@ -352,6 +388,16 @@ def tool_schemas(settings: ToolSettings) -> list[FunctionSchema]:
     return out
 
 
+def usable_settings(settings: ToolSettings, *, has_switch: bool) -> ToolSettings:
+    """The tenant's tools less those that need the switch when the call has none."""
+    if has_switch:
+        return settings
+    keep = [n for n in settings.enabled if n not in SWITCH_TOOLS]
+    if keep == list(settings.enabled):
+        return settings
+    return settings.model_copy(update={"enabled": keep})
+
+
 def tools_schema(settings: ToolSettings) -> ToolsSchema:
     """The ``ToolsSchema`` for an ``LLMContext`` (empty when no tool is enabled)."""
     return ToolsSchema(standard_tools=list(tool_schemas(settings)))
@@ -374,8 +420,10 @@ class ReceptionistTools:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         state: CallToolState | None = None,
+        voice: ProviderVoice | None = None,
     ) -> None:
         self.tenant = tenant
+        self.voice = voice
         self.settings = tenant.tools
         self.call_uuid = call_uuid
         self.actions = actions
@@ -435,6 +483,17 @@ class ReceptionistTools:
         record = {"target": name, "destination": target.destination, "outcome": "pending"}
         self.state.transfers.append(record)
         self.log.info("transfer to {} ({} {})", name, target.kind, target.destination)
+        if self.voice is not None:
+            await self._announce_then(
+                params,
+                {
+                    "status": "transferring",
+                    "instructions": f'Say exactly this to the caller: "{announcement}" '
+                    "Nothing else: the transfer starts once it has been said.",
+                },
+                lambda: self._provider_transfer(target.destination, record, params, label),
+            )
+            return
         # The outcome may arrive after this handler was cancelled (the caller spoke over
         # the ringback); the work goes on in its own task and reports either way.
         work = asyncio.ensure_future(self._transfer(announcement, target.destination, params))
@@ -450,6 +509,70 @@ class ReceptionistTools:
                 run_llm=outcome not in ("answered", "handed_off")
             ),
         )
+
+    async def _announce_then(
+        self,
+        params: FunctionCallParams,
+        result: dict[str, str],
+        act: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Speech-to-speech "announce then act": the result asks the model to say the
+        announcement; ``act`` runs once that reply was heard, in a task of its own (a
+        barge-in over the announcement cancels Pipecat's handler, never the action)."""
+        worker = getattr(params, "pipeline_worker", None)
+        watcher = _ReplyHeard()
+        if worker is not None:
+            worker.add_observer(watcher)
+        await params.result_callback(result, properties=FunctionCallResultProperties(run_llm=True))
+
+        async def later() -> None:
+            try:
+                await self._reply_heard(watcher)
+            finally:
+                if worker is not None:
+                    await worker.remove_observer(watcher)
+            await act()
+
+        task = asyncio.ensure_future(later())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reply_heard(self, watcher: _ReplyHeard) -> None:
+        """Until the provider's reply to the result stopped and the far end played it."""
+        assert self.voice is not None
+        try:
+            await asyncio.wait_for(watcher.started.wait(), REPLY_START_MAX_SECS)
+            await asyncio.wait_for(watcher.done.wait(), GOODBYE_MAX_SECS)
+        except TimeoutError:
+            self.log.warning("the provider's announcement was not heard in time; acting anyway")
+            return
+        queued = min(DRAIN_MAX_SECS, self.voice.queued_secs())
+        if queued > 0:
+            await asyncio.sleep(queued)
+
+    async def _provider_transfer(
+        self,
+        destination: str,
+        record: dict[str, str],
+        params: FunctionCallParams,
+        label: str,
+    ) -> None:
+        try:
+            outcome = await self.actions.transfer(
+                destination, self.context_name, self.settings.transfer_ring_secs
+            )
+        except Exception as exc:
+            self.log.warning("transfer failed: {}", exc)
+            outcome = "failed"
+        record["outcome"] = outcome
+        if outcome in ("no_answer", "failed"):
+            note = self._transfer_result(outcome, label)["instructions"]
+            await params.llm.push_frame(
+                LLMMessagesAppendFrame(
+                    messages=[{"role": "system", "content": note}], run_llm=True
+                ),
+                FrameDirection.UPSTREAM,
+            )
 
     async def _transfer(
         self, announcement: str, destination: str, params: FunctionCallParams
@@ -504,10 +627,25 @@ class ReceptionistTools:
             str(params.arguments.get("goodbye") or "").strip() or "Thanks for calling. Goodbye!"
         )
         self.state.hangup_requested = True
+        if self.voice is not None:
+            await self._announce_then(
+                params,
+                {
+                    "status": "ending",
+                    "instructions": f'Say exactly this goodbye to the caller: "{goodbye}" '
+                    "Nothing else: the call ends once it has been said.",
+                },
+                lambda: self._hang_up(params),
+            )
+            return
         await params.result_callback(
             {"status": "ending"}, properties=FunctionCallResultProperties(run_llm=False)
         )
         await self._say(goodbye, params)
+        await self._hang_up(params)
+
+    async def _hang_up(self, params: FunctionCallParams) -> None:
+        """``uuid_kill``, then end this pipeline (the goodbye was heard)."""
         try:
             await self.actions.hangup()
         except CallControlError as exc:
@@ -565,6 +703,7 @@ def register_tools(
     speak: Speak | None = None,
     actions: CallActions | None = None,
     state: CallToolState | None = None,
+    voice: ProviderVoice | None = None,
 ) -> ReceptionistTools | None:
     """Give one call's LLM the tenant's tools; None when the tenant enables none.
 
@@ -573,23 +712,23 @@ def register_tools(
     ``actions`` defaults to ESL through ``call_control``; without either, tools
     that need the switch are left out (they could only fail). ``state`` is where
     the call keeps what the tools did (turn-based calls keep one across turns).
+    ``voice`` says the call speaks with a speech-to-speech provider's voice: tools
+    then announce through their result and act once the reply was heard.
     """
     if not tenant.tools.enabled:
         return None
     if actions is None and call_control is not None:
         actions = EslCallActions(call_control, call_uuid)
-    settings = tenant.tools
-    if actions is None:
-        keep = [n for n in settings.enabled if n in ("take_message", "business_hours")]
-        settings = settings.model_copy(update={"enabled": keep})
+    settings = usable_settings(tenant.tools, has_switch=actions is not None)
+    if not settings.enabled:
+        return None
+    if settings is not tenant.tools:
         tenant = tenant.model_copy(update={"tools": settings})
-        if not keep:
-            return None
     if state is None and isinstance(actions, DeferredCallActions):
         state = actions.state
     state = state if state is not None else CallToolState()
     tools = ReceptionistTools(
-        tenant, call_uuid, actions or DeferredCallActions(state), speak, state=state
+        tenant, call_uuid, actions or DeferredCallActions(state), speak, state=state, voice=voice
     )
     for name, (handler, timeout) in tools.handlers().items():
         llm.register_function(name, handler, timeout_secs=timeout)

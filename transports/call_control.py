@@ -149,8 +149,13 @@ class CallControl(Protocol):
         destination: str,
         dialplan: str = "XML",
         context: str = "default",
+        *,
+        hand_over: bool = True,
     ) -> None:
-        """``uuid_transfer <uuid> <destination> <dialplan> <context>``."""
+        """``uuid_transfer <uuid> <destination> <dialplan> <context>``.
+
+        ``hand_over=False``: the caller comes back to the agent (the call stays ours).
+        """
         ...
 
     async def send_dtmf(self, call_uuid: str, digits: str) -> None:

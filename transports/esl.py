@@ -740,13 +740,22 @@ class EslClient:
         destination: str,
         dialplan: str = "XML",
         context: str = "default",
+        *,
+        hand_over: bool = True,
     ) -> None:
-        """``bgapi uuid_transfer <uuid> <dest> <dialplan> <context>``."""
+        """``bgapi uuid_transfer <uuid> <dest> <dialplan> <context>``.
+
+        ``hand_over=False`` is a take-back (the caller returns to the agent): the call is
+        ours again, so a later bot-ended hang-up still kills the channel.
+        """
         args = " ".join(
             _word(x, n)
             for x, n in ((destination, "destination"), (dialplan, "dialplan"), (context, "context"))
         )
-        self.handed_over.add(call_uuid)
+        if hand_over:
+            self.handed_over.add(call_uuid)
+        else:
+            self.handed_over.discard(call_uuid)
         try:
             await self.bgapi(f"uuid_transfer {call_uuid} {args}")
         except BaseException:

@@ -244,6 +244,26 @@ async def test_unanswered_transfer_comes_back_and_offers_a_message(rig: Rig) -> 
     await hang_up(call)
 
 
+async def test_taken_back_call_is_ours_again(rig: Rig) -> None:
+    """After an unanswered transfer the caller is back with the agent: the shared ESL client
+    must not count the call as handed over (else a bot-ended hang-up skips ``uuid_kill``)."""
+    uuid = "tools-transfer-back"
+
+    def script(m: list[dict[str, Any]]) -> ChatReply:
+        if m[-1]["role"] == "tool":
+            return "Sorry, nobody is free."
+        return ToolCall("transfer_call", {"target": "support", "announcement": "One moment."})
+
+    call = await place_call(rig, script, uuid)
+    await say(call, "I need support")
+    await until(lambda: uuid in rig.client.handed_over)  # first leg: handed over
+    await until(lambda: len(rig.esl.channels[uuid].transfers) == 2)
+    await until(lambda: call.tools.state.transfers and call.tools.state.transfers[0]["outcome"])
+    assert call.tools.state.transfers[0]["outcome"] == "no_answer"
+    assert uuid not in rig.client.handed_over
+    await hang_up(call)
+
+
 async def test_end_call_plays_goodbye_then_kills(rig: Rig) -> None:
     uuid = "tools-end"
     call = await place_call(rig, lambda m: ToolCall("end_call", {"goodbye": "Bye now!"}), uuid)
