@@ -64,6 +64,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from pipeswitch.bench.emulators.latency import DEEPGRAM_TTFS, LatencyModel, LatencySpec
+from pipeswitch.bench.emulators.serving import add_admin_routes
 
 TranscriptScript = Sequence[str] | Callable[[int], str]
 
@@ -285,9 +286,13 @@ class DeepgramEmulator:
         """Register the listen endpoint and the admin endpoints on ``app``."""
         app.router.add_get("/v1/listen", self.handle_listen)
         app.router.add_get("/v2/listen", self.handle_flux)
-        app.router.add_get("/_emulator/streams", self._admin_streams)
-        app.router.add_post("/_emulator/reset", self._admin_reset)
-        app.router.add_post("/_emulator/faults", self._admin_faults)
+        add_admin_routes(
+            app,
+            self,
+            DeepgramFaults,
+            "streams",
+            lambda: {"active": self.active_streams, "streams": [s.to_dict() for s in self.streams]},
+        )
 
     # -- HTTP / WebSocket -----------------------------------------------------
 
@@ -369,21 +374,6 @@ class DeepgramEmulator:
         key = self._turn_counter_key(record)
         if self._turns.get(key) == turn + 1:
             self._turns[key] = turn
-
-    async def _admin_streams(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"active": self.active_streams, "streams": [s.to_dict() for s in self.streams]}
-        )
-
-    async def _admin_reset(self, request: web.Request) -> web.Response:
-        self.clear()
-        self.set_faults(DeepgramFaults())
-        return web.json_response({"ok": True})
-
-    async def _admin_faults(self, request: web.Request) -> web.Response:
-        data = await request.json()
-        self.set_faults(DeepgramFaults(**data))
-        return web.json_response({"ok": True})
 
 
 def _credentials(request: web.Request) -> tuple[str, str]:

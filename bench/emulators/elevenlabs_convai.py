@@ -63,7 +63,7 @@ from aiohttp import ClientSession, ClientTimeout, WSMsgType, web
 
 from pipeswitch.bench.emulators.latency import LatencyModel, LatencySpec
 from pipeswitch.bench.emulators.openai_chat import ToolCall
-from pipeswitch.bench.emulators.serving import serve_emulator
+from pipeswitch.bench.emulators.serving import add_admin_routes, serve_emulator
 from pipeswitch.bench.fakeswitch.audio import g711_decode
 
 # End of the caller's turn (server VAD) -> first agent audio byte. No published figure
@@ -328,6 +328,10 @@ class ElevenLabsConvAIEmulator:
         self.faults = faults
         self._faulted = 0
 
+    def clear(self) -> None:
+        """Forget recorded conversations (open ones keep going)."""
+        self.conversations = []
+
     def user_line(self, turn: int) -> str:
         """The scripted transcript of the caller's ``turn``-th utterance."""
         if callable(self.user_lines):
@@ -378,9 +382,13 @@ class ElevenLabsConvAIEmulator:
         """Register the conversation, signed-URL and admin endpoints."""
         app.router.add_get("/v1/convai/conversation", self.handle_conversation)
         app.router.add_get("/v1/convai/conversation/get-signed-url", self.handle_signed_url)
-        app.router.add_get("/_emulator/conversations", self._admin_conversations)
-        app.router.add_post("/_emulator/reset", self._admin_reset)
-        app.router.add_post("/_emulator/faults", self._admin_faults)
+        add_admin_routes(
+            app,
+            self,
+            ConvAIFaults,
+            "conversations",
+            lambda: {"conversations": [c.to_dict() for c in self.conversations]},
+        )
 
     # -- HTTP / WebSocket -----------------------------------------------------
 
@@ -458,18 +466,6 @@ class ElevenLabsConvAIEmulator:
             return None
         self._faulted += 1
         return f
-
-    async def _admin_conversations(self, request: web.Request) -> web.Response:
-        return web.json_response({"conversations": [c.to_dict() for c in self.conversations]})
-
-    async def _admin_reset(self, request: web.Request) -> web.Response:
-        self.conversations = []
-        self.set_faults(ConvAIFaults())
-        return web.json_response({"ok": True})
-
-    async def _admin_faults(self, request: web.Request) -> web.Response:
-        self.set_faults(ConvAIFaults(**(await request.json())))
-        return web.json_response({"ok": True})
 
 
 def _detail(status: int, code: str, message: str) -> web.Response:

@@ -61,7 +61,7 @@ from pipeswitch.bench.emulators.openai_realtime import (
     heard_from_timeline,
     tone_speech,
 )
-from pipeswitch.bench.emulators.serving import serve_emulator
+from pipeswitch.bench.emulators.serving import add_admin_routes, serve_emulator
 
 # gemini-3.1-flash-live (minimal thinking) voice-to-voice median 1,632 ms (aiewf-eval,
 # 30 turns, server VAD). No first-audio split is published: the server-VAD share
@@ -212,9 +212,13 @@ class GeminiLiveEmulator:
     def add_routes(self, app: web.Application) -> None:
         """Register the live endpoint and the admin endpoints."""
         app.router.add_get("/ws/{method}", self.handle)
-        app.router.add_get("/_emulator/sessions", self._admin_sessions)
-        app.router.add_post("/_emulator/reset", self._admin_reset)
-        app.router.add_post("/_emulator/faults", self._admin_faults)
+        add_admin_routes(
+            app,
+            self,
+            GeminiFaults,
+            "sessions",
+            lambda: {"sessions": [s.to_dict() for s in self.sessions]},
+        )
 
     async def close_all(self) -> None:
         """Close every open connection (server shutdown)."""
@@ -276,18 +280,6 @@ class GeminiLiveEmulator:
             self._live.discard(ws)
             rec.closed_at = time.monotonic()
         return ws
-
-    async def _admin_sessions(self, request: web.Request) -> web.Response:
-        return web.json_response({"sessions": [s.to_dict() for s in self.sessions]})
-
-    async def _admin_reset(self, request: web.Request) -> web.Response:
-        self.clear()
-        self.set_faults(GeminiFaults())
-        return web.json_response({"ok": True})
-
-    async def _admin_faults(self, request: web.Request) -> web.Response:
-        self.set_faults(GeminiFaults(**(await request.json())))
-        return web.json_response({"ok": True})
 
 
 def _content_text(content: dict[str, Any]) -> str:

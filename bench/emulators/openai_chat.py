@@ -48,6 +48,7 @@ from typing import Any, Literal, NoReturn
 from aiohttp import web
 
 from pipeswitch.bench.emulators.latency import GROQ_TTFT, LatencyModel
+from pipeswitch.bench.emulators.serving import add_admin_routes
 
 
 @dataclass
@@ -283,9 +284,16 @@ class OpenAIChatEmulator:
         for prefix in self.PREFIXES:
             app.router.add_post(f"{prefix}/chat/completions", self.handle_chat)
             app.router.add_get(f"{prefix}/models", self.handle_models)
-        app.router.add_get("/_emulator/requests", self._admin_requests)
-        app.router.add_post("/_emulator/reset", self._admin_reset)
-        app.router.add_post("/_emulator/faults", self._admin_faults)
+        add_admin_routes(
+            app,
+            self,
+            ChatFaults,
+            "requests",
+            lambda: {
+                "active": self.active_streams,
+                "requests": [r.to_dict() for r in self.requests],
+            },
+        )
 
     # -- handlers -------------------------------------------------------------
 
@@ -537,20 +545,6 @@ class OpenAIChatEmulator:
         if transport is not None:
             transport.abort()
         raise asyncio.CancelledError  # nothing more can be written; let aiohttp wind down
-
-    async def _admin_requests(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"active": self.active_streams, "requests": [r.to_dict() for r in self.requests]}
-        )
-
-    async def _admin_reset(self, request: web.Request) -> web.Response:
-        self.clear()
-        self.set_faults(ChatFaults())
-        return web.json_response({"ok": True})
-
-    async def _admin_faults(self, request: web.Request) -> web.Response:
-        self.set_faults(ChatFaults(**(await request.json())))
-        return web.json_response({"ok": True})
 
 
 async def _sleep_until(deadline: float) -> float:

@@ -50,7 +50,7 @@ from aiohttp import WSMsgType, web
 from pipeswitch.bench.emulators.deepgram import DEFAULT_TRANSCRIPTS, TranscriptScript
 from pipeswitch.bench.emulators.latency import LatencyModel, LatencySpec
 from pipeswitch.bench.emulators.openai_chat import ChatScript, ToolCall, default_reply
-from pipeswitch.bench.emulators.serving import serve_emulator
+from pipeswitch.bench.emulators.serving import add_admin_routes, serve_emulator
 
 # gpt-realtime server TTFB p50 732 ms (kwindla/aiewf-eval audio-timing deep dive, 30 turns,
 # measured from the server VAD's speech_stopped). No p95 is published: 1.5 x the median is
@@ -358,9 +358,13 @@ class OpenAIRealtimeEmulator:
     def add_routes(self, app: web.Application) -> None:
         """Register the realtime endpoint and the admin endpoints."""
         app.router.add_get("/v1/realtime", self.handle)
-        app.router.add_get("/_emulator/sessions", self._admin_sessions)
-        app.router.add_post("/_emulator/reset", self._admin_reset)
-        app.router.add_post("/_emulator/faults", self._admin_faults)
+        add_admin_routes(
+            app,
+            self,
+            RealtimeFaults,
+            "sessions",
+            lambda: {"sessions": [s.to_dict() for s in self.sessions]},
+        )
 
     async def close_all(self) -> None:
         """Close every open session (server shutdown)."""
@@ -406,18 +410,6 @@ class OpenAIRealtimeEmulator:
             self._live.discard(ws)
             rec.closed_at = time.monotonic()
         return ws
-
-    async def _admin_sessions(self, request: web.Request) -> web.Response:
-        return web.json_response({"sessions": [s.to_dict() for s in self.sessions]})
-
-    async def _admin_reset(self, request: web.Request) -> web.Response:
-        self.clear()
-        self.set_faults(RealtimeFaults())
-        return web.json_response({"ok": True})
-
-    async def _admin_faults(self, request: web.Request) -> web.Response:
-        self.set_faults(RealtimeFaults(**(await request.json())))
-        return web.json_response({"ok": True})
 
 
 def _error_response(status: int, code: str, message: str) -> web.Response:

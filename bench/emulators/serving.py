@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import ssl
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
+
+F_contra = TypeVar("F_contra", contravariant=True)
+F = TypeVar("F")
 
 
 class ServableEmulator(Protocol):
@@ -18,6 +22,48 @@ class ServableEmulator(Protocol):
     async def close_all(self) -> None:
         """Close every live connection (the server is shutting down)."""
         ...
+
+
+class AdministeredEmulator(Protocol[F_contra]):
+    """An emulator whose recordings and faults the ``/_emulator`` admin routes drive."""
+
+    def clear(self) -> None:
+        """Forget what was recorded (live connections keep working)."""
+        ...
+
+    def set_faults(self, faults: F_contra) -> None:
+        """Replace the faults for what comes next."""
+        ...
+
+
+def add_admin_routes(
+    app: web.Application,
+    emu: AdministeredEmulator[F],
+    faults: Callable[..., F],
+    listing: str,
+    snapshot: Callable[[], dict[str, Any]],
+) -> None:
+    """Mount the admin trio every emulator serves, so a separate process can be driven.
+
+    ``GET /_emulator/<listing>`` returns ``snapshot()``; ``POST /_emulator/reset`` clears the
+    records and the faults; ``POST /_emulator/faults`` sets ``faults(**body)``.
+    """
+
+    async def _listing(_request: web.Request) -> web.Response:
+        return web.json_response(snapshot())
+
+    async def _reset(_request: web.Request) -> web.Response:
+        emu.clear()
+        emu.set_faults(faults())
+        return web.json_response({"ok": True})
+
+    async def _faults(request: web.Request) -> web.Response:
+        emu.set_faults(faults(**(await request.json())))
+        return web.json_response({"ok": True})
+
+    app.router.add_get(f"/_emulator/{listing}", _listing)
+    app.router.add_post("/_emulator/reset", _reset)
+    app.router.add_post("/_emulator/faults", _faults)
 
 
 async def serve_emulator(
