@@ -37,7 +37,7 @@ from pipeswitch.pipelines.turn_recorder import TurnRecorder
 from pipeswitch.transports import metrics
 from pipeswitch.transports.call_info import CallInfo
 from pipeswitch.transports.serializer import pipeline_rate_for
-from pipeswitch.transports.server import CLOSE_TRY_AGAIN, CallHandler, ServerStats
+from pipeswitch.transports.server import CLOSE_TRY_AGAIN, CallHandler, Refusal, ServerStats
 from pipeswitch.transports.transport import FreeSwitchCallTransport
 
 if TYPE_CHECKING:
@@ -143,11 +143,10 @@ class TenancyCallHandler:
         self.on_end = on_end
         self.stats: ServerStats | None = None  # the server's counters, once bound
         self.live: dict[str, _LiveCall] = {}
+        self._admitted: set[str] = set()
 
-    async def run_call(
-        self, call: CallInfo, tenant: Tenant, transport: FreeSwitchCallTransport
-    ) -> None:
-        log = logger.bind(call=call.call_uuid, tenant=tenant.name)
+    async def admit(self, call: CallInfo, tenant: Tenant) -> Refusal | None:
+        """Take a slot of the tenant's limit before the call counts as started."""
         info = {
             "domain_uuid": tenant.domain_uuid or "",
             "agent": tenant.agent_name,
@@ -156,12 +155,30 @@ class TenancyCallHandler:
         admission = await self.state.admit(call.call_uuid, tenant, info)
         if not admission.allowed:
             kind = "state_unavailable" if admission.degraded else "tenant_limit"
-            if self.stats is not None:
-                self.stats.refused[kind] += 1
-            metrics.call_refused(kind, tenant.name)
-            log.warning("call refused ({}): {}", kind, admission.reason)
-            await transport.close(CLOSE_TRY_AGAIN, admission.reason)
-            return
+            return Refusal(kind, admission.reason, CLOSE_TRY_AGAIN)
+        self._admitted.add(call.call_uuid)
+        return None
+
+    async def withdraw(self, call: CallInfo, tenant: Tenant) -> None:
+        """The admitted call never ran (it failed before its pipeline): free its slot."""
+        self._admitted.discard(call.call_uuid)
+        await self.state.release(call.call_uuid, tenant)
+
+    async def run_call(
+        self, call: CallInfo, tenant: Tenant, transport: FreeSwitchCallTransport
+    ) -> None:
+        if call.call_uuid not in self._admitted:  # not through the server's admission seam
+            refusal = await self.admit(call, tenant)
+            if refusal is not None:
+                if self.stats is not None:
+                    self.stats.refused[refusal.kind] += 1
+                metrics.call_refused(refusal.kind, tenant.name)
+                logger.bind(call=call.call_uuid, tenant=tenant.name).warning(
+                    "call refused ({}): {}", refusal.kind, refusal.reason
+                )
+                await transport.close(refusal.code, refusal.reason)
+                return
+        self._admitted.discard(call.call_uuid)
         self.live[call.call_uuid] = _LiveCall(tenant, time.time())
         try:
             await self.inner.run_call(call, tenant, transport)

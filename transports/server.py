@@ -31,6 +31,7 @@ from pipeswitch.transports.call_control import CallControl
 from pipeswitch.transports.call_events import CallEventBridge
 from pipeswitch.transports.call_info import BadCallRequest, CallInfo, parse_call_request
 from pipeswitch.transports.dialects import make_dialect
+from pipeswitch.transports.handshake import HandshakeWatchdog
 from pipeswitch.transports.serializer import ModAudioStreamSerializer, pipeline_rate_for
 from pipeswitch.transports.transport import FreeSwitchCallTransport, PlaybackControl
 
@@ -53,6 +54,28 @@ class CallHandler(Protocol):
         self, call: CallInfo, tenant: Tenant, transport: FreeSwitchCallTransport
     ) -> None:
         """Return when the call is over (the transport is closed afterwards)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a handler will not take a call (the server refuses it before counting it)."""
+
+    kind: str
+    reason: str
+    code: int = CLOSE_TRY_AGAIN
+
+
+class AdmittingHandler(CallHandler, Protocol):
+    """A handler that admits calls first (per-tenant limits): a refused call is never
+    counted as started, and its socket closes with the refusal's code and reason."""
+
+    async def admit(self, call: CallInfo, tenant: Tenant) -> Refusal | None:
+        """``None`` to take the call (``run_call`` or ``withdraw`` follows), else why not."""
+        ...
+
+    async def withdraw(self, call: CallInfo, tenant: Tenant) -> None:
+        """An admitted call failed before ``run_call``: give its slot back."""
         ...
 
 
@@ -95,13 +118,19 @@ class CallServer:
         self.draining = False
         self.ready = True
         self.sampler = metrics.RuntimeSampler()
+        self.handshakes = HandshakeWatchdog(
+            settings.handshake_timeout_secs, settings.handshake_max_per_peer
+        )
 
     def app(self, mounts: dict[str, web.Application] | None = None) -> web.Application:
         """The aiohttp application (routes for health, readiness, metrics, calls).
 
         ``mounts``: sub-applications by path prefix (the admin API), matched before calls.
         """
-        app = web.Application(client_max_size=self.settings.max_message_bytes)
+        app = web.Application(
+            client_max_size=self.settings.max_message_bytes,
+            middlewares=[self.handshakes.middleware],
+        )
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/metrics", self._prometheus)
@@ -117,7 +146,13 @@ class CallServer:
         self.sampler.start()
 
     async def _stop_sampler(self, _: web.Application) -> None:
+        await self.handshakes.stop()
         await self.sampler.stop()
+
+    def watch_handshakes(self, runner: web.BaseRunner) -> None:
+        """Close connections that do not finish a request in time (after ``runner.setup()``;
+        transports/handshake.py)."""
+        self.handshakes.watch(runner.server)
 
     async def _prometheus(self, _: web.Request) -> web.Response:
         body, content_type = await metrics.render()
@@ -161,7 +196,17 @@ class CallServer:
         )
         if not ws.can_prepare(request).ok:
             return web.json_response({"error": "WebSocket upgrade expected"}, status=426)
-        await ws.prepare(request)  # the 101 goes out here, before any slow work
+        try:
+            await ws.prepare(request)  # the 101 goes out here, before any slow work
+        except ConnectionResetError:  # the switch gave up waiting (libwsc: 1 s)
+            self.stats.refused["gone"] += 1
+            metrics.call_refused("gone")
+            logger.bind(call="-", tenant="-").warning(
+                "{} closed before the upgrade answer ({:.0f} ms)",
+                request.remote,
+                (time.monotonic() - t0) * 1000.0,
+            )
+            return ws
         self.stats.record_upgrade((time.monotonic() - t0) * 1000.0)
         log = logger.bind(call="-", tenant="-")
         try:
@@ -206,11 +251,21 @@ class CallServer:
     ) -> web.WebSocketResponse:
         """Run an upgraded, identified and authorized call until it ends (the web console's
         browser calls enter here too, after their own session check)."""
+        admitting: AdmittingHandler | None = (
+            self.handler if hasattr(self.handler, "admit") else None  # type: ignore[assignment]
+        )
+        if admitting is not None:
+            refusal = await admitting.admit(call, tenant)
+            if refusal is not None:
+                return await self._refuse(
+                    ws, log, refusal.kind, refusal.reason, refusal.code, tenant=tenant.name
+                )
         self.stats.calls_total += 1
         self.stats.calls_active += 1
         metrics.call_started(tenant.name, tenant.pipeline)
         transport: FreeSwitchCallTransport | None = None
         bridge: CallEventBridge | None = None
+        ran = False
         try:
             transport = self._transport(ws, call, tenant, log)
             if self.call_control is not None:
@@ -228,6 +283,7 @@ class CallServer:
             with logger.contextualize(
                 call=call.call_uuid, tenant=tenant.name, pipeline=tenant.pipeline
             ):
+                ran = True
                 await self.handler.run_call(call, tenant, transport)
         except Exception as exc:
             log.exception("call failed: {}", exc)
@@ -237,6 +293,8 @@ class CallServer:
         finally:
             self.stats.calls_active -= 1
             metrics.call_ended(tenant.name, tenant.pipeline)
+            if admitting is not None and not ran:
+                await admitting.withdraw(call, tenant)
             if transport is not None and not ws.closed:
                 await transport.close(1000, "call ended")
             elif not ws.closed:
@@ -285,9 +343,11 @@ class CallServer:
         kind: str,
         reason: str,
         code: int = CLOSE_POLICY,
+        *,
+        tenant: str | None = None,
     ) -> web.WebSocketResponse:
         self.stats.refused[kind] += 1
-        metrics.call_refused(kind)
+        metrics.call_refused(kind, tenant)
         log.warning("call refused ({}): {}", kind, reason)
         # Close reasons are limited to 123 bytes by RFC 6455.
         await ws.close(code=code, message=reason.encode("utf-8")[:120])

@@ -168,8 +168,14 @@ async def test_limit_holds_across_two_instances_and_records_land(fleet: Fleet) -
     call = f"lim-{uuidlib.uuid4()}"
     first = await answered(fleet.url(fleet.one, call))
     try:
+        two = fleet.two.server
+        assert two is not None
+        started, limited = two.stats.calls_total, two.stats.refused["tenant_limit"]
         code, reason = await refused(fleet.url(fleet.two, f"lim2-{uuidlib.uuid4()}"))
         assert (code, reason) == (4503, "tenant call limit reached (1)")
+        # Refused at admission: counted as refused, never as a started call.
+        assert two.stats.calls_total == started
+        assert two.stats.refused["tenant_limit"] == limited + 1
         # The admin API on the other instance sees the call in the shared registry.
         async with aiohttp.ClientSession() as http:
             base = f"http://127.0.0.1:{fleet.two.port}/admin"
