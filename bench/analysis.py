@@ -55,6 +55,8 @@ class TurnRecord:
     kind: str
     t_end: float | None
     lost: bool
+    # Bot speech arrived this long after the caller's first word, before their last one.
+    premature_ms: float | None = None
     wire_ms: float | None = None
     overhead_ms: float | None = None
     naive_overhead_ms: float | None = None
@@ -267,6 +269,7 @@ def _turn_record(
         kind=turn.kind,
         t_end=turn.t_end,
         lost=turn.lost,
+        premature_ms=_ms(turn.premature_s),
         wire_ms=_ms(turn.wire_s),
         lead_silence_ms=_ms(turn.lead_silence_s),
         underruns=turn.underruns,
@@ -340,6 +343,8 @@ def summarize_turns(records: Sequence[TurnRecord]) -> dict[str, Any]:
     return {
         "turns": len(normal),
         "lost": sum(1 for r in normal if r.lost),
+        # Replies that started before the caller finished (a turn-taking regression).
+        "premature": sum(1 for r in normal if r.premature_ms is not None),
         "matched": matched,
         "wire_ms": summary_ms(r.wire_ms for r in ok),
         "overhead_ms": summary_ms(r.overhead_ms for r in ok),

@@ -22,6 +22,8 @@ def evaluate(step: dict[str, Any], budget_ms: float) -> list[str]:
         why.append(f"{s['underruns']} underruns")
     if s["lost"]:
         why.append(f"{s['lost']} lost turns")
+    if s.get("premature"):
+        why.append(f"{s['premature']} premature replies")
     if c["failed"]:
         why.append(f"{c['failed']} failed calls")
     return why
@@ -55,6 +57,7 @@ def evaluate_near_clean(step: dict[str, Any], budget_ms: float) -> bool:
         p95 is not None
         and p95 <= budget_ms
         and not s["lost"]
+        and not s.get("premature")
         and not c["failed"]
         and (rate or 0.0) <= NEAR_CLEAN_PER_1000
     )

@@ -39,6 +39,7 @@ from pipeswitch.bench.stats import (
     analyse_reply,
     first_gap_after,
     percentile,
+    premature_reply_at,
     reply_window_frames,
 )
 
@@ -206,6 +207,8 @@ class TurnResult:
     wire_s: float | None = None
     lead_silence_s: float | None = None
     lost: bool = False
+    # Bot speech heard while the caller still talked (first word -> that audio), if any.
+    premature_s: float | None = None
     barge_start: float | None = None  # (interrupted turn) caller starts talking over the bot
     barge_stop: float | None = None  # (interrupted turn) last bot message before the silence
     barge_stop_s: float | None = None
@@ -381,6 +384,9 @@ def _analyse_call(
         nxt = next((v.start for _, v in utterances[i + 1 :] if v.start is not None), end_all)
         window_end = turn.barge_start if turn.barge_start is not None else nxt
         ra = analyse_reply(reply_window_frames(frames, u.end, window_end))
+        if turn.kind == "turn" and u.start is not None:
+            early = premature_reply_at(frames, u.start, u.end)
+            turn.premature_s = None if early is None else early - u.start
         turn.first_rx = ra.first_t
         turn.first_audible = ra.first_audible_t
         turn.reply_end = ra.last_t

@@ -105,7 +105,7 @@ def latency_markdown(doc: dict[str, Any]) -> str:
         "? = neither], (playout: times a far end with no jitter buffer beyond the sender's "
         "lead would have run dry).",
         "",
-        "| server | turns (lost) | wire latency | **server overhead** | barge-in stop "
+        "| server | turns (lost, premature) | wire latency | **server overhead** | barge-in stop "
         "| STT TTFS inj. | endpointing floor | LLM TTFT inj. | TTS TTFB | observer total "
         "| underruns | greeting |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -114,7 +114,7 @@ def latency_markdown(doc: dict[str, Any]) -> str:
         s = r["summary"]
         c = r["connections"]
         lines.append(
-            f"| {SERVER_LABELS.get(kind, kind)} | {s['turns']} ({s['lost']}) "
+            f"| {SERVER_LABELS.get(kind, kind)} | {s['turns']} ({s['lost']}, {s.get('premature', 0)}) "
             f"| {_pp(s['wire_ms'])} | **{_pp(s['overhead_ms'])}** "
             f"| {_pp(s['barge_in']['stop_ms'])} | {_pp(s['stt_ttfs_ms'])} "
             f"| {_pp(s['endpointing_floor_ms'])} | {_pp(s['llm_ttft_ms'])} "
@@ -268,7 +268,7 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
         f"Steps {p['steps']}, {p['step_secs']:.0f} s per step (steady window "
         f"{p['window']}), {p['dialect']} dialect, {p['rate']} Hz, replies={p['replies']}, "
         f"seed {p['seed']}. Budget: server overhead p95 ≤ {p['overhead_budget_ms']:.0f} ms and "
-        f"zero underruns (wire gap > 40 ms while the bot talks), no lost turns, no failed calls. "
+        f"zero underruns (wire gap > 40 ms while the bot talks), no lost or premature turns, no failed calls. "
         f"Wall {doc['wall_s']:.0f} s."
         + (
             f" Server experiments (bench-only patches): {', '.join(p['server_experiments'])}."
@@ -283,7 +283,7 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
         lines += [
             f"## {SERVER_LABELS.get(kind, kind)}",
             "",
-            "| N | turns (lost) | wire | overhead | barge stop | server CPU (main) | Piper CPU "
+            "| N | turns (lost, premature) | wire | overhead | barge stop | server CPU (main) | Piper CPU "
             "| RSS server / Piper | CPU / call | RSS / call | underruns [stalled loop] (playout) | max gap "
             "| jitter p99 | upgrade loaded p50 / p99 (probes) | greeting | loop lag p99 / max "
             "| GC2 max | load gen CPU / lag p99 | emulators / other / VM steal CPU | holds |",
@@ -321,7 +321,7 @@ def _capacity_row(st: dict[str, Any]) -> str:
     if "main" in lg_lag:
         lg_lag = lg_lag["main"]
     return (
-        f"| {st['n']} | {s['turns']} ({s['lost']}) | {_pp(s['wire_ms'], ('p50', 'p95'))} "
+        f"| {st['n']} | {s['turns']} ({s['lost']}, {s.get('premature', 0)}) | {_pp(s['wire_ms'], ('p50', 'p95'))} "
         f"| {_pp(s['overhead_ms'], ('p50', 'p95'))} "
         f"| {_pp(s['barge_in']['stop_ms'], ('p50', 'p95'))} "
         f"| {_f(srv.get('cpu_pct'))} ({_f(srv.get('main_thread_cpu_pct'))}) "

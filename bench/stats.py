@@ -131,6 +131,20 @@ def reply_window_frames(
     return [f for f in frames if f.t >= start and (end is None or f.t < end)]
 
 
+def premature_reply_at(
+    frames: Sequence[RxFrame], speech_start: float, speech_end: float
+) -> float | None:
+    """When bot speech arrived while the caller was still talking, if it did.
+
+    ``speech_start``/``speech_end``: the caller's first and last voiced frames sent.
+    Audible bot audio received in between - over the caller's words or in a pause
+    inside the sentence - is a reply to a turn that had not ended (the bench waits
+    for the bot to be quiet before the caller speaks, so it is not an earlier reply's
+    tail). A barge-in utterance talks over the bot on purpose: don't ask for those.
+    """
+    return min((f.t for f in frames if f.audible and speech_start < f.t < speech_end), default=None)
+
+
 def analyse_reply(frames: Sequence[RxFrame], gap_s: float = UNDERRUN_GAP_S) -> ReplyAudio:
     """Underruns and jitter of one reply's frames (sorted by time).
 

@@ -223,3 +223,57 @@ def test_capacity_verdicts() -> None:
     lagging = _step(5, 100.0)
     lagging["connections"]["loadgen"]["loop_lag_ms"]["p99"] = 25.0
     assert loadgen_suspect(lagging) and not loadgen_suspect(_step(5, 100.0))
+
+
+class _Rx:
+    """What _analyse_call reads from a BenchStream: the bot audio it received."""
+
+    def __init__(self, frames: list[Any]) -> None:
+        self._frames = frames
+
+    def rx_frames(self) -> list[Any]:
+        return self._frames
+
+
+def test_a_reply_that_starts_before_the_caller_finished_is_counted() -> None:
+    from pipeswitch.bench.loadgen import _analyse_call, _Utterance
+    from pipeswitch.bench.stats import RxFrame
+
+    def spurt(t0: float, n: int) -> list[RxFrame]:
+        return [RxFrame(t0 + 0.02 * i, 0.02, True) for i in range(n)]
+
+    # Turn 0 is answered in the caller's mid-sentence pause (11.0 s, words end at 12.0);
+    # turn 1 properly after its end; the barge-in talks over turn 1's reply on purpose.
+    frames = spurt(11.0, 10) + spurt(12.6, 50) + spurt(20.5, 100) + spurt(24.0, 20)
+    t0 = TurnResult(call="c1", index=0, kind="turn", speech_start=10.0, t_end=12.0)
+    t1 = TurnResult(call="c1", index=1, kind="turn", speech_start=18.0, t_end=20.0)
+    t1.barge_start = 21.0
+    b = TurnResult(call="c1", index=1, kind="barge_in", speech_start=21.0, t_end=23.0)
+    res = CallResult(uuid="c1", connected=True, hangup_at=30.0)
+    _analyse_call(
+        res,
+        _Rx(frames),  # type: ignore[arg-type]
+        [(t0, _Utterance(10.0, 12.0)), (t1, _Utterance(18.0, 20.0)), (b, _Utterance(21.0, 23.0))],
+        None,
+    )
+    assert t0.premature_s == pytest.approx(1.0)
+    assert t1.premature_s is None and b.premature_s is None
+    recs = build_turn_records(
+        _server(),
+        LoadResult(calls=[res], probes=[], loop_lag_ms={}, cpu_pct=1.0, wall_s=1.0),
+        _server_calls(),
+        STREAMS,
+        REQUESTS,
+        tokens_per_s=500.0,
+    )
+    s = summarize_turns(recs)
+    assert s["turns"] == 2 and s["premature"] == 1
+
+
+def test_a_premature_reply_fails_a_capacity_step() -> None:
+    from pipeswitch.bench.capacity import evaluate, evaluate_near_clean
+
+    step = _step(5, 100.0)
+    step["summary"]["premature"] = 2
+    assert evaluate(step, 150.0) == ["2 premature replies"]
+    assert not evaluate_near_clean(step, 150.0)

@@ -15,6 +15,7 @@ from pipeswitch.bench.stats import (
     first_gap_after,
     per_call,
     percentile,
+    premature_reply_at,
     ratio,
     reply_window_frames,
     summarize,
@@ -209,3 +210,26 @@ def test_cpu_and_per_call() -> None:
     assert per_call(70.0, 10.0, 10) == pytest.approx(6.0)
     assert per_call(None, 10.0, 10) is None
     assert per_call(70.0, 10.0, 0) is None
+
+
+# -- premature replies: the bot talking before the caller finished ---------------------------
+
+
+def test_premature_reply_in_the_callers_mid_sentence_pause() -> None:
+    # Caller speaks 10.0-12.0 s with a pause around 11 s; the bot answers into the pause.
+    frames = _paced(11.05, 10) + _paced(12.5, 5)
+    assert premature_reply_at(frames, 10.0, 12.0) == pytest.approx(11.05)
+
+
+def test_reply_after_the_last_word_is_not_premature() -> None:
+    frames = _paced(12.4, 20)
+    assert premature_reply_at(frames, 10.0, 12.0) is None
+    # Audio arriving exactly with the last voiced frame is not "while talking" either.
+    assert premature_reply_at([RxFrame(12.0, 0.02, True)], 10.0, 12.0) is None
+
+
+def test_silent_bot_messages_while_the_caller_talks_are_not_a_reply() -> None:
+    # Comfort noise / a playout lead of silence is not the bot speaking.
+    frames = [RxFrame(10.5 + 0.02 * i, 0.02, False) for i in range(20)]
+    assert premature_reply_at(frames, 10.0, 12.0) is None
+    assert premature_reply_at([*frames, RxFrame(11.9, 0.02, True)], 10.0, 12.0) == 11.9
