@@ -30,6 +30,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
@@ -53,7 +54,13 @@ from pipeswitch.pipelines.vad import BatchedSileroVADAnalyzer
 from pipeswitch.processors.barge_in import BargeInStartStrategy
 from pipeswitch.processors.caller_audio import CallerAudioSink
 from pipeswitch.processors.heard_context import HeardContextProcessor
-from pipeswitch.processors.tools import ReceptionistTools, register_tools
+from pipeswitch.processors.tools import (
+    ProviderVoice,
+    ReceptionistTools,
+    register_tools,
+    tools_schema,
+    usable_settings,
+)
 from pipeswitch.processors.turn_taking import (
     AdaptiveTurnStopStrategy,
     TurnParams,
@@ -211,17 +218,39 @@ class CallContext:
         return processor
 
     def receptionist_tools(
-        self, llm: LLMService[Any], context: LLMContext
+        self, llm: LLMService[Any], context: LLMContext, *, provider_voice: bool = False
     ) -> ReceptionistTools | None:
         """Give this call's LLM the tenant's receptionist tools (None when none are enabled).
 
         The same definitions serve the cascade and the speech-to-speech pipelines; tools
-        that need the switch act through ESL when this process has it.
+        that need the switch act through ESL when this process has it. ``provider_voice``
+        (speech-to-speech): the provider says the announcements, the tools act once the
+        caller heard them. A second registration on the same call (the standby cascade)
+        shares the first one's record.
         """
-        self.tools = register_tools(
-            llm, context, self.call_control, self.tenant, self.call.call_uuid
+        voice = (
+            ProviderVoice(queued_secs=self.transport.output().queued_secs)
+            if provider_voice
+            else None
         )
-        return self.tools
+        tools = register_tools(
+            llm,
+            context,
+            self.call_control,
+            self.tenant,
+            self.call.call_uuid,
+            state=self.tools.state if self.tools is not None else None,
+            voice=voice,
+        )
+        if self.tools is None:
+            self.tools = tools
+        return tools
+
+    def tool_schema(self) -> ToolsSchema | None:
+        """The tools this call's LLM gets, for services that declare them at connect
+        (speech-to-speech sessions); identical to what :meth:`receptionist_tools` sets."""
+        settings = usable_settings(self.tenant.tools, has_switch=self.call_control is not None)
+        return tools_schema(settings) if settings.enabled else None
 
     def caller_audio_sink(self) -> CallerAudioSink:
         """Drops caller audio where nothing downstream needs it (after the user aggregator)."""

@@ -110,11 +110,10 @@ def register_client_tools(
     """The receptionist tools' handlers, by the names the agent's client tools use.
 
     ConvAI keeps the tool *definitions* on the agent (ElevenLabs' side); the client
-    only answers ``client_tool_call`` by name, with the same handlers the cascade runs.
+    only answers ``client_tool_call`` by name, with the same handlers the cascade runs
+    (the agent speaks the announcement; transfer and hangup wait until it was heard).
     """
-    from pipeswitch.processors.tools import register_tools
-
-    register_tools(service, context, None, ctx.tenant, ctx.call.call_uuid)
+    ctx.receptionist_tools(service, context, provider_voice=True)
 
 
 def echo_guard_params(tenant: Tenant) -> EchoGuardParams:

@@ -47,7 +47,7 @@ from pipeswitch.pipelines.s2s_fallback import (
     standby_cascade,
 )
 from pipeswitch.pipelines.services import ProviderUnavailable
-from pipeswitch.processors.tools import ReceptionistTools, register_tools, tools_schema
+from pipeswitch.processors.tools import ReceptionistTools
 
 GEMINI_INPUT_RATE = 16000
 GEMINI_OUTPUT_RATE = 24000
@@ -255,7 +255,7 @@ def make_gemini_live(ctx: CallContext) -> ResumingGeminiService:
     return ResumingGeminiService(
         api_key=ep.google_api_key,
         settings=settings,
-        tools=tools_schema(ctx.tenant.tools) if ctx.tenant.tools.enabled else None,
+        tools=ctx.tool_schema(),
         http_options=_http_options(ctx),
         # The caller speaks first (the greeting played from cache): a context arriving
         # is history, not a cue to answer.
@@ -268,7 +268,7 @@ async def build_gemini_live(ctx: CallContext) -> CallPipeline:
     """Compose the Gemini Live pipeline for one call (with the cascade on standby)."""
     llm = await asyncio.to_thread(make_gemini_live, ctx)
     context = LLMContext()
-    llm.receptionist = register_tools(llm, context, None, ctx.tenant, ctx.call.call_uuid)
+    llm.receptionist = ctx.receptionist_tools(llm, context, provider_voice=True)
     pipeline, fallback = s2s_pipeline(
         ctx,
         context=context,

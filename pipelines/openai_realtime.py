@@ -48,7 +48,7 @@ from pipeswitch.pipelines.s2s_fallback import (
 )
 from pipeswitch.pipelines.services import ProviderUnavailable
 from pipeswitch.processors.barge_in import BargeInStartStrategy
-from pipeswitch.processors.tools import ReceptionistTools, register_tools, tools_schema
+from pipeswitch.processors.tools import ReceptionistTools
 
 OPENAI_REALTIME_RATE: Literal[24000] = 24000
 DEFAULT_REALTIME_MODEL = "gpt-realtime-2.1"
@@ -221,10 +221,9 @@ def s2s_aggregators(ctx: CallContext, context: LLMContext) -> LLMContextAggregat
 
 async def build_openai_realtime(ctx: CallContext) -> CallPipeline:
     """Compose the OpenAI Realtime pipeline for one call (with the cascade on standby)."""
-    schema = tools_schema(ctx.tenant.tools) if ctx.tenant.tools.enabled else None
-    llm = await asyncio.to_thread(make_openai_realtime, ctx, schema)
+    llm = await asyncio.to_thread(make_openai_realtime, ctx, ctx.tool_schema())
     context = LLMContext()
-    llm.receptionist = register_tools(llm, context, None, ctx.tenant, ctx.call.call_uuid)
+    llm.receptionist = ctx.receptionist_tools(llm, context, provider_voice=True)
     pipeline, fallback = s2s_pipeline(
         ctx,
         context=context,

@@ -53,7 +53,6 @@ from pipecat.services.stt_service import STTService
 from pipecat.services.tts_service import TTSService
 
 from pipeswitch.pipelines.services import ProviderUnavailable
-from pipeswitch.processors.tools import register_tools
 from pipeswitch.transports.resample import StreamResampler
 
 if TYPE_CHECKING:
@@ -498,5 +497,5 @@ async def standby_cascade(
             "no cascade to fall back to: {}", exc
         )
         return None
-    register_tools(llm_c, context, None, ctx.tenant, ctx.call.call_uuid)
+    ctx.receptionist_tools(llm_c, context)
     return stt, llm_c, ctx.services.tts()

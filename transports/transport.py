@@ -444,6 +444,11 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
             return 0.0
         return max(0.0, self._play_until - time.monotonic())
 
+    def queued_secs(self) -> float:
+        """Audio sent that the far end has not played yet, whatever the dialect (a tool
+        that hangs up or transfers after an announcement waits this long)."""
+        return max(0.0, self._play_until - time.monotonic())
+
     async def _report_interrupted(self) -> None:
         """Report how much of the cut utterance reached the caller (a playback fact)."""
         if not self._sentence or self._sentence_secs <= 0:
