@@ -32,7 +32,8 @@ from pipeswitch.pipelines.compose import (
     ServiceFactory,
     resolve_builder,
 )
-from pipeswitch.pipelines.piper_client import WavError, synthesize
+from pipeswitch.pipelines.greeting_cache import GreetingCache
+from pipeswitch.pipelines.piper_client import WavError
 from pipeswitch.pipelines.recovery import install_apology, is_provider
 from pipeswitch.pipelines.services import ProviderEndpoints
 from pipeswitch.pipelines.tenancy import endpoints_for_tenant
@@ -89,6 +90,7 @@ class CallSessions:
         self.settings = settings
         self.endpoints = endpoints
         self.http = http
+        self.greetings = GreetingCache()
         self.active: dict[str, CallRecord] = {}
         # The running worker of each active call, so shutdown can end them (end_all).
         self._workers: dict[str, PipelineWorker] = {}
@@ -121,9 +123,9 @@ class CallSessions:
             return False
         url = self.endpoints.piper_for_rate(rate)
         try:
-            pcm, pcm_rate = await synthesize(
-                self.http, url, tenant.first_message, voice=tenant.voice, timeout_secs=3
-            )
+            pcm, pcm_rate = self.greetings.get(
+                url, tenant.first_message, tenant.voice
+            ) or await self.greetings.fetch(self.http, url, tenant.first_message, tenant.voice)
         except (aiohttp.ClientError, TimeoutError, WavError) as exc:
             log.warning("greeting fast path failed ({}); speaking it through the pipeline", exc)
             return False

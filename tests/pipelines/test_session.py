@@ -183,3 +183,12 @@ def test_transcript_turns_mark_the_cut_turn() -> None:
     assert bot["text"] == "We are closed on Sundays. We open on Monday at nine."
     assert bot["latency_ms"] == 420.0
     assert "interrupted" not in turns[0] and "interrupted" not in turns[2]
+
+
+async def test_the_next_calls_greeting_comes_from_memory(rig: Rig) -> None:
+    for uuid in ("sess-greet-a", "sess-greet-b"):
+        async with rig.http.ws_connect(rig.url(uuid)) as ws:
+            assert await _audio_count(ws, 0.5) >= 15  # the greeting is playing
+        await rig.wait_finished(uuid)
+    # Piper was asked once; the second call played the copy this process kept.
+    assert [r["text"] for r in rig.piper_requests] == [GREETING]
