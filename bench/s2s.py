@@ -131,25 +131,6 @@ def _admin(port: int, path: str, payload: dict[str, Any] | None = None) -> Any:
         return json.loads(resp.read())
 
 
-async def _wait_audio_after(stream: FakeSwitchStream, t: float, timeout_s: float) -> float | None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = stream.first_bot_audio_received_after(t)
-        if got is not None:
-            return got
-        await asyncio.sleep(0.01)
-    return None
-
-
-async def _wait_quiet(stream: FakeSwitchStream, quiet_s: float, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        last = stream.last_bot_audio_at()
-        if last is not None and time.monotonic() - last > quiet_s:
-            return
-        await asyncio.sleep(0.05)
-
-
 def _stop_after(stream: FakeSwitchStream, onset: float) -> float | None:
     """When the bot's audio stopped arriving after ``onset`` (first gap > 200 ms)."""
     _, rx = stream.received_audio()
@@ -263,13 +244,13 @@ async def _measure_call(url: str, audio: Any, turns: int, port: int, result: S2S
     try:
         if not await stream.wait_connected(5.0):
             raise RuntimeError("the bench call did not connect")
-        await _wait_quiet(stream, 0.6, 10.0)  # the greeting
+        await stream.wait_bot_quiet(0.6, 10.0)  # the greeting
         for i in range(turns):
             stream.queue_caller_audio(audio.questions[i % len(audio.questions)])
             stream.queue_caller_silence(0.3)
             await stream.wait_caller_drained(timeout_s=15.0)
             end = stream.last_voiced_sent_at()
-            first = await _wait_audio_after(stream, end or time.monotonic(), 10.0)
+            first = await stream.wait_bot_audio_after(end or time.monotonic(), 10.0)
             if end is None or first is None:
                 result.notes.append(f"turn {i}: no answer")
                 wires.append(float("nan"))
@@ -277,14 +258,14 @@ async def _measure_call(url: str, audio: Any, turns: int, port: int, result: S2S
             else:
                 wires.append((first - end) * 1000)
                 marks.append((end, first))
-            await _wait_quiet(stream, 0.6, 20.0)
+            await stream.wait_bot_quiet(0.6, 20.0)
             await asyncio.sleep(0.3)
         # Barge-in: talk over the next reply once it is playing.
         stream.queue_caller_audio(audio.questions[0])
         stream.queue_caller_silence(0.3)
         await stream.wait_caller_drained(timeout_s=15.0)
         end = stream.last_voiced_sent_at() or time.monotonic()
-        first = await _wait_audio_after(stream, end, 10.0)
+        first = await stream.wait_bot_audio_after(end, 10.0)
         if first is not None:
             await asyncio.sleep(1.0)
             t_barge = time.monotonic()
@@ -301,7 +282,7 @@ async def _measure_call(url: str, audio: Any, turns: int, port: int, result: S2S
                     onset,
                     [round(a.t - onset, 3) for a in rx if a.non_silent and abs(a.t - onset) < 1.0],
                 )
-            await _wait_quiet(stream, 0.6, 20.0)
+            await stream.wait_bot_quiet(0.6, 20.0)
     finally:
         await stream.hangup()
     await asyncio.sleep(0.3)
@@ -347,7 +328,7 @@ async def _measure_fallback(
     try:
         if not await stream.wait_connected(5.0):
             raise RuntimeError("the fallback call did not connect")
-        await _wait_quiet(stream, 0.6, 10.0)
+        await stream.wait_bot_quiet(0.6, 10.0)
         stream.queue_caller_audio(audio.questions[0])
         stream.queue_caller_silence(0.3)
         await stream.wait_caller_drained(timeout_s=15.0)

@@ -99,16 +99,6 @@ async def _speak(st: FakeSwitchStream, pcm: bytes) -> float:
     return end
 
 
-async def _heard_after(st: FakeSwitchStream, t: float, timeout_s: float) -> float | None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        h = st.first_bot_audio_played_after(t)
-        if h is not None:
-            return h
-        await asyncio.sleep(0.01)
-    return None
-
-
 async def dialect_figures(turns: int) -> dict[str, Any]:
     """First audio heard and barge-in stop per dialect."""
     out: dict[str, Any] = {}
@@ -156,14 +146,14 @@ async def dialect_figures(turns: int) -> dict[str, Any]:
                     await _quiet(st)
                     emu.openai.script = LLM_SCRIPTS["office"]  # type: ignore[assignment]
                     end = await _speak(st, speech[QUESTION])
-                    heard = await _heard_after(st, end, 8.0)
+                    heard = await st.wait_bot_audio_after(end, 8.0, played=True)
                     if heard is not None:
                         first.append((heard - end) * 1000)
                     await _quiet(st)
                     # Barge-in into a long reply.
                     emu.openai.script = LLM_SCRIPTS["long"]  # type: ignore[assignment]
                     end = await _speak(st, speech[QUESTION])
-                    heard = await _heard_after(st, end, 8.0)
+                    heard = await st.wait_bot_audio_after(end, 8.0, played=True)
                     if heard is not None:
                         await asyncio.sleep(1.5)
                         n_sent = len(st.sent_frames)

@@ -539,6 +539,29 @@ class FakeSwitchStream:
         """Latest non-silent bot audio, received or played."""
         return self.playout.last_bot_audio_at()
 
+    async def wait_bot_audio_after(
+        self, t: float, timeout_s: float, *, played: bool = False
+    ) -> float | None:
+        """First bot audio at or after ``t`` (received, or ``played`` to the caller), waiting
+        up to ``timeout_s``; None if none came. The time is the recorder's, not the poll's."""
+        first = self.first_bot_audio_played_after if played else self.first_bot_audio_received_after
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if (got := first(t)) is not None:
+                return got
+            await asyncio.sleep(0.01)
+        return None
+
+    async def wait_bot_quiet(self, quiet_s: float = 0.6, timeout_s: float = 15.0) -> bool:
+        """Wait until no bot audio has come for ``quiet_s`` (after some came); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            last = self.last_bot_audio_at()
+            if last is not None and time.monotonic() - last > quiet_s:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
     # ------------------------------------------------------------------ media clock
 
     async def _media_loop(self) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import numpy as np
 
 from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
@@ -35,25 +32,14 @@ async def wait_for_bot_audio(
     stream: FakeSwitchStream, after: float, timeout_s: float
 ) -> float | None:
     """Receive time of the first non-silent bot audio after ``after`` (polling the recorder)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        t = stream.first_bot_audio_received_after(after)
-        if t is not None:
-            return t
-        await asyncio.sleep(0.02)
-    return None
+    return await stream.wait_bot_audio_after(after, timeout_s)
 
 
 async def wait_bot_quiet(
     stream: FakeSwitchStream, quiet_s: float = 0.6, timeout_s: float = 15.0
 ) -> None:
     """Wait until no bot audio has arrived for ``quiet_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        last = stream.last_bot_audio_at()
-        if last is not None and time.monotonic() - last > quiet_s:
-            return
-        await asyncio.sleep(0.05)
+    await stream.wait_bot_quiet(quiet_s, timeout_s)
 
 
 async def ask(

@@ -90,13 +90,8 @@ def heard_after(stream: FakeSwitchStream, t: float) -> float | None:
 
 
 async def wait_heard(stream: FakeSwitchStream, after: float, timeout_s: float) -> float | None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        t = heard_after(stream, after)
-        if t is not None:
-            return t
-        await asyncio.sleep(0.02)
-    return None
+    """First frame the caller heard at or after ``after``, waiting up to ``timeout_s``."""
+    return await stream.wait_bot_audio_after(after, timeout_s, played=True)
 
 
 async def wait_quiet(stream: FakeSwitchStream, quiet_s: float = 0.6, timeout_s: float = 12) -> None:
