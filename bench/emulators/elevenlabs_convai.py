@@ -230,7 +230,9 @@ class AgentTurnRecord:
     audio_s: float = 0.0
     first_audio_at: float | None = None
     # When the first audible sample (peak > 500) would play if the client played the
-    # audio the moment it was sent: the reply's leading silence is the provider's latency.
+    # reply from its first sample the moment that was sent: the reply's leading silence
+    # is the provider's latency. (Not the audible chunk's send time: audio streams 2x
+    # faster than real time, and the silence before it still has to play.)
     first_voiced_at: float | None = None
     audio_done_at: float | None = None
     interrupted_at: float | None = None
@@ -835,8 +837,10 @@ class _Conversation:
                     }
                 )
                 if rec.first_voiced_at is None and (at := _first_loud(chunk, 500)) >= 0:
-                    # Sent now; the client plays it in real time from its first sample.
-                    rec.first_voiced_at = time.monotonic() + at / self.out_rate
+                    # Playable once sent and once the audio before it has played.
+                    rec.first_voiced_at = max(time.monotonic(), t0 + rec.audio_s) + (
+                        at / self.out_rate
+                    )
                 rec.audio_s += len(chunk) / 2 / self.out_rate
                 due = t0 + rec.audio_s / self.s.stream_speed
                 wait = due - time.monotonic()
