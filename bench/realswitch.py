@@ -56,8 +56,10 @@ def _pct(xs: list[float], q: float) -> float | None:
     return round(s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))], 2)
 
 
-async def esl_round_trips(esl: EslClient, n: int) -> dict[str, Any]:
-    """``api status`` and ``bgapi status`` (until its BACKGROUND_JOB), through our client."""
+async def esl_round_trips(esl: EslClient, n: int, bg_command: str = "status") -> dict[str, Any]:
+    """``api status`` and ``bgapi <bg_command>`` (until its BACKGROUND_JOB), through our client.
+
+    The real switch here and the emulated one (``fakeswitch.esl_measure``) alike."""
     api: list[float] = []
     bg: list[float] = []
     for _ in range(n):
@@ -65,7 +67,7 @@ async def esl_round_trips(esl: EslClient, n: int) -> dict[str, Any]:
         await esl.api("status")
         api.append((time.perf_counter() - t) * 1000)
         t = time.perf_counter()
-        await esl.bgapi("status")
+        await esl.bgapi(bg_command)
         bg.append((time.perf_counter() - t) * 1000)
     return {
         "n": n,

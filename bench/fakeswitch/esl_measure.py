@@ -29,6 +29,7 @@ from pipeswitch.bench.emulators.runner import EmulatorConfig, run_emulators
 from pipeswitch.bench.emulators.scripts import LLM_SCRIPTS
 from pipeswitch.bench.fakeswitch.esl import FakeSwitchEsl, recommended_variables
 from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream
+from pipeswitch.bench.realswitch import esl_round_trips
 from pipeswitch.config.loaders import StaticTenantLoader
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import PlaybackDialect, Tenant
@@ -42,36 +43,16 @@ BUILD = {"file": "community", "json-stream": "voxcom", "binary": "cloudfieldcz"}
 DIALECTS: tuple[PlaybackDialect, ...] = ("file", "json-stream", "binary")
 
 
-def pct(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile (ms values), NaN when empty."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
-
-
-async def esl_rtt(n: int) -> dict[str, float]:
-    """api and bgapi round trips against the emulated event socket."""
+async def esl_rtt(n: int) -> dict[str, Any]:
+    """api and bgapi round trips against the emulated event socket (as against a real one)."""
     async with FakeSwitchEsl() as fs:
         c = EslClient("127.0.0.1", fs.port, "ClueCon")
         await c.start()
         await c.wait_connected(3.0)
-        api: list[float] = []
-        bg: list[float] = []
-        for _ in range(n):
-            t = time.perf_counter()
-            await c.api("status")
-            api.append((time.perf_counter() - t) * 1000)
-            t = time.perf_counter()
-            await c.bgapi("uuid_exists nobody")
-            bg.append((time.perf_counter() - t) * 1000)
-        await c.close()
-    return {
-        "api_p50_ms": pct(api, 50),
-        "api_p99_ms": pct(api, 99),
-        "bgapi_p50_ms": pct(bg, 50),
-        "bgapi_p99_ms": pct(bg, 99),
-    }
+        try:
+            return await esl_round_trips(c, n, bg_command="uuid_exists nobody")
+        finally:
+            await c.close()
 
 
 def _trim(pcm: bytes, peak: int = 300) -> bytes:
