@@ -49,6 +49,7 @@ from pipecat.turns.user_start.transcription_user_turn_start_strategy import (
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from pipeswitch.config.tenants import Tenant
+from pipeswitch.pipelines.local.incremental_stt import TURN_STOP_TIMEOUT_SECS
 from pipeswitch.pipelines.services import ProviderEndpoints, make_llm, make_stt, make_tts
 from pipeswitch.pipelines.vad import BatchedSileroVADAnalyzer
 from pipeswitch.processors.barge_in import BargeInStartStrategy
@@ -205,6 +206,10 @@ class CallContext:
             user_params=LLMUserAggregatorParams(
                 vad_analyzer=self.vad(),
                 user_turn_strategies=self.turn_strategies(),
+                # One local Whisper serves every call: let it answer before Pipecat gives up.
+                user_turn_stop_timeout=TURN_STOP_TIMEOUT_SECS
+                if self.endpoints.mode == "local" or self.tenant.providers.stt == "whisper-local"
+                else 5.0,
             ),
         )
 

@@ -32,6 +32,14 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.openai.stt import OpenAISTTService
 
+# Pipecat ends a user turn that no stop strategy ended within ``user_turn_stop_timeout``
+# (5 s) of the last VAD or transcript event as an *empty* turn, and answers it when the
+# caller had interrupted the bot. One Whisper worker serves every call, and under load a
+# transcription took 9.7 s (load average 16 on 2 cores): the caller then got a reply to
+# nothing, then one more per transcript as it came. The turn-taking strategy still ends
+# the turn the moment the transcript is there; this only stops Pipecat from giving up first.
+TURN_STOP_TIMEOUT_SECS = 20.0
+
 
 class IncrementalWhisperSTTService(OpenAISTTService):
     """``OpenAISTTService`` that starts transcribing at the caller's pause, not the VAD stop."""

@@ -87,3 +87,33 @@ async def test_exception_in_a_developer_processor_ends_that_call_only(
         await healthy.hangup()
     lines = [ln for ln in log_lines if "dev-bug" in ln and "Explodes" in ln]
     assert lines and "bug in a developer's processor" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("mode", "stt", "timeout"),
+    [("local", "deepgram", 20.0), ("real", "whisper-local", 20.0), ("real", "deepgram", 5.0)],
+)
+def test_a_local_whisper_turn_is_not_given_up_after_five_seconds(
+    mode: str, stt: str, timeout: float
+) -> None:
+    """Pipecat answers a turn it timed out as an empty one: with one Whisper shared by all
+    calls, a loaded machine's transcription (9.7 s measured) must not be pre-empted."""
+    from typing import Any, cast
+
+    from pipecat.processors.aggregators.llm_context import LLMContext
+
+    from pipeswitch.pipelines.compose import CallContext
+    from pipeswitch.pipelines.services import ProviderEndpoints
+
+    tenant = Tenant(name="t.example", providers={"stt": stt})
+    ctx = CallContext(
+        tenant=tenant,
+        call=cast(Any, None),
+        transport=cast(Any, None),
+        sample_rate=8000,
+        services=cast(Any, None),
+        endpoints=ProviderEndpoints(mode=mode, piper_url=""),  # type: ignore[arg-type]
+        http=cast(Any, None),
+    )
+    user = ctx.context_aggregators(LLMContext()).user()
+    assert user._params.user_turn_stop_timeout == timeout
