@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -21,10 +22,15 @@ import re
 import subprocess
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+
+from pipeswitch.bench.prometheus import RealPrometheus
+from pipeswitch.bench.prometheus import available as prometheus_available
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "dashboards" / "pipeswitch.json"
@@ -118,8 +124,23 @@ def legend(fmt: str, labels: Labels) -> str:
     return re.sub(r"\{\{(\w+)\}\}", lambda m: d.get(m.group(1), ""), fmt) or "value"
 
 
+Series = dict[Labels, list[tuple[float, float]]]
+
+
+def panel_exprs() -> list[str]:
+    """Every target expression of the dashboard, in panel order."""
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
 def render(scrapes: list[Scrape], path: Path, title: str) -> None:
-    """The dashboard's grid (3 panels a row) as one PNG."""
+    """The dashboard drawn from our own scrapes with the small evaluator."""
+    ev = Evaluator(scrapes)
+    render_series({e: ev.series(e) for e in panel_exprs()}, scrapes[0][0], path, title)
+
+
+def render_series(series: dict[str, Series], t0: float, path: Path, title: str) -> None:
+    """The dashboard's grid (3 panels a row) as one PNG, from expression -> series."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,14 +150,13 @@ def render(scrapes: list[Scrape], path: Path, title: str) -> None:
     panels = dash["panels"]
     rows = math.ceil(len(panels) / 3)
     fig, axes = plt.subplots(rows, 3, figsize=(16, 3.1 * rows))
-    ev = Evaluator(scrapes)
-    t0 = scrapes[0][0]
     scale = {"bytes": (1 / 2**20, "MB"), "s": (1000.0, "ms")}
     for ax, panel in zip(axes.flat, panels, strict=False):
         unit = panel["fieldConfig"]["defaults"].get("unit", "")
         k, suffix = scale.get(unit, (1.0, unit))
         for target in panel["targets"]:
-            for labels, pts in sorted(ev.series(target["expr"]).items(), key=lambda kv: str(kv[0])):
+            got = series.get(target["expr"], {})
+            for labels, pts in sorted(got.items(), key=lambda kv: str(kv[0])):
                 if pts:
                     ax.plot(
                         [t - t0 for t, _ in pts],
@@ -196,43 +216,84 @@ async def run_dashboard(args: argparse.Namespace) -> int:
     )
     proc: subprocess.Popen[bytes] | None = None
     scrapes: list[Scrape] = []
+    from_prometheus: dict[str, Series] = {}
     try:
         ns = argparse.Namespace(log_level="WARNING", dialect="json-stream")
         proc, ready = await _start_server(emu.info, ns, out / "dashboard-server.log")
-        base = f"ws://127.0.0.1:{ready['port']}"
-        metrics_url = f"http://127.0.0.1:{ready['port']}/metrics"
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
-                f"{ready['piper_url'].split('?')[0]}?rate=8000", json={"text": QUESTION}
-            ) as r:
-                speech = _trim((await r.read())[44:])
-            load = asyncio.create_task(_load(base, speech, args.calls, args.concurrency, args.seed))
-            last_text = ""
-            while True:
-                async with http.get(metrics_url) as r:
-                    last_text = await r.text()
-                    scrapes.append((time.monotonic(), parse_scrape(last_text)))
-                if load.done():
-                    break
-                await asyncio.sleep(args.interval)
-            for _ in range(int(args.tail / args.interval)):
-                await asyncio.sleep(args.interval)
-                async with http.get(metrics_url) as r:
-                    last_text = await r.text()
-                    scrapes.append((time.monotonic(), parse_scrape(last_text)))
-            (out / "metrics-scrape.txt").write_text(last_text)
+        async with contextlib.AsyncExitStack() as stack:
+            prom: RealPrometheus | None = None
+            if args.prometheus:
+                prom = await stack.enter_async_context(
+                    RealPrometheus([f"127.0.0.1:{ready['port']}"], scrape_interval_s=args.interval)
+                )
+            wall0 = time.time()
+            await _load_and_scrape(args, ready, QUESTION, _trim, scrapes, out)
+            if prom is not None:
+                wall1 = time.time()
+                for expr in panel_exprs():
+                    from_prometheus[expr] = await prom.query_range(
+                        expr, wall0, wall1, args.interval
+                    )
+                (out / "prometheus-targets.json").write_text(
+                    json.dumps(await prom.target_health(), indent=1)
+                )
     finally:
         if proc is not None:
             await asyncio.to_thread(_stop_server, proc)
         await asyncio.to_thread(emu.stop)
-    render(
-        scrapes,
-        out / "dashboard.png",
-        f"Pipeswitch dashboard (matplotlib rendering of the Grafana panels' queries): "
-        f"{args.calls} emulated calls, {args.concurrency} at a time",
-    )
+    load = f"{args.calls} emulated calls, {args.concurrency} at a time"
+    if from_prometheus:
+        render_series(
+            from_prometheus,
+            wall0,
+            out / "dashboard.png",
+            f"Pipeswitch dashboard: the Grafana panels' PromQL answered by Prometheus "
+            f"{prometheus_version()}, drawn with matplotlib; {load}",
+        )
+    else:
+        render(
+            scrapes,
+            out / "dashboard.png",
+            f"Pipeswitch dashboard (the Grafana panels' queries, our own evaluator): {load}",
+        )
     print(f"{len(scrapes)} scrapes; {out / 'dashboard.png'}, {out / 'metrics-scrape.txt'}")
     return 0
+
+
+async def _load_and_scrape(
+    args: argparse.Namespace,
+    ready: dict[str, Any],
+    question: str,
+    trim: Callable[[bytes], bytes],
+    scrapes: list[Scrape],
+    out: Path,
+) -> None:
+    """Run the load; scrape ``/metrics`` ourselves too (the fallback and the saved scrape)."""
+    base = f"ws://127.0.0.1:{ready['port']}"
+    metrics_url = f"http://127.0.0.1:{ready['port']}/metrics"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{ready['piper_url'].split('?')[0]}?rate=8000", json={"text": question}
+        ) as r:
+            speech = trim((await r.read())[44:])
+        load = asyncio.create_task(_load(base, speech, args.calls, args.concurrency, args.seed))
+        last_text = ""
+        tail = int(args.tail / args.interval)
+        while tail > 0:
+            async with http.get(metrics_url) as r:
+                last_text = await r.text()
+                scrapes.append((time.monotonic(), parse_scrape(last_text)))
+            if load.done():
+                tail -= 1
+            await asyncio.sleep(args.interval)
+        (out / "metrics-scrape.txt").write_text(last_text)
+
+
+def prometheus_version() -> str:
+    """``prometheus --version``'s version word."""
+    done = subprocess.run(["prometheus", "--version"], capture_output=True, text=True, timeout=30)
+    words = (done.stdout or done.stderr).split()
+    return words[2] if len(words) > 2 else "?"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -243,6 +304,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tail", type=float, default=10.0, help="seconds of scrapes after the load")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "dashboard")
+    p.add_argument(
+        "--prometheus",
+        action=argparse.BooleanOptionalAction,
+        default=prometheus_available(),
+        help="scrape with a real Prometheus (Debian's package) and draw its answers "
+        "(default: when installed)",
+    )
     asyncio.run(run_dashboard(p.parse_args(argv)))
 
 
