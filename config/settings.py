@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     # Largest metadata / send_text payload (mod_audio_stream copies metadata into 8 KiB).
     max_text_bytes: int = 8192
     max_calls: int = 200
+    # A connection must finish its HTTP upgrade request's headers this soon (libwsc sends
+    # them at once), else it is closed as a slow-loris socket (0 = aiohttp's 75 s only).
+    handshake_timeout_secs: float = Field(default=5.0, ge=0)
+    # Connections one peer may hold waiting over 1 s for their first request.
+    handshake_max_per_peer: int = Field(default=64, ge=1)
     # Seconds of caller silence / no activity after which a call ends itself.
     idle_timeout_secs: float = 120.0
     # On SIGTERM/SIGINT: active calls may finish for this long, then the bot says goodbye and

@@ -330,6 +330,7 @@ class Pipeswitch:
             shutdown_timeout=RUNNER_SHUTDOWN_SECS,
         )
         await self._runner.setup()
+        self.server.watch_handshakes(self._runner)  # slow-loris sockets (transports/handshake.py)
         # Only the workers of one ``serve --workers N`` share a port (SO_REUSEPORT); a single
         # server binds exclusively, so nothing else can join its port either.
         site = web.TCPSite(self._runner, s.host, s.port, reuse_port=self._port_shared)

@@ -71,6 +71,12 @@ CALLS_REFUSED = Counter(
     "Connections refused before a pipeline ran (reason: bad_url, capacity, unknown_tenant, ...).",
     ["tenant", "reason"],
 )
+HANDSHAKES_REAPED = Counter(
+    "pipeswitch_handshakes_reaped",
+    "Connections closed before any request (reason: headers not complete in time, too many "
+    "connections before a request from one peer): slow-loris sockets.",
+    ["reason"],
+)
 CALLS_FAILED = Counter(
     "pipeswitch_calls_failed",
     "Calls that ended on an error (reason: exception, pipeline_unavailable, provider_error...).",
@@ -178,6 +184,11 @@ def call_started(tenant: str, pipeline: str) -> None:
 def call_ended(tenant: str, pipeline: str) -> None:
     """A call started with :func:`call_started` is over."""
     CALLS_ACTIVE.labels(tenant_label(tenant), pipeline).dec()
+
+
+def handshake_reaped(reason: str) -> None:
+    """A connection was closed before its first request (transports/handshake.py)."""
+    HANDSHAKES_REAPED.labels(reason).inc()
 
 
 def call_refused(reason: str, tenant: str | None = None) -> None:

@@ -206,7 +206,7 @@ class CallServer:
                 request.remote,
                 (time.monotonic() - t0) * 1000.0,
             )
-            return ws
+            return web.Response(status=400)  # aiohttp's write of it fails quietly
         self.stats.record_upgrade((time.monotonic() - t0) * 1000.0)
         log = logger.bind(call="-", tenant="-")
         try:
