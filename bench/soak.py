@@ -1,11 +1,15 @@
-"""``pipeswitch bench soak``: many sequential emulated calls on one server process.
+"""``pipeswitch bench soak``: many emulated calls on one server process, for a long time.
 
 Is the server's memory flat over time, or does every call leave something behind?
 The driver starts the provider emulators and one Pipeswitch server in their own
 processes (so the client's memory is not the server's), places ``--calls`` calls one
 after another through the FreeSWITCH emulator (greeting, ``--turns`` questions, hang-up),
 and after each call samples the server: RSS, asyncio tasks, threads, file descriptors,
-live Python objects, and the call's turn latency. With ``--tracemalloc`` the server
+live Python objects, and the call's turn latency. With ``--concurrency K`` there are K
+slots, each placing calls one after another, the server is also sampled every
+``--interval`` seconds, and every ``--idle-every`` minutes the slots pause until the
+server is idle (no call up, garbage collected) so that RSS is compared like for like.
+With ``--tracemalloc`` the server
 traces allocations from the end of warm-up and reports, at the end, which source lines
 and object types grew (a debug endpoint of this bench-only server entry, never of the
 product). Results: ``soak.json``, ``soak.csv`` and ``soak.png`` in ``--out``.
@@ -40,6 +44,7 @@ from loguru import logger
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What are your opening hours on Saturday?"
+IDLE_WAIT_S = 300.0  # longest wait for the server's calls to end at an idle point
 
 
 # -- server side (child process) -----------------------------------------------------------
@@ -194,19 +199,56 @@ class CallSample:
     fds: int
     objects: int
     at_s: float
+    active: int = 0
+
+
+@dataclass
+class Tick:
+    """The server's state at a point in time (every ``--interval`` s, or at an idle point)."""
+
+    at_s: float
+    calls_done: int
+    active: int
+    rss_mb: float
+    tasks: int
+    threads: int
+    fds: int
+    objects: int
+    idle: bool = False
 
 
 @dataclass
 class SoakResult:
     calls: int
+    concurrency: int = 1
     samples: list[CallSample] = field(default_factory=list)
+    ticks: list[Tick] = field(default_factory=list)
     diff: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
 def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``pipeswitch bench soak``."""
-    p.add_argument("--calls", type=int, default=200, help="sequential calls")
+    p.add_argument("--calls", type=int, default=200, help="calls in all (0: until --minutes)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="slots placing calls one after another (1: the sequential soak)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=None,
+        help="the emulated switch's upgrade timeout (default libwsc's 1 s; more on a loaded box)",
+    )
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between timed samples")
+    p.add_argument(
+        "--idle-every",
+        type=float,
+        default=10.0,
+        help="minutes between idle points (slots pause until no call is up; concurrency > 1)",
+    )
     p.add_argument("--turns", type=int, default=1, help="questions per call")
     p.add_argument("--warmup", type=int, default=20, help="calls before the baseline")
     p.add_argument("--minutes", type=float, default=0.0, help="stop after this long (0: never)")
@@ -282,7 +324,12 @@ async def _quiet(stream: Any, quiet_s: float = 0.5, timeout_s: float = 10.0) -> 
 
 
 async def one_call(
-    base: str, n: int, speech: bytes, turns: int, dialect: str
+    base: str,
+    n: int,
+    speech: bytes,
+    turns: int,
+    dialect: str,
+    connect_timeout_s: float | None = None,
 ) -> tuple[list[float], str]:
     """Greeting, ``turns`` questions, hang-up; the turn latencies seen on the wire (ms)."""
     from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
@@ -293,13 +340,14 @@ async def one_call(
             url=f"{base}/fs/soak-{n}?domain=default&rate=8000&mix=mono",
             rate=8000,
             playback=playback,  # type: ignore[arg-type]
+            connect_timeout_s=connect_timeout_s,
         )
     )
     latencies: list[float] = []
     error = ""
     await stream.start()
     try:
-        if not await stream.wait_connected(5.0):
+        if not await stream.wait_connected(max(5.0, (connect_timeout_s or 0) + 1.0)):
             return latencies, "not connected"
         await _quiet(stream)
         for _ in range(turns):
@@ -322,6 +370,218 @@ async def one_call(
     return latencies, error
 
 
+async def _stats(http: aiohttp.ClientSession, debug: str) -> dict[str, Any]:
+    async with http.get(f"{debug}/soak/stats") as r:
+        r.raise_for_status()
+        stats: dict[str, Any] = await r.json()
+        return stats
+
+
+async def _idle_stats(
+    http: aiohttp.ClientSession, debug: str, wait_s: float = 5.0
+) -> dict[str, Any]:
+    """The server's state once no call is up (the server collects garbage when it goes idle)."""
+    stats = await _stats(http, debug)
+    deadline = time.monotonic() + wait_s
+    while stats["calls_active"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        stats = await _stats(http, debug)
+    return stats
+
+
+def _tick(stats: dict[str, Any], at_s: float, done: int, idle: bool = False) -> Tick:
+    return Tick(
+        at_s=round(at_s, 1),
+        calls_done=done,
+        active=stats["calls_active"],
+        rss_mb=round(stats["rss"] / 2**20, 1),
+        tasks=stats["tasks"],
+        threads=stats["threads"],
+        fds=stats["fds"],
+        objects=stats["objects"],
+        idle=idle,
+    )
+
+
+def _sample(
+    n: int, secs: float, lat: list[float], err: str, stats: dict[str, Any], at_s: float
+) -> CallSample:
+    return CallSample(
+        n=n,
+        seconds=round(secs, 2),
+        latencies_ms=[round(x, 1) for x in lat],
+        error=err,
+        rss_mb=round(stats["rss"] / 2**20, 1),
+        tasks=stats["tasks"],
+        threads=stats["threads"],
+        fds=stats["fds"],
+        objects=stats["objects"],
+        at_s=round(at_s, 1),
+        active=stats["calls_active"],
+    )
+
+
+def _log_sample(s: CallSample) -> None:
+    if s.n == 1 or s.n % 10 == 0 or s.error:
+        logger.info(
+            "call {}: {} rss={} MB tasks={} threads={} fds={} objects={} active={} {}",
+            s.n,
+            [f"{x:.0f}" for x in s.latencies_ms],
+            s.rss_mb,
+            s.tasks,
+            s.threads,
+            s.fds,
+            s.objects,
+            s.active,
+            s.error,
+        )
+
+
+async def _placed_call(
+    base: str, n: int, speech: bytes, args: argparse.Namespace
+) -> tuple[list[float], str, float]:
+    t0 = time.monotonic()
+    try:
+        lat, err = await one_call(base, n, speech, args.turns, args.dialect, args.connect_timeout)
+    except Exception as exc:  # a broken call is a data point, not the end
+        lat, err = [], f"{type(exc).__name__}: {exc}"
+    return lat, err, time.monotonic() - t0
+
+
+async def _run_sequential(
+    http: aiohttp.ClientSession,
+    base: str,
+    debug: str,
+    speech: bytes,
+    args: argparse.Namespace,
+    result: SoakResult,
+    out: Path,
+    t_start: float,
+) -> None:
+    calls = args.calls or 10**9
+    for n in range(1, calls + 1):
+        if args.minutes and time.monotonic() - t_start > args.minutes * 60:
+            result.notes.append(f"stopped after {args.minutes} minutes at call {n - 1}")
+            break
+        if n == args.warmup + 1:
+            await _baseline(http, debug, args)
+        lat, err, secs = await _placed_call(base, n, speech, args)
+        stats = await _idle_stats(http, debug)  # the server finishes the call's teardown
+        s = _sample(n, secs, lat, err, stats, time.monotonic() - t_start)
+        result.samples.append(s)
+        _log_sample(s)
+        if n % 25 == 0:
+            _write(out, result, args)
+
+
+async def _baseline(http: aiohttp.ClientSession, debug: str, args: argparse.Namespace) -> None:
+    q = "?tracemalloc=1" if args.tracemalloc else ""
+    async with http.post(f"{debug}/soak/baseline{q}") as r:
+        r.raise_for_status()
+
+
+async def _run_concurrent(
+    http: aiohttp.ClientSession,
+    base: str,
+    debug: str,
+    speech: bytes,
+    args: argparse.Namespace,
+    result: SoakResult,
+    out: Path,
+    t_start: float,
+) -> None:
+    """K slots placing calls back to back; timed samples; idle points after warm-up and
+    every ``--idle-every`` minutes (the slots wait at a gate while the server drains)."""
+    calls = args.calls or 10**9
+    placed = 0
+    done = 0
+    in_flight = 0
+    gate = asyncio.Event()
+    gate.set()
+    drained = asyncio.Condition()
+    stop = False
+    next_idle = float("inf")
+
+    def over() -> bool:
+        return placed >= calls or bool(
+            args.minutes and time.monotonic() - t_start > args.minutes * 60
+        )
+
+    async def idle_point(baseline: bool) -> None:
+        nonlocal next_idle
+        gate.clear()
+        async with drained:
+            await drained.wait_for(lambda: in_flight == 0)
+        # On a loaded box the server's calls end well after their callers hang up: wait.
+        stats = await _idle_stats(http, debug, IDLE_WAIT_S)
+        if baseline:
+            await _baseline(http, debug, args)
+            stats = await _stats(http, debug)
+        t = _tick(stats, time.monotonic() - t_start, done, idle=True)
+        result.ticks.append(t)
+        logger.info(
+            "idle point after {} calls: rss={} MB tasks={} threads={} fds={} objects={}",
+            done,
+            t.rss_mb,
+            t.tasks,
+            t.threads,
+            t.fds,
+            t.objects,
+        )
+        next_idle = time.monotonic() + args.idle_every * 60 if args.idle_every > 0 else float("inf")
+        _write(out, result, args)
+        gate.set()
+
+    async def slot() -> None:
+        nonlocal placed, done, in_flight
+        while not stop:
+            await gate.wait()
+            if over():
+                return
+            placed += 1
+            n = placed
+            in_flight += 1
+            try:
+                lat, err, secs = await _placed_call(base, n, speech, args)
+            finally:
+                in_flight -= 1
+                async with drained:
+                    drained.notify_all()
+            done += 1
+            mine = done  # ``done`` moves on while this slot awaits the server
+            stats = await _stats(http, debug)
+            s = _sample(n, secs, lat, err, stats, time.monotonic() - t_start)
+            result.samples.append(s)
+            _log_sample(s)
+            if err:  # no connect storm when the box is too loaded to upgrade in time
+                await asyncio.sleep(1.0)
+            at_idle = mine == args.warmup or (mine > args.warmup and time.monotonic() > next_idle)
+            if at_idle and gate.is_set():  # one idle point at a time
+                await idle_point(baseline=mine == args.warmup)
+
+    async def sampler() -> None:
+        while not stop:
+            await asyncio.sleep(args.interval)
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                stats = await _stats(http, debug)
+                result.ticks.append(_tick(stats, time.monotonic() - t_start, done))
+            if len(result.ticks) % 30 == 0:
+                _write(out, result, args)
+
+    sampling = asyncio.create_task(sampler())
+    try:
+        await asyncio.gather(*(slot() for _ in range(args.concurrency)))
+    finally:
+        stop = True
+        sampling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampling
+    if args.minutes and time.monotonic() - t_start > args.minutes * 60:
+        result.notes.append(f"stopped after {args.minutes} minutes with {done} calls")
+    stats = await _idle_stats(http, debug, IDLE_WAIT_S)
+    result.ticks.append(_tick(stats, time.monotonic() - t_start, done, idle=True))
+
+
 async def run_soak(args: argparse.Namespace) -> int:
     """Run the soak; exit status 0 when every call was answered."""
     from pipeswitch.bench.emulators.runner import EmulatorConfig, start_emulator_process
@@ -332,7 +592,7 @@ async def run_soak(args: argparse.Namespace) -> int:
         start_emulator_process, EmulatorConfig(llm_script="office", stt_script="office", seed=1)
     )
     proc: subprocess.Popen[bytes] | None = None
-    result = SoakResult(calls=args.calls)
+    result = SoakResult(calls=args.calls, concurrency=args.concurrency)
     t_start = time.monotonic()
     try:
         proc, ready = await _start_server(emu.info, args, out / "server.log")
@@ -344,54 +604,8 @@ async def run_soak(args: argparse.Namespace) -> int:
             ) as r:
                 r.raise_for_status()
                 speech = _trim((await r.read())[44:])
-            for n in range(1, args.calls + 1):
-                if args.minutes and time.monotonic() - t_start > args.minutes * 60:
-                    result.notes.append(f"stopped after {args.minutes} minutes at call {n - 1}")
-                    break
-                if n == args.warmup + 1:
-                    q = "?tracemalloc=1" if args.tracemalloc else ""
-                    async with http.post(f"{debug}/soak/baseline{q}") as r:
-                        r.raise_for_status()
-                t0 = time.monotonic()
-                try:
-                    lat, err = await one_call(base, n, speech, args.turns, args.dialect)
-                except Exception as exc:  # a broken call is a data point, not the end
-                    lat, err = [], f"{type(exc).__name__}: {exc}"
-                secs = time.monotonic() - t0
-                stats: dict[str, Any] = {}
-                for _ in range(100):  # the server finishes the call's teardown
-                    async with http.get(f"{debug}/soak/stats") as r:
-                        stats = await r.json()
-                    if stats["calls_active"] == 0:
-                        break
-                    await asyncio.sleep(0.05)
-                s = CallSample(
-                    n=n,
-                    seconds=round(secs, 2),
-                    latencies_ms=[round(x, 1) for x in lat],
-                    error=err,
-                    rss_mb=round(stats["rss"] / 2**20, 1),
-                    tasks=stats["tasks"],
-                    threads=stats["threads"],
-                    fds=stats["fds"],
-                    objects=stats["objects"],
-                    at_s=round(time.monotonic() - t_start, 1),
-                )
-                result.samples.append(s)
-                if n == 1 or n % 10 == 0 or err:
-                    logger.info(
-                        "call {}: {} rss={} MB tasks={} threads={} fds={} objects={} {}",
-                        n,
-                        [f"{x:.0f}" for x in s.latencies_ms],
-                        s.rss_mb,
-                        s.tasks,
-                        s.threads,
-                        s.fds,
-                        s.objects,
-                        err,
-                    )
-                if n % 25 == 0:
-                    _write(out, result, args)
+            run = _run_concurrent if args.concurrency > 1 else _run_sequential
+            await run(http, base, debug, speech, args, result, out, t_start)
             if len(result.samples) > args.warmup:
                 async with http.get(f"{debug}/soak/diff") as r:
                     result.diff = await r.json()
@@ -405,28 +619,58 @@ async def run_soak(args: argparse.Namespace) -> int:
     return 0 if all(not s.error for s in result.samples) else 1
 
 
+def _p50(xs: list[float]) -> str:
+    return f"{np.median(xs):.0f}" if xs else "-"
+
+
 def summary(result: SoakResult, warmup: int) -> str:
     """A few lines: growth after warm-up, per 100 calls, and latency early vs late."""
-    s = result.samples
+    s = sorted(result.samples, key=lambda x: x.at_s)
     if not s:
         return "no calls"
-    lines = [f"{len(s)} calls, {sum(1 for x in s if x.error)} with errors"]
-    after = s[min(warmup, len(s) - 1) :]
+    lines = [
+        f"{len(s)} calls ({result.concurrency} at a time), "
+        f"{sum(1 for x in s if x.error)} with errors"
+    ]
+    idle = [t for t in result.ticks if t.idle]
+    if len(idle) >= 2:
+        first_t, last_t = idle[0], idle[-1]
+        lines.append(
+            f"idle points after warm-up (call {first_t.calls_done} -> {last_t.calls_done}, "
+            f"{(last_t.at_s - first_t.at_s) / 60:.0f} min): RSS {first_t.rss_mb} -> "
+            f"{last_t.rss_mb} MB ({last_t.rss_mb - first_t.rss_mb:+.1f} MB), tasks {first_t.tasks} "
+            f"-> {last_t.tasks}, threads {first_t.threads} -> {last_t.threads}, fds {first_t.fds} "
+            f"-> {last_t.fds}, objects {first_t.objects} -> {last_t.objects}; all idle RSS: "
+            + ", ".join(f"{t.rss_mb}" for t in idle)
+        )
+    if result.ticks:
+        peak = max(result.ticks, key=lambda t: t.rss_mb)
+        lines.append(
+            f"timed samples: {len(result.ticks)}, peak RSS {peak.rss_mb} MB at "
+            f"{peak.at_s / 60:.1f} min ({peak.active} calls up), fds max "
+            f"{max(t.fds for t in result.ticks)}, threads max "
+            f"{max(t.threads for t in result.ticks)}, tasks max {max(t.tasks for t in result.ticks)}"
+        )
+    after = [x for x in s if x.n > warmup] or s[-1:]
     first, last = after[0], after[-1]
-    calls = max(1, last.n - first.n)
-    lines.append(
-        f"after warm-up (call {first.n} -> {last.n}): RSS {first.rss_mb} -> {last.rss_mb} MB "
-        f"({(last.rss_mb - first.rss_mb) / calls * 100:+.2f} MB/100 calls), tasks {first.tasks} -> "
-        f"{last.tasks}, threads {first.threads} -> {last.threads}, fds {first.fds} -> {last.fds}, "
-        f"objects {first.objects} -> {last.objects}"
-    )
+    calls = max(1, len(after) - 1)
+    if result.concurrency <= 1:  # with calls up, a per-call sample is not like for like
+        lines.append(
+            f"after warm-up (call {first.n} -> {last.n}): RSS {first.rss_mb} -> {last.rss_mb} MB "
+            f"({(last.rss_mb - first.rss_mb) / calls * 100:+.2f} MB/100 calls), tasks {first.tasks} -> "
+            f"{last.tasks}, threads {first.threads} -> {last.threads}, fds {first.fds} -> {last.fds}, "
+            f"objects {first.objects} -> {last.objects}"
+        )
     lat = [x.latencies_ms[0] for x in after if x.latencies_ms]
     if len(lat) >= 20:
-        k = len(lat) // 4
+        k = max(1, len(lat) // 10)
         lines.append(
-            f"turn latency p50 first quarter {np.median(lat[:k]):.0f} ms, "
-            f"last quarter {np.median(lat[-k:]):.0f} ms"
+            f"turn latency p50 first 10 % {_p50(lat[:k])} ms, last 10 % {_p50(lat[-k:])} ms "
+            f"(first quarter {_p50(lat[: len(lat) // 4])}, last quarter "
+            f"{_p50(lat[-(len(lat) // 4) :])})"
         )
+    secs = [x.seconds for x in s]
+    lines.append(f"call duration p50 {np.median(secs):.1f} s")
     return "\n".join(lines)
 
 
@@ -435,7 +679,9 @@ def _write(out: Path, result: SoakResult, args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "calls": result.calls,
+                "concurrency": result.concurrency,
                 "samples": [asdict(s) for s in result.samples],
+                "ticks": [asdict(t) for t in result.ticks],
                 "diff": result.diff,
                 "notes": result.notes,
                 "summary": summary(result, args.warmup),
@@ -445,11 +691,26 @@ def _write(out: Path, result: SoakResult, args: argparse.Namespace) -> None:
     )
     with (out / "soak.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["call", "rss_mb", "tasks", "threads", "fds", "objects", "latency_ms", "error"])
+        w.writerow(
+            [
+                "call",
+                "at_s",
+                "active",
+                "rss_mb",
+                "tasks",
+                "threads",
+                "fds",
+                "objects",
+                "latency_ms",
+                "error",
+            ]
+        )
         for s in result.samples:
             w.writerow(
                 [
                     s.n,
+                    s.at_s,
+                    s.active,
                     s.rss_mb,
                     s.tasks,
                     s.threads,
@@ -464,7 +725,9 @@ def _write(out: Path, result: SoakResult, args: argparse.Namespace) -> None:
 
 
 def plot(result: SoakResult, path: Path, warmup: int) -> None:
-    """RSS, tasks, threads, fds, live objects and latency against the call number."""
+    """Sequential: RSS, tasks, threads, fds, objects and latency against the call number.
+    Concurrent: RSS, fds, threads, tasks and latency over time (timed samples, idle points
+    marked) and over calls."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -472,24 +735,86 @@ def plot(result: SoakResult, path: Path, warmup: int) -> None:
 
     s = result.samples
     n = [x.n for x in s]
-    panels = [
-        ("RSS (MB)", [x.rss_mb for x in s]),
-        ("asyncio tasks", [x.tasks for x in s]),
-        ("threads", [x.threads for x in s]),
-        ("file descriptors", [x.fds for x in s]),
-        ("live Python objects", [x.objects for x in s]),
-        ("turn latency (ms, wire)", [x.latencies_ms[0] if x.latencies_ms else np.nan for x in s]),
+    if result.concurrency <= 1:
+        panels = [
+            ("RSS (MB)", [x.rss_mb for x in s]),
+            ("asyncio tasks", [x.tasks for x in s]),
+            ("threads", [x.threads for x in s]),
+            ("file descriptors", [x.fds for x in s]),
+            ("live Python objects", [x.objects for x in s]),
+            (
+                "turn latency (ms, wire)",
+                [x.latencies_ms[0] if x.latencies_ms else np.nan for x in s],
+            ),
+        ]
+        fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+        for ax, (title, ys) in zip(axes.flat, panels, strict=True):
+            ax.plot(n, ys, lw=1)
+            ax.axvline(warmup, color="grey", ls=":", lw=1)
+            ax.set_title(title)
+            ax.set_xlabel("call #")
+            ax.grid(alpha=0.3)
+        fig.suptitle(
+            f"pipeswitch bench soak: {len(s)} sequential emulated calls, one server process"
+        )
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return
+    ticks = result.ticks
+    idle = [t for t in ticks if t.idle]
+    tm = [t.at_s / 60 for t in ticks]
+    done = sorted(s, key=lambda x: x.at_s)
+    lat_t = [x.at_s / 60 for x in done if x.latencies_ms]
+    lat = [x.latencies_ms[0] for x in done if x.latencies_ms]
+    keys = [
+        ("RSS (MB)", "rss_mb"),
+        ("file descriptors", "fds"),
+        ("threads", "threads"),
+        ("asyncio tasks", "tasks"),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
-    for ax, (title, ys) in zip(axes.flat, panels, strict=True):
-        ax.plot(n, ys, lw=1)
+    fig, axes = plt.subplots(2, 5, figsize=(20, 7.5))
+    for i, (title, key) in enumerate(keys):
+        ax = axes[0][i]
+        ax.plot(tm, [getattr(t, key) for t in ticks], lw=0.8)
+        ax.plot(
+            [t.at_s / 60 for t in idle],
+            [getattr(t, key) for t in idle],
+            "o",
+            ms=4,
+            color="C3",
+            label="idle points",
+        )
+        ax.set_title(f"{title} over time")
+        ax.set_xlabel("minutes")
+        ax.grid(alpha=0.3)
+        ax = axes[1][i]
+        ax.plot(n, [getattr(x, key) for x in s], ".", ms=2)
         ax.axvline(warmup, color="grey", ls=":", lw=1)
-        ax.set_title(title)
+        ax.set_title(f"{title} after each call")
         ax.set_xlabel("call #")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"pipeswitch bench soak: {len(s)} sequential emulated calls, one server process")
+    axes[0][0].legend(["timed samples", "idle points"], fontsize=8)
+    axes[0][4].plot(lat_t, lat, ".", ms=2)
+    axes[0][4].set_title("turn latency (ms, wire) over time")
+    axes[0][4].set_xlabel("minutes")
+    axes[0][4].grid(alpha=0.3)
+    axes[1][4].plot(
+        [x.n for x in s if x.latencies_ms],
+        [x.latencies_ms[0] for x in s if x.latencies_ms],
+        ".",
+        ms=2,
+    )
+    axes[1][4].set_title("turn latency (ms, wire) by call")
+    axes[1][4].set_xlabel("call #")
+    axes[1][4].grid(alpha=0.3)
+    minutes = ticks[-1].at_s / 60 if ticks else 0.0
+    fig.suptitle(
+        f"pipeswitch bench soak: {len(s)} emulated calls, {result.concurrency} at a time, "
+        f"{minutes:.0f} min, one server process"
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
