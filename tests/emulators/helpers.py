@@ -21,6 +21,13 @@ from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
+from pipeswitch.bench.emulators.elevenlabs_convai import (
+    ConvAISettings,
+    ElevenLabsConvAIEmulator,
+    serve_convai,
+)
+from pipeswitch.bench.emulators.latency import LatencyModel
+
 F = TypeVar("F", bound=Frame)
 
 
@@ -156,3 +163,23 @@ def silence(duration_s: float, sample_rate: int, *, noise_dbfs: float = -70.0) -
     rng = np.random.default_rng(1)
     noise = rng.standard_normal(n) * 32767 * 10 ** (noise_dbfs / 20)
     return noise.astype("<i2").tobytes()
+
+
+@contextlib.asynccontextmanager
+async def convai_on_port(
+    agent: str, reply: str, ping_interval_s: float
+) -> AsyncIterator[tuple[ElevenLabsConvAIEmulator, int]]:
+    """An ElevenLabs ConvAI emulator for one agent ("Hi there.", then ``reply`` to every turn
+    after 50 ms) on its own port; the SDK's tests and the Pipecat service's share it."""
+    emu = ElevenLabsConvAIEmulator(
+        settings=ConvAISettings(
+            agent_ids=[agent], first_message="Hi there.", ping_interval_s=ping_interval_s
+        ),
+        response_latency=LatencyModel.constant(50),
+        script={"*": reply},
+    )
+    runner, port = await serve_convai(emu)
+    try:
+        yield emu, port
+    finally:
+        await runner.cleanup()

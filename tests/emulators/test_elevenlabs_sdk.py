@@ -18,12 +18,10 @@ from elevenlabs.client import ElevenLabs
 from elevenlabs.conversational_ai.conversation import AsyncAudioInterface, AsyncConversation
 
 from pipeswitch.bench.emulators.elevenlabs_convai import (
-    ConvAISettings,
     ElevenLabsConvAIEmulator,
-    serve_convai,
     voiced_standin,
 )
-from pipeswitch.bench.emulators.latency import LatencyModel
+from tests.emulators.helpers import convai_on_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -68,16 +66,8 @@ class ScriptedCaller(AsyncAudioInterface):
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def emulator() -> AsyncIterator[tuple[ElevenLabsConvAIEmulator, int]]:
-    emu = ElevenLabsConvAIEmulator(
-        settings=ConvAISettings(agent_ids=[AGENT], first_message="Hi there.", ping_interval_s=0.3),
-        response_latency=LatencyModel.constant(50),
-        script={"*": "Sure, tomorrow at nine works."},
-    )
-    runner, port = await serve_convai(emu)
-    try:
-        yield emu, port
-    finally:
-        await runner.cleanup()
+    async with convai_on_port(AGENT, "Sure, tomorrow at nine works.", 0.3) as served:
+        yield served
 
 
 async def test_official_sdk_client_holds_a_conversation(

@@ -28,12 +28,9 @@ from pipecat.tests.utils import SleepFrame, run_test
 
 from pipeswitch.bench.emulators.elevenlabs_convai import (
     ConvAIFaults,
-    ConvAISettings,
     ElevenLabsConvAIEmulator,
-    serve_convai,
     voiced_standin,
 )
-from pipeswitch.bench.emulators.latency import LatencyModel
 from pipeswitch.pipelines.services_elevenlabs import (
     ElevenLabsAgentService,
     format_rate,
@@ -41,6 +38,7 @@ from pipeswitch.pipelines.services_elevenlabs import (
     ulaw_encode,
 )
 from pipeswitch.processors.heard_context import heard_prefix
+from tests.emulators.helpers import convai_on_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -49,16 +47,8 @@ AGENT = "agent_unit"
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def convai() -> AsyncIterator[tuple[ElevenLabsConvAIEmulator, int]]:
-    emu = ElevenLabsConvAIEmulator(
-        settings=ConvAISettings(agent_ids=[AGENT], first_message="Hi there.", ping_interval_s=0.2),
-        response_latency=LatencyModel.constant(50),
-        script={"*": "Sure."},
-    )
-    runner, port = await serve_convai(emu)
-    try:
-        yield emu, port
-    finally:
-        await runner.cleanup()
+    async with convai_on_port(AGENT, "Sure.", 0.2) as served:
+        yield served
 
 
 def _service(port: int, **kw: Any) -> ElevenLabsAgentService:
