@@ -22,7 +22,9 @@ async def build_cascade(ctx: CallContext) -> CallPipeline:
     tts = ctx.services.tts()
     context = LLMContext()
     ctx.receptionist_tools(llm, context)
-    aggregators = ctx.context_aggregators(context)
+    # Caller audio to the VAD and the STT socket directly; the pipeline gets events.
+    fast = ctx.media_fast_path(stt)
+    aggregators = ctx.context_aggregators(context, vad=fast is None)
     pipeline = Pipeline(
         [
             ctx.transport.input(),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -50,6 +51,7 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from pipeswitch.config.tenants import Tenant
 from pipeswitch.pipelines.local.incremental_stt import TURN_STOP_TIMEOUT_SECS
+from pipeswitch.pipelines.media_fast_path import CallerMediaFastPath, fast_path_supported
 from pipeswitch.pipelines.services import ProviderEndpoints, make_llm, make_stt, make_tts
 from pipeswitch.pipelines.vad import BatchedSileroVADAnalyzer
 from pipeswitch.processors.barge_in import BargeInStartStrategy
@@ -199,12 +201,18 @@ class CallContext:
             ],
         )
 
-    def context_aggregators(self, context: LLMContext) -> LLMContextAggregatorPair:
-        """User/assistant aggregators with the shared VAD and the tenant's turn-taking."""
+    def context_aggregators(
+        self, context: LLMContext, *, vad: bool = True
+    ) -> LLMContextAggregatorPair:
+        """User/assistant aggregators with the shared VAD and the tenant's turn-taking.
+
+        ``vad=False`` when the media fast path runs the VAD in the transport (its
+        events reach the aggregator as frames).
+        """
         return LLMContextAggregatorPair(
             context,
             user_params=LLMUserAggregatorParams(
-                vad_analyzer=self.vad(),
+                vad_analyzer=self.vad() if vad else None,
                 user_turn_strategies=self.turn_strategies(),
                 # One local Whisper serves every call: let it answer before Pipecat gives up.
                 user_turn_stop_timeout=TURN_STOP_TIMEOUT_SECS
@@ -212,6 +220,20 @@ class CallContext:
                 else 5.0,
             ),
         )
+
+    def media_fast_path(self, stt: STTService) -> CallerMediaFastPath | None:
+        """Caller audio straight from the transport to the VAD and ``stt``'s socket.
+
+        Set on this call's input transport; None (Pipecat's frame path) when the STT
+        needs the audio in the pipeline or ``PIPESWITCH_MEDIA_FAST_PATH=0``.
+        """
+        if os.environ.get("PIPESWITCH_MEDIA_FAST_PATH", "1") == "0":
+            return None
+        if not fast_path_supported(stt):
+            return None
+        fast = CallerMediaFastPath(self.transport.input(), stt, self.vad())
+        self.transport.input().set_media_sink(fast)
+        return fast
 
     def heard_context(self, context: LLMContext) -> HeardContextProcessor:
         """Keeps only what the caller heard in ``context`` (place after the assistant aggregator).

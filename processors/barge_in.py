@@ -8,7 +8,9 @@ caller's turn start only after ``min_secs`` of continuous speech; when the bot
 is quiet it behaves exactly like the VAD strategy.
 
 Speech is measured in caller audio frames (they pass the user aggregator 50
-times a second), not with a timer: no task per call, and deterministic in tests.
+times a second), or, with the media fast path, in the ``CallerSpeechFrame`` it
+pushes per chunk while the caller speaks - not with a timer: no task per call,
+and deterministic in tests.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pipecat.frames.frames import (
 )
 from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_start.base_user_turn_start_strategy import BaseUserTurnStartStrategy
+
+from pipeswitch.transports.frames import CallerSpeechFrame
 
 
 class BargeInStartStrategy(BaseUserTurnStartStrategy):
@@ -43,6 +47,12 @@ class BargeInStartStrategy(BaseUserTurnStartStrategy):
             if self._pending is None:
                 return ProcessFrameResult.CONTINUE
             self._pending += len(frame.audio) / (2 * frame.sample_rate * frame.num_channels)
+            if self._pending >= self._min_secs:
+                return await self._start()
+        elif isinstance(frame, CallerSpeechFrame):
+            if self._pending is None:
+                return ProcessFrameResult.CONTINUE
+            self._pending += frame.secs
             if self._pending >= self._min_secs:
                 return await self._start()
         elif isinstance(frame, VADUserStartedSpeakingFrame):

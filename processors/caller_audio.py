@@ -11,11 +11,13 @@ from __future__ import annotations
 from pipecat.frames.frames import Frame, InputAudioRawFrame
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
+from pipeswitch.transports.frames import CallerSpeechFrame
+
 
 class CallerAudioSink(FrameProcessor):
-    """Consumes caller audio; passes every other frame through unchanged."""
+    """Consumes caller audio (and the fast path's speech counts); passes the rest on."""
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
-        if not isinstance(frame, InputAudioRawFrame):
+        if not isinstance(frame, (InputAudioRawFrame, CallerSpeechFrame)):
             await self.push_frame(frame, direction)

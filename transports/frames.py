@@ -45,3 +45,16 @@ class PlaybackFinishedFrame(SystemFrame):
     # Played by the transport outside the pipeline (the cached greeting): Pipecat's
     # assistant aggregator never saw its text.
     outside_pipeline: bool = False
+
+
+@dataclass
+class CallerSpeechFrame(SystemFrame):
+    """Caller speech that bypassed the pipeline: ``secs`` more of it, while the VAD hears speech.
+
+    With the media fast path (:class:`~pipeswitch.transports.transport.CallerMediaSink`)
+    caller audio never travels the pipeline; processors that measured speech by
+    counting audio frames (the barge-in rule) count these instead - a few per
+    second, and only while the caller is speaking.
+    """
+
+    secs: float = 0.0

@@ -81,6 +81,33 @@ class CallSocket(Protocol):
         ...
 
 
+class CallerMediaSink(Protocol):
+    """Where caller audio goes instead of the pipeline: the media fast path.
+
+    Pipecat would carry every 20 ms of caller audio through a queue and a task
+    per processor to reach the VAD and the STT socket. A sink set on the input
+    transport takes the audio directly (the VAD, the STT's socket) and enters
+    the pipeline only with events (speech started/stopped, transcripts). It
+    follows the input transport's lifecycle.
+    """
+
+    async def setup(self, setup: FrameProcessorSetup) -> None:
+        """The pipeline's rates and task manager, before the pipeline starts."""
+        ...
+
+    async def start(self) -> None:
+        """The pipeline is running: events may be pushed from now on."""
+        ...
+
+    async def stop(self) -> None:
+        """The call is ending (idempotent)."""
+        ...
+
+    async def write(self, frame: InputAudioRawFrame) -> None:
+        """One 20 ms frame of caller audio at the pipeline rate."""
+        ...
+
+
 class PlaybackControl(Protocol):
     """Out-of-band playback control (ESL), the seam the ``file`` dialect needs.
 
@@ -206,14 +233,23 @@ class FreeSwitchInputTransport(BaseInputTransport):
         self._dtmf = DtmfDeduplicator()
         # Keys pressed (heard over ESL) before the pipeline runs wait for it (None: running).
         self._early_dtmf: list[InputDTMFFrame] | None = []
+        self._media_sink: CallerMediaSink | None = None
+
+    def set_media_sink(self, sink: CallerMediaSink) -> None:
+        """Send caller audio to ``sink`` instead of down the pipeline (set before the call runs)."""
+        self._media_sink = sink
 
     async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         await super().setup(setup)
         await self._t.serializer.setup(setup)
+        if self._media_sink is not None:
+            await self._media_sink.setup(setup)
 
     async def start(self, frame: StartFrame) -> None:
         await super().start(frame)
         await self.set_transport_ready(frame)
+        if self._media_sink is not None:
+            await self._media_sink.start()
         early, self._early_dtmf = self._early_dtmf or [], None
         for dtmf in early:
             await self.push_frame(dtmf)
@@ -234,6 +270,8 @@ class FreeSwitchInputTransport(BaseInputTransport):
         await self._stop_receiving()
 
     async def _stop_receiving(self) -> None:
+        if self._media_sink is not None:
+            await self._media_sink.stop()
         if self._receive_task is not None:
             task, self._receive_task = self._receive_task, None
             if task is not asyncio.current_task():
@@ -280,9 +318,12 @@ class FreeSwitchInputTransport(BaseInputTransport):
 
         Pipecat's base input transport queues every frame for a task that only
         applies an optional filter; with no filter that hop is pure overhead on
-        the hottest path (50 frames/s per call).
+        the hottest path (50 frames/s per call). With a media sink the audio does
+        not enter the pipeline at all.
         """
-        if self._params.audio_in_filter is not None:
+        if self._media_sink is not None:
+            await self._media_sink.write(frame)
+        elif self._params.audio_in_filter is not None:
             await super().push_audio_frame(frame)
         elif self._params.audio_in_enabled:
             await self.push_frame(frame)

@@ -1,0 +1,117 @@
+"""The media fast path: caller audio reaches the VAD and Deepgram's socket without
+travelling the pipeline as frames, and the call still takes turns and barges in."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    InputAudioRawFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.turns.types import ProcessFrameResult
+
+from pipeswitch.config.tenants import Tenant
+from pipeswitch.processors.barge_in import BargeInStartStrategy
+from pipeswitch.transports.call_info import CallInfo
+from pipeswitch.transports.frames import CallerSpeechFrame
+from tests.conftest import QUESTION, Served
+from tests.e2e.helpers import ask, open_call, wait_bot_quiet
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+COUNTED = (
+    InputAudioRawFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+    TranscriptionFrame,
+    CallerSpeechFrame,
+)
+
+
+class FrameCounter(BaseObserver):
+    """Counts, per frame type, the pushes between processors of one call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pushes: Counter[type] = Counter()
+
+    async def on_push_frame(self, data: FramePushed) -> None:
+        for kind in COUNTED:
+            if isinstance(data.frame, kind):
+                self.pushes[kind] += 1
+
+
+async def _one_turn(served: Served, uuid: str) -> tuple[FrameCounter, Any, float]:
+    counter = FrameCounter()
+    sessions = served.app.sessions
+    assert sessions is not None
+
+    def factory(call: CallInfo, tenant: Tenant) -> list[BaseObserver]:
+        return [counter] if call.call_uuid == uuid else []
+
+    sessions.observer_factories.append(factory)
+    rate = 8000
+    speech = await served.speech(QUESTION, rate)
+    before = len(served.emu.deepgram.streams)
+    try:
+        stream = await open_call(served.url(uuid=uuid, rate=rate), rate, "json-stream")
+        try:
+            await wait_bot_quiet(stream, timeout_s=10.0)
+            _, answer = await ask(stream, speech, rate)
+            assert answer is not None, "the bot did not answer the caller's question"
+            sent_secs = stream.audio_bytes_sent / (2 * rate)
+            record = served.emu.deepgram.streams[before]
+            # Wait (a loaded machine lags) for the STT to have all the audio sent so far.
+            deadline = time.monotonic() + 10.0
+            while record.audio_s < sent_secs - 0.1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            await stream.hangup()
+    finally:
+        sessions.observer_factories.remove(factory)
+    return counter, record, sent_secs
+
+
+async def test_caller_audio_bypasses_the_pipeline_and_the_turn_still_works(
+    served: Served,
+) -> None:
+    counter, record, sent_secs = await _one_turn(served, "fast-path-on")
+    assert counter.pushes[InputAudioRawFrame] == 0, "caller audio travelled the pipeline"
+    # The VAD's events and the STT's transcript are frames, as before.
+    assert counter.pushes[VADUserStartedSpeakingFrame] >= 1
+    assert counter.pushes[VADUserStoppedSpeakingFrame] >= 1
+    assert counter.pushes[TranscriptionFrame] >= 1
+    # Deepgram got the caller's audio (all but what was in flight at the hang-up) and a
+    # Finalize after the VAD stop.
+    assert record.finalizes >= 1
+    assert record.audio_s == pytest.approx(sent_secs, abs=0.1)
+
+
+async def test_fast_path_can_be_turned_off(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPESWITCH_MEDIA_FAST_PATH", "0")
+    counter, record, _ = await _one_turn(served, "fast-path-off")
+    assert counter.pushes[InputAudioRawFrame] > 50  # Pipecat's frame path: 50 per second
+    assert counter.pushes[CallerSpeechFrame] == 0
+    assert record.audio_s > 1.0
+
+
+async def test_barge_in_counts_fast_path_speech_over_the_bot() -> None:
+    strategy = BargeInStartStrategy(0.2)
+    await strategy.process_frame(BotStartedSpeakingFrame())
+    started = await strategy.process_frame(VADUserStartedSpeakingFrame(start_secs=0.1))
+    assert started is ProcessFrameResult.CONTINUE  # 0.1 s over the bot is not enough
+    assert await strategy.process_frame(CallerSpeechFrame(secs=0.04)) is ProcessFrameResult.CONTINUE
+    assert await strategy.process_frame(CallerSpeechFrame(secs=0.08)) is ProcessFrameResult.STOP
+    # Speech that ends before it counts is no barge-in.
+    await strategy.process_frame(VADUserStartedSpeakingFrame(start_secs=0.1))
+    await strategy.process_frame(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+    assert await strategy.process_frame(CallerSpeechFrame(secs=0.5)) is ProcessFrameResult.CONTINUE
