@@ -73,6 +73,7 @@ class SoakDebug:
         api.router.add_get("/soak/stats", self._stats)
         api.router.add_post("/soak/baseline", self._baseline)
         api.router.add_get("/soak/diff", self._diff)
+        api.router.add_post("/soak/trim", self._trim)
         self._runner = web.AppRunner(api, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -99,6 +100,16 @@ class SoakDebug:
                 else None,
             }
         )
+
+    async def _trim(self, _: web.Request) -> web.Response:
+        """``malloc_trim(0)``: how much of the RSS is memory glibc holds free (thread arenas
+        fragmented by calls' buffers) rather than live data."""
+        import ctypes
+
+        gc.collect()
+        before = _rss()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return web.json_response({"before": before, "after": _rss()})
 
     async def _baseline(self, request: web.Request) -> web.Response:
         gc.collect()
@@ -215,6 +226,7 @@ class Tick:
     fds: int
     objects: int
     idle: bool = False
+    rss_trimmed_mb: float | None = None  # after malloc_trim(0) (--trim-at-idle)
 
 
 @dataclass
@@ -241,6 +253,11 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="the emulated switch's upgrade timeout (default libwsc's 1 s; more on a loaded box)",
+    )
+    p.add_argument(
+        "--trim-at-idle",
+        action="store_true",
+        help="at idle points also malloc_trim(0) and record the RSS after it",
     )
     p.add_argument("--interval", type=float, default=10.0, help="seconds between timed samples")
     p.add_argument(
@@ -518,6 +535,9 @@ async def _run_concurrent(
             await _baseline(http, debug, args)
             stats = await _stats(http, debug)
         t = _tick(stats, time.monotonic() - t_start, done, idle=True)
+        if args.trim_at_idle:
+            async with http.post(f"{debug}/soak/trim") as r:
+                t.rss_trimmed_mb = round((await r.json())["after"] / 2**20, 1)
         result.ticks.append(t)
         logger.info(
             "idle point after {} calls: rss={} MB tasks={} threads={} fds={} objects={}",
@@ -643,6 +663,12 @@ def summary(result: SoakResult, warmup: int) -> str:
             f"-> {last_t.fds}, objects {first_t.objects} -> {last_t.objects}; all idle RSS: "
             + ", ".join(f"{t.rss_mb}" for t in idle)
         )
+        trimmed = [t for t in idle if t.rss_trimmed_mb is not None]
+        if trimmed:
+            lines.append(
+                "idle RSS after malloc_trim(0): "
+                + ", ".join(f"{t.rss_mb} -> {t.rss_trimmed_mb}" for t in trimmed)
+            )
     if result.ticks:
         peak = max(result.ticks, key=lambda t: t.rss_mb)
         lines.append(
@@ -794,7 +820,19 @@ def plot(result: SoakResult, path: Path, warmup: int) -> None:
         ax.set_title(f"{title} after each call")
         ax.set_xlabel("call #")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(["timed samples", "idle points"], fontsize=8)
+    trimmed = [t for t in idle if t.rss_trimmed_mb is not None]
+    if trimmed:
+        axes[0][0].plot(
+            [t.at_s / 60 for t in trimmed],
+            [t.rss_trimmed_mb for t in trimmed],
+            "s",
+            ms=4,
+            color="C2",
+        )
+    axes[0][0].legend(
+        ["timed samples", "idle points", "idle, after malloc_trim(0)"][: 3 if trimmed else 2],
+        fontsize=8,
+    )
     axes[0][4].plot(lat_t, lat, ".", ms=2)
     axes[0][4].set_title("turn latency (ms, wire) over time")
     axes[0][4].set_xlabel("minutes")
