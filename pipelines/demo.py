@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -106,9 +107,11 @@ async def run_demo(args: argparse.Namespace) -> int:
         await _wait_quiet(stream, 0.0, 0.7, 15.0)  # the greeting
         greeting_at = stream.first_bot_audio_received_after(0.0)
         latencies: list[float] = []
+        premature = 0  # replies that began before the caller's last word
         speech_end = 0.0
         first_reply: float | None = None
         for _ in range(max(1, args.turns)):
+            asked_at = time.monotonic()
             stream.queue_caller_audio(question)
             stream.queue_caller_silence(0.3)
             await stream.wait_caller_drained(timeout_s=len(question) / (2 * rate) + 5)
@@ -116,6 +119,8 @@ async def run_demo(args: argparse.Namespace) -> int:
             # Returns when the reply is over; the cap only matters on a starved CPU, where the
             # 0.5B LLM can take tens of seconds (measured 24 s at load average 15 on 2 cores).
             await _wait_quiet(stream, speech_end, 1.0, 60.0)
+            early = stream.first_bot_audio_received_after(asked_at)
+            premature += early is not None and early < speech_end
             first_reply = stream.first_bot_audio_received_after(speech_end)
             if first_reply is not None:
                 latencies.append(first_reply - speech_end)
@@ -145,7 +150,10 @@ async def run_demo(args: argparse.Namespace) -> int:
         if latencies
         else None,
         "turn_latency_ms_pipeline": [round(x * 1000) for x in rec.turn_latencies],
-        "stages": [b.turn_contribution_lines() for b in rec.breakdowns][-1:] or None,
+        "premature_replies": premature,
+        # Timings on a shared machine mean little without it (1, 5, 15 min; 2 cores).
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "stages": [b.turn_contribution_lines() for b in rec.breakdowns] or None,
         "reply_wav": str(args.out) if args.out else None,
     }
     print(json.dumps(summary, indent=2))

@@ -53,6 +53,13 @@ THREAD_ENV_VARS = (
     "TOKENIZERS_PARALLELISM",
 )
 STDERR_TAIL_LINES = 60
+# llama.cpp threads. One by default: its threads meet at a barrier after every op, so a
+# thread that is descheduled stalls the others. On 2 cores the LLM shares the CPU with
+# Piper (synthesizing the first clause while the reply is still being generated), Whisper
+# and the server; measured at load average ~20, 3 replies each: 1 thread first token
+# 2.3-3.7 s, first clause 2.9-6.5 s; 2 threads 9.1-10.6 s and 18.7-58.5 s (poll=0 too).
+# Set it to 2 on a machine where the LLM has 2 cores to itself.
+LLM_THREADS_ENV = "PIPESWITCH_LOCAL_LLM_THREADS"
 
 
 class LocalServerError(RuntimeError):
@@ -120,7 +127,8 @@ class LocalModelServers:
             thrashing 2 cores).
         piper_warm: phrases to pre-synthesize (and pin in the cache) at start-up, at
             each of ``piper_warm_rates`` (a greeting must be ready at the call's rate).
-        whisper_threads / llm_threads: CPU threads per server.
+        whisper_threads / llm_threads: CPU threads per server (``llm_threads`` None:
+            ``$PIPESWITCH_LOCAL_LLM_THREADS``, else 1; see ``LLM_THREADS_ENV``).
         whisper_compute_type: CTranslate2 compute type (``int8`` or ``float32``).
         llm_parallel: llama.cpp slots (concurrent conversations).
         llm_ctx: context size in tokens *per slot*.
@@ -144,7 +152,7 @@ class LocalModelServers:
         piper_warm_rates: tuple[int, ...] = (8000,),
         whisper_threads: int = 2,
         whisper_compute_type: str = "int8",
-        llm_threads: int = 2,
+        llm_threads: int | None = None,
         llm_parallel: int = 2,
         llm_ctx: int = 2048,
         llm_mode: str = "front",
@@ -188,6 +196,8 @@ class LocalModelServers:
                 whisper_threads,
             )
         if llm:
+            if llm_threads is None:
+                llm_threads = max(1, int(os.environ.get(LLM_THREADS_ENV) or 1))
             args = [
                 *common,
                 "--threads",

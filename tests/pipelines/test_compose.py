@@ -105,7 +105,7 @@ def test_a_local_whisper_turn_is_not_given_up_after_five_seconds(
     from pipeswitch.pipelines.compose import CallContext
     from pipeswitch.pipelines.services import ProviderEndpoints
 
-    tenant = Tenant(name="t.example", providers={"stt": stt})
+    tenant = Tenant.model_validate({"name": "t.example", "providers": {"stt": stt}})
     ctx = CallContext(
         tenant=tenant,
         call=cast(Any, None),
