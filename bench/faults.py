@@ -325,9 +325,11 @@ async def run_faults(args: argparse.Namespace) -> int:
     from pipeswitch.config.tenants import Tenant
 
     greeting = Tenant(name="default").first_message
-    models = LocalModelServers(
-        piper=True, whisper=False, llm=False, piper_warm=[greeting] if greeting else []
-    )
+    from pipeswitch.processors.turn_watchdog import RECOVERY_PHRASES
+
+    # What the server warms at start-up: the greeting and the recovery phrases.
+    warm = [greeting, *RECOVERY_PHRASES] if greeting else list(RECOVERY_PHRASES)
+    models = LocalModelServers(piper=True, whisper=False, llm=False, piper_warm=warm)
     await models.start()
     proxy = TtsFaultProxy(models.piper_base)
     proxy_url = await proxy.start()

@@ -48,6 +48,9 @@ class TurnSettings(BaseModel):
     stt_timeout_secs: float = 0.8
     # Caller speech shorter than this while the bot talks is not a barge-in.
     barge_in_min_secs: float = 0.2
+    # Cascade turn watchdog (processors/turn_watchdog.py): no bot audio this long after the
+    # caller's speech ends -> a cached holding phrase; LLM retry and apology follow. 0 = off.
+    watchdog_secs: float = Field(default=1.2, ge=0, le=10)
     # Start the LLM on a complete-looking final transcript before the turn is certain
     # (its reply is held until the turn ends on the same words; discarded otherwise).
     speculate: bool = True
@@ -79,6 +82,8 @@ class ProviderSettings(BaseModel):
     llm_temperature: float | None = 0.6
     llm_max_tokens: int | None = 200
     tts: Literal["piper"] = "piper"
+    # A second Piper HTTP endpoint (same API) tried when the first refuses, fails or stalls.
+    tts_fallback_url: str | None = None
     realtime_model: str | None = None
     # Speech-to-speech (pipeline = "openai-realtime" | "gemini-live"): the provider's voice
     # (None = the provider's default), and who ends the caller's turn: the provider's server

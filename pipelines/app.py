@@ -48,6 +48,7 @@ from pipeswitch.pipelines.tenancy import Tenancy
 from pipeswitch.pipelines.tracing import setup_tracing
 from pipeswitch.pipelines.turn_based import fallback_mounts
 from pipeswitch.pipelines.vad import shared_batcher
+from pipeswitch.processors.turn_watchdog import RECOVERY_PHRASES
 from pipeswitch.transports import metrics
 from pipeswitch.transports.esl import EslClient
 from pipeswitch.transports.server import CallServer
@@ -231,6 +232,9 @@ class Pipeswitch:
         }
         if self.settings.shutdown_goodbye:
             texts.add(self.settings.shutdown_goodbye)
+        # The turn watchdog's holding phrase and apologies (cached per call at its start).
+        if any(t.turns.watchdog_secs > 0 for t in self._tenants()):
+            texts |= set(RECOVERY_PHRASES)
         return sorted(texts)
 
     def _log_tenants(self) -> None:

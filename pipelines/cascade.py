@@ -4,16 +4,23 @@ Written with the same composition API as a developer's own builder
 (:mod:`pipeswitch.pipelines.compose`). Barge-in is Pipecat's own: a user-turn
 start broadcasts an InterruptionFrame; the output transport stops playback in
 the tenant's dialect and reports how far it got; the heard-context processor
-keeps only what the caller heard in the conversation.
+keeps only what the caller heard in the conversation. A turn watchdog
+(:mod:`pipeswitch.processors.turn_watchdog`) covers a provider that stalls or fails:
+holding phrase, one LLM retry, cached apology, STT reconnect.
 """
 
 from __future__ import annotations
 
+from loguru import logger
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.services.stt_service import STTService
 
 from pipeswitch.pipelines.compose import CallContext, CallPipeline, register_builder
+from pipeswitch.pipelines.recovery import PHRASES
 from pipeswitch.processors.dtmf import dtmf_aggregator
+from pipeswitch.processors.turn_watchdog import TurnWatchdog, WatchdogParams
 
 
 async def build_cascade(ctx: CallContext) -> CallPipeline:
@@ -25,21 +32,47 @@ async def build_cascade(ctx: CallContext) -> CallPipeline:
     # Caller audio to the VAD and the STT socket directly; the pipeline gets events.
     fast = ctx.media_fast_path(stt)
     aggregators = ctx.context_aggregators(context, vad=fast is None)
+    parts: dict[str, FrameProcessor] = {"stt": stt, "llm": llm, "tts": tts}
+    watchdog = _watchdog(ctx, stt, context)
+    if watchdog is not None:
+        parts["watchdog"] = watchdog.tail
     pipeline = Pipeline(
         [
             ctx.transport.input(),
             stt,
+            *([watchdog.ear] if watchdog else []),
             dtmf_aggregator(),  # keys pressed -> a caller turn the LLM reads
             aggregators.user(),
             ctx.caller_audio_sink(),
+            *([watchdog.head] if watchdog else []),
             llm,
+            *([watchdog.mouth] if watchdog else []),
             tts,
+            *([watchdog.tail] if watchdog else []),
             ctx.transport.output(),
             aggregators.assistant(),
             ctx.heard_context(context),
         ]
     )
-    return CallPipeline(pipeline, context, parts={"stt": stt, "llm": llm, "tts": tts})
+    return CallPipeline(pipeline, context, parts=parts)
+
+
+def _watchdog(ctx: CallContext, stt: STTService, context: LLMContext) -> TurnWatchdog | None:
+    """The tenant's turn watchdog, its phrases fetched now if not cached (None: off)."""
+    secs = ctx.tenant.turns.watchdog_secs
+    if secs <= 0:
+        return None
+    url = ctx.endpoints.piper_for_rate(ctx.sample_rate)
+    PHRASES.ensure(ctx.http, url, ctx.tenant.voice)
+    watchdog = TurnWatchdog(
+        WatchdogParams.from_hold(secs),
+        PHRASES.lookup(url, ctx.tenant.voice),
+        logger.bind(call=ctx.call.call_uuid, tenant=ctx.tenant.name),
+        stt=stt,
+        context=context,
+    )
+    watchdog.ear.watch_stt()
+    return watchdog
 
 
 register_builder("cascade", build_cascade)

@@ -7,10 +7,12 @@ or to the Deepgram emulator, to Groq or to the local llama.cpp server.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from loguru import logger
 from pipecat.services.deepgram.flux.stt import DeepgramFluxSTTService
 from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.groq.llm import GroqLLMService
@@ -21,6 +23,7 @@ from pipecat.services.piper.tts import PiperHttpTTSService
 from pipecat.services.stt_service import STTService
 from pipecat.services.tts_service import TTSService
 from pipecat.transcriptions.language import Language
+from yarl import URL
 
 from pipeswitch.config.settings import ProviderMode
 from pipeswitch.config.tenants import Tenant
@@ -172,6 +175,59 @@ def make_llm(tenant: Tenant, ep: ProviderEndpoints) -> BaseOpenAILLMService:
     )
 
 
+# A Piper request with no response headers after this long has stalled (Piper's own
+# first byte takes ~0.1-0.3 s for a sentence; a slow one is still inside this).
+TTS_FIRST_BYTE_SECS = 2.0
+_TTS_SESSIONS: dict[tuple[int, str | None], aiohttp.ClientSession] = {}
+
+
+def tts_retry(fallback_url: str | None, first_byte_secs: float = TTS_FIRST_BYTE_SECS) -> Any:
+    """aiohttp middleware: a refused, 5xx or stalled TTS request is retried once (on the
+    tenant's fallback Piper when it has one), so one failure is not a silent sentence.
+
+    Pipecat's Piper service is unmodified: it gets a session with this middleware. A
+    second failure reaches the service as before (an ErrorFrame: the watchdog apologises).
+    """
+
+    async def middleware(
+        req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        try:
+            resp = await asyncio.wait_for(handler(req), first_byte_secs)
+            if resp.status < 500:
+                return resp
+            resp.release()
+            why = f"HTTP {resp.status}"
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        where = "the fallback TTS" if fallback_url else "once"
+        log = logger.bind(call=req.url.query.get("call", "-"))  # make_tts puts it there
+        log.warning("TTS request failed ({}); retrying {}", why, where)
+        if fallback_url:
+            url = URL(fallback_url).with_query(req.url.query)
+            return await asyncio.wait_for(
+                req.session.request(
+                    req.method, url, data=req.body, headers=req.headers, middlewares=()
+                ),
+                first_byte_secs,
+            )
+        return await asyncio.wait_for(handler(req), first_byte_secs)
+
+    return middleware
+
+
+def tts_session(base: aiohttp.ClientSession, fallback_url: str | None) -> aiohttp.ClientSession:
+    """``base``'s connection pool with the TTS retry middleware (one per pool and fallback)."""
+    key = (id(base), fallback_url)
+    session = _TTS_SESSIONS.get(key)
+    if session is None or session.closed or session.connector is not base.connector:
+        session = aiohttp.ClientSession(
+            connector=base.connector, connector_owner=False, middlewares=(tts_retry(fallback_url),)
+        )
+        _TTS_SESSIONS[key] = session
+    return session
+
+
 def make_tts(
     tenant: Tenant,
     ep: ProviderEndpoints,
@@ -183,7 +239,7 @@ def make_tts(
     tts = PiperHttpTTSService(
         # The call id lets the Piper server synthesize earliest-needed sentences first.
         base_url=ep.piper_for_rate(sample_rate) + (f"&call={call_uuid}" if call_uuid else ""),
-        aiohttp_session=session,
+        aiohttp_session=tts_session(session, tenant.providers.tts_fallback_url),
         sample_rate=sample_rate,
         settings=PiperHttpTTSService.Settings(voice=tenant.voice),
     )

@@ -34,7 +34,7 @@ from pipeswitch.pipelines.compose import (
 )
 from pipeswitch.pipelines.greeting_cache import GreetingCache
 from pipeswitch.pipelines.piper_client import WavError
-from pipeswitch.pipelines.recovery import install_apology, is_provider
+from pipeswitch.pipelines.recovery import install_apology, is_provider, watchdog_of
 from pipeswitch.pipelines.services import ProviderEndpoints
 from pipeswitch.pipelines.tenancy import endpoints_for_tenant
 from pipeswitch.pipelines.tracing import tracing_wanted
@@ -230,7 +230,7 @@ class CallSessions:
             idle_timeout_secs=self.settings.idle_timeout_secs,
             name=f"call-{call.call_uuid}",
         )
-        install_apology(worker, log)
+        install_apology(worker, log, watchdog=watchdog_of(cp.parts))
 
         @latency.event_handler("on_latency_measured")
         async def _on_latency(_: Any, secs: float) -> None:

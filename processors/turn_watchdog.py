@@ -1,0 +1,415 @@
+"""Per-turn watchdog: the caller never waits in dead air for a provider that hangs.
+
+A provider that fails loudly (5xx, refused connection) raises an ``ErrorFrame``; one that
+stalls (a hung Deepgram stream, an LLM that never sends its first token, a TTS request
+that never answers) raises nothing, and the caller hears silence. The watchdog times
+each caller turn from the end of speech (the VAD stop, minus its stop delay):
+
+* ``hold_secs`` (1.2 s): no bot audio yet and the caller is silent -> a short holding
+  phrase ("One moment, please.") from pre-synthesized PCM, pushed straight to the
+  output transport, so it plays even when the TTS is the provider that is down;
+* ``retry_secs``: the turn was committed but the LLM has produced no text -> the stuck
+  request is cancelled (an interruption downstream of the user aggregator) and the LLM
+  runs once more on the same context;
+* ``give_up_secs``: still no answer -> interrupt whatever is stuck and play the cached
+  apology (asking the caller to repeat).
+
+Caller speech cancels the turn's timer (never speak over the caller), and the reply's
+first TTS audio ends it (the interruption before a retry cancels the stuck request, so
+a late answer cannot play twice). The watchdog also keeps the STT alive: a stream that
+gives no transcript while the caller speaks is reconnected (Pipecat buffers the audio
+that arrives meanwhile and sends it on; what the hung stream swallowed is lost, and the
+apology asks the caller to repeat); one that Pipecat gave up on (refused, 5xx) is
+revived with backoff, and at once when the caller starts speaking.
+
+Four small frame-in/frame-out processors share one :class:`TurnWatchdog`: ``ear``
+(after the STT), ``head`` (after the user aggregator), ``mouth`` (after the LLM) and
+``tail`` (after the TTS, before the output transport).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    Frame,
+    FunctionCallsStartedFrame,
+    InterimTranscriptionFrame,
+    InterruptionFrame,
+    LLMContextFrame,
+    LLMTextFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.services.stt_service import STTService
+
+HOLDING_PHRASE = "One moment, please."
+LLM_APOLOGY = "Sorry, I had a problem just now. Could you say that again?"
+STT_APOLOGY = "Sorry, I didn't catch that. Could you repeat it?"
+RECOVERY_PHRASES = (HOLDING_PHRASE, LLM_APOLOGY, STT_APOLOGY)
+
+# Cached phrase audio: text -> (pcm, sample rate), or None while it is not available.
+PhraseLookup = Callable[[str], "tuple[bytes, int] | None"]
+
+
+@dataclass(frozen=True)
+class WatchdogParams:
+    """Seconds from the end of the caller's speech (tenant ``turns.watchdog_secs``)."""
+
+    hold_secs: float = 1.2
+    retry_secs: float = 2.5
+    give_up_secs: float = 5.0
+    # The LLM gets at least this long after the turn is committed before a retry.
+    llm_secs: float = 1.5
+    # Speech shorter than this with no transcript is a cough, not a turn.
+    min_speech_secs: float = 0.5
+    # No transcript (not even an interim) this long after the VAD stop of a real segment:
+    # the STT stalled (Deepgram's final comes ~0.3 s after the stop, interims earlier).
+    stt_stall_secs: float = 1.0
+
+    @classmethod
+    def from_hold(cls, hold_secs: float) -> WatchdogParams:
+        """Scale the later deadlines with the tenant's holding budget."""
+        return cls(hold_secs=hold_secs, retry_secs=hold_secs + 1.3, give_up_secs=hold_secs + 3.8)
+
+
+class TurnWatchdog:
+    """One call's turn state, shared by the four processors."""
+
+    def __init__(
+        self,
+        params: WatchdogParams,
+        phrases: PhraseLookup,
+        log: Any,
+        *,
+        stt: STTService | None = None,
+        context: LLMContext | None = None,
+    ) -> None:
+        self.params = params
+        self.phrases = phrases
+        self.log = log
+        self.stt = stt
+        self.context = context
+        self.ear = _Ear(self)
+        self.head = _Head(self)
+        self.mouth = _Mouth(self)
+        self.tail = _Tail(self)
+        # Turn state (reset at each end of speech).
+        self.caller_speaking = False
+        self.speech_started_at = 0.0
+        self.speech_end: float | None = None
+        self.transcript_since_start = False
+        self.committed_at: float | None = None
+        self.llm_text = False
+        self.answered = True  # nothing to answer before the caller's first turn
+        self.held = False
+        self.retried = False
+        self.apologised = False
+        self.stt_failed = False
+        # Counters for logs and tests.
+        self.holds = 0
+        self.retries = 0
+        self.apologies = 0
+        self.stt_reconnects = 0
+
+    @property
+    def waiting(self) -> bool:
+        """A caller turn ended and nothing has answered it yet."""
+        return self.speech_end is not None and not self.answered and not self.caller_speaking
+
+    def speech_started(self) -> None:
+        self.caller_speaking = True
+        self.speech_started_at = time.monotonic()
+        self.transcript_since_start = False
+        # A speculative LLM run may start before the VAD stop: the turn's state starts here.
+        self.committed_at = None
+        self.llm_text = False
+        self.tail.cancel_timer()
+
+    def speech_stopped(self, stop_secs: float) -> None:
+        self.caller_speaking = False
+        now = time.monotonic()
+        end = now - stop_secs
+        long_enough = end - self.speech_started_at >= self.params.min_speech_secs
+        if not (self.transcript_since_start or long_enough):
+            return  # a cough or a click: not a turn to watch
+        self.speech_end = end
+        self.answered = False
+        self.held = self.retried = self.apologised = False
+        self.tail.start_timer()
+
+    def answer_heard(self) -> None:
+        if not self.answered:
+            self.answered = True
+            self.tail.cancel_timer()
+
+    async def provider_error(self, kind: str, error: str) -> bool:
+        """A provider reported an error; True when the caller was told (cached audio)."""
+        if kind == "stt":
+            self.stt_failed = True
+            return False
+        if self.apologised or self.speech_end is None or self.caller_speaking:
+            return False
+        if kind == "tts" and self.answered:
+            return False  # a later sentence failed; the caller already has an answer
+        self.log.warning("{} failed ({}); apologising from cached audio", kind.upper(), error)
+        self.apologised = True
+        self.answered = True
+        self.tail.cancel_timer()
+        return await self.tail.say(LLM_APOLOGY)
+
+
+class _Ear(FrameProcessor):
+    """After the STT: caller speech (VAD), transcripts, and the STT's health."""
+
+    def __init__(self, w: TurnWatchdog) -> None:
+        super().__init__(name="watchdog-ear")
+        self._w = w
+        self._stall_task: asyncio.Task[None] | None = None
+        self._revive_task: asyncio.Task[None] | None = None
+        self._reconnecting = False
+        self._stt_handler_added = False
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        w = self._w
+        if isinstance(frame, (TranscriptionFrame, InterimTranscriptionFrame)):
+            w.transcript_since_start = True
+            if self._stall_task is not None:
+                await self.cancel_task(self._stall_task)
+                self._stall_task = None
+        elif isinstance(frame, VADUserStartedSpeakingFrame) and not w.caller_speaking:
+            # Either direction: the aggregator's VAD broadcasts it upstream; a media fast
+            # path in the transport sends it down. Once per segment either way.
+            w.speech_started()
+            if self._stall_task is not None:
+                await self.cancel_task(self._stall_task)
+                self._stall_task = None
+            stt = w.stt
+            if stt is not None and not stt.is_usable and not self._reconnecting:
+                self.create_task(self._reconnect("STT down, caller speaking"), "stt-revive-now")
+        elif isinstance(frame, VADUserStoppedSpeakingFrame) and w.caller_speaking:
+            # The VAD decided at frame.timestamp (wall clock): count the queueing since.
+            lag = min(1.0, max(0.0, time.time() - frame.timestamp))
+            w.speech_stopped(frame.stop_secs + lag)
+            if w.stt is not None and w.speech_end is not None and not w.transcript_since_start:
+                if self._stall_task is not None:
+                    await self.cancel_task(self._stall_task)
+                self._stall_task = self.create_task(
+                    self._stall_check(self._w.params.stt_stall_secs), "stt-stall-check"
+                )
+        await self.push_frame(frame, direction)
+
+    async def _stall_check(self, secs: float) -> None:
+        await asyncio.sleep(secs)
+        self._stall_task = None
+        if not self._w.transcript_since_start and not self._reconnecting:
+            await self._reconnect("no transcript for the caller's speech")
+
+    async def _reconnect(self, why: str) -> bool:
+        """Reconnect the STT (Pipecat buffers the caller's audio meanwhile and sends it)."""
+        stt = self._w.stt
+        if stt is None or self._reconnecting:
+            return False
+        self._reconnecting = True
+        try:
+            self._w.stt_reconnects += 1
+            self._w.log.warning("STT: {}; reconnecting", why)
+            await stt.set_usable(True)
+            await stt._reconnect()
+            ok = stt.is_usable
+        finally:
+            self._reconnecting = False
+        if not ok:
+            self._ensure_revival()
+            return False
+        self._w.stt_failed = False
+        return True
+
+    def watch_stt(self) -> None:
+        """Revive the STT whenever Pipecat gives up on it (refused, 5xx, dropped)."""
+        stt = self._w.stt
+        if stt is None or self._stt_handler_added:
+            return
+        self._stt_handler_added = True
+        tracker = getattr(stt, "_quick_failure_tracker", None)
+        if tracker is not None:
+            # Pipecat's Deepgram retries a failing connect 3 times, 4-10 s apart, inside the
+            # service's start: every frame of the call (the caller's VAD events included)
+            # queues behind it. Let it give up at once; _revive retries off the pipeline.
+            tracker.max_consecutive_failures = 1
+
+        @stt.event_handler("on_usable_changed")
+        async def _usable(_: Any, usable: bool) -> None:
+            if not usable:
+                self._ensure_revival()
+
+    def _ensure_revival(self) -> None:
+        if self._revive_task is None or self._revive_task.done():
+            self._revive_task = self.create_task(self._revive(), "stt-revive")
+
+    async def _revive(self) -> None:
+        delay = 1.0
+        stt = self._w.stt
+        while stt is not None and not stt.is_usable:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            if stt.is_usable or self._reconnecting:
+                continue
+            await self._reconnect("STT unusable")
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        for task in (self._stall_task, self._revive_task):
+            if task is not None:
+                await self.cancel_task(task)
+
+
+class _Head(FrameProcessor):
+    """After the user aggregator: the committed turn, and where a retry is injected."""
+
+    def __init__(self, w: TurnWatchdog) -> None:
+        super().__init__(name="watchdog-head")
+        self._w = w
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, LLMContextFrame):
+            self._w.committed_at = time.monotonic()
+            self._w.context = frame.context
+        await self.push_frame(frame, direction)
+
+    async def retry(self) -> None:
+        """Cancel the stuck LLM request (an interruption) and run the LLM again."""
+        context = self._w.context
+        if context is None:
+            return
+        await self.push_frame(InterruptionFrame())
+        self._w.committed_at = time.monotonic()
+        await self.push_frame(LLMContextFrame(context=context))
+
+    async def interrupt(self) -> None:
+        await self.push_frame(InterruptionFrame())
+
+
+class _Mouth(FrameProcessor):
+    """After the LLM: whether the LLM has produced text this turn."""
+
+    def __init__(self, w: TurnWatchdog) -> None:
+        super().__init__(name="watchdog-mouth")
+        self._w = w
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        # Text, or a tool call (a retry would run the tool twice): the LLM is not stuck.
+        if isinstance(frame, (LLMTextFrame, FunctionCallsStartedFrame)):
+            self._w.llm_text = True
+        await self.push_frame(frame, direction)
+
+
+class _Tail(FrameProcessor):
+    """After the TTS: the reply's audio ends the turn; cached phrases are played here."""
+
+    def __init__(self, w: TurnWatchdog) -> None:
+        super().__init__(name="watchdog-tail")
+        self._w = w
+        self.watchdog = w  # how the call controller finds the watchdog (pipeline parts)
+        self._timer: asyncio.Task[None] | None = None
+        self._playing_until = 0.0
+        self._interrupted = asyncio.Event()
+        self.bot_speaking = False
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame):
+            self._w.answer_heard()
+        elif isinstance(frame, InterruptionFrame):
+            self._interrupted.set()
+        elif isinstance(frame, BotStartedSpeakingFrame):
+            self.bot_speaking = True
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self.bot_speaking = False
+        await self.push_frame(frame, direction)
+
+    async def interrupt_then(self, text: str | None = None) -> None:
+        """Interrupt from the head and wait for it to pass here, so it cannot cut ``text``."""
+        self._interrupted.clear()
+        await self._w.head.interrupt()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._interrupted.wait(), timeout=1.0)
+        if text:
+            await self.say(text)
+
+    def start_timer(self) -> None:
+        self.cancel_timer()
+        self._timer = self.create_task(self._watch(), "turn-watchdog")
+
+    def cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and not timer.done() and timer is not asyncio.current_task():
+            timer.cancel()
+
+    async def _until(self, delay: float) -> None:
+        end = self._w.speech_end
+        assert end is not None
+        await asyncio.sleep(max(0.0, end + delay - time.monotonic()))
+
+    async def _watch(self) -> None:
+        w, p = self._w, self._w.params
+        await self._until(p.hold_secs)
+        if not w.waiting or self.bot_speaking:
+            return  # answered, or the caller spoke over a reply that is still playing
+        w.held = True
+        w.holds += 1
+        w.log.info("no reply {:.1f}s after the caller's turn; holding phrase", p.hold_secs)
+        await self.say(HOLDING_PHRASE)
+        await self._until(p.retry_secs)
+        if w.committed_at is not None:
+            await asyncio.sleep(max(0.0, w.committed_at + p.llm_secs - time.monotonic()))
+        await asyncio.sleep(max(0.0, self._playing_until - time.monotonic()))
+        if w.waiting and w.committed_at is not None and not w.llm_text and not w.retried:
+            w.retried = True
+            w.retries += 1
+            w.log.warning("LLM gave no text for the caller's turn; cancelling and retrying once")
+            await w.head.retry()
+        await self._until(p.give_up_secs)
+        await asyncio.sleep(max(0.0, self._playing_until - time.monotonic()))
+        if not w.waiting or w.apologised:
+            return
+        w.apologised = True
+        w.apologies += 1
+        phrase = LLM_APOLOGY if w.committed_at is not None else STT_APOLOGY
+        w.log.warning("no reply {:.1f}s after the caller's turn; apologising", p.give_up_secs)
+        w.answered = True
+        await self.interrupt_then(phrase)
+
+    async def say(self, text: str) -> bool:
+        """Play a cached phrase now; False when it is not cached (Piper was down at start)."""
+        found = self._w.phrases(text)
+        if found is None:
+            self._w.log.warning("recovery phrase {!r} is not cached; nothing to play", text)
+            return False
+        pcm, rate = found
+        step = rate * 2 // 5  # 200 ms frames: few frames, and an interruption still cuts it
+        for i in range(0, len(pcm), step):
+            await self.push_frame(
+                TTSAudioRawFrame(audio=pcm[i : i + step], sample_rate=rate, num_channels=1)
+            )
+        start = max(time.monotonic(), self._playing_until)
+        self._playing_until = start + len(pcm) / (2 * rate)
+        return True
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        self.cancel_timer()
