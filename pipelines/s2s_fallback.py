@@ -250,6 +250,9 @@ class S2SFailureWatch(FrameProcessor):
         self._stall_task: asyncio.Task[None] | None = None
         self._connected = connected
         self.failed = False
+        # The caller talked on this branch (its turns seen here): a failure before the
+        # provider heard them (no session yet) lost their words, and calls for the apology.
+        self.caller_spoke = False
         self._pending = ""
         self._watch: asyncio.Task[None] | None = None
 
@@ -303,6 +306,8 @@ class S2SFailureWatch(FrameProcessor):
             else:
                 await self.fail(reason)
             return
+        if isinstance(frame, UserStartedSpeakingFrame):
+            self.caller_spoke = True
         if not self.failed:
             if isinstance(frame, UserStoppedSpeakingFrame):
                 self._arm_reply()
@@ -387,7 +392,7 @@ class S2SFallback:
         await asyncio.sleep(SETTLE_SECS)
         await self._head.queue_frame(ManuallySwitchServiceFrame(service=self._cascade))
         await self._tail.queue_frame(ManuallySwitchServiceFrame(service=self._cascade_tail))
-        caller_spoke = any(
+        caller_spoke = self._watch.caller_spoke or any(
             isinstance(m, dict) and m.get("role") == "user" for m in self._context.get_messages()
         )
         if caller_spoke and self._apology:
