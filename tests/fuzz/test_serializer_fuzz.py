@@ -35,6 +35,9 @@ FIXTURES = [p.read_bytes() for p in sorted(FIX.glob("*.bin"))]
 MAX_TEXT = 8192
 EXAMPLES = int(os.environ.get("PIPESWITCH_FUZZ_EXAMPLES", "200"))
 COUNT = {"messages": 0, "frames_out": 0}
+# test_zz_enough_inputs reads what the tests above counted: under pytest-xdist the whole module
+# runs on one worker, in order.
+pytestmark = pytest.mark.xdist_group("serializer-fuzz")
 _LOOP = asyncio.new_event_loop()
 FUZZ = settings(
     max_examples=EXAMPLES,

@@ -25,7 +25,17 @@ from pipeswitch.config.tenant_store import AgentFields, TenantStore
 PG_HOST = os.environ.get("PIPESWITCH_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("PIPESWITCH_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("PIPESWITCH_TEST_PG_USER", "postgres")
-REDIS_URL = os.environ.get("PIPESWITCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Each pytest-xdist worker (gw0, gw1, ...) gets its own Redis database (1, 2, ...), so fixed
+# call uuids ("c1", "during") in two tests running at once never share a key.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+REDIS_DB = int(_WORKER[2:]) % 15 + 1 if _WORKER.startswith("gw") else 0
+REDIS_URL = os.environ.get("PIPESWITCH_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{REDIS_DB}")
+
+
+def redis_url(port: int) -> str:
+    """The worker's Redis database through ``port`` (a :class:`CuttableProxy`)."""
+    return f"redis://127.0.0.1:{port}/{REDIS_DB}"
+
 
 # FusionPBX's v_domains as FusionPBX creates it (the columns Pipeswitch reads).
 V_DOMAINS = """

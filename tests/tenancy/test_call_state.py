@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from pipeswitch.config.call_state import LocalCallState, RedisCallState
 from pipeswitch.config.tenants import Tenant
-from tests.tenancy.conftest import CuttableProxy
+from tests.tenancy.conftest import CuttableProxy, redis_url
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -97,7 +97,7 @@ async def test_redis_down_degrades_as_configured(
 ) -> None:
     t = tenant(1)
     s = RedisCallState(
-        f"redis://127.0.0.1:{redis_proxy.port}/0",
+        redis_url(redis_proxy.port),
         degrade=degrade,
         ttl_secs=1.0,
     )

@@ -70,10 +70,11 @@ async def test_postgres_outage_buffers_then_writes(db: Db, pg_proxy: CuttablePro
     w = RecordWriter(TenantStore(pool, db.box), interval_secs=0.05)
     await w.start()
     w.submit(rows_for(duid))
-    for _ in range(100):
+    for _ in range(500):  # the first call is written before the outage (10 s: a loaded CI box)
         if await count_calls(db, duid) == 1:
             break
         await asyncio.sleep(0.02)
+    assert await count_calls(db, duid) == 1
     await pg_proxy.cut()
     for _ in range(5):
         w.submit(rows_for(duid))
