@@ -83,6 +83,34 @@ def make_tenants() -> StaticTenantLoader:
     return StaticTenantLoader(tenants, default="default")
 
 
+# pytest-xdist (``-n 3 --dist loadgroup`` in pyproject): tests that share a costly fixture run
+# on one worker, so it starts once, not once per worker. The whole local model stack (Whisper
+# and the LLM: memory and both cores), the console's Chromium, the speech-to-speech server.
+_SHARED_FIXTURE_GROUPS = {"local_servers": "local-models", "console": "console", "s2s": "s2s"}
+
+
+def _xdist_group(item: pytest.Item) -> str | None:
+    """The worker group of ``item``: its costly shared fixture, or its module when the module
+    has a module-scoped fixture (one set-up per module, not one per worker it lands on)."""
+    names = getattr(item, "fixturenames", ())
+    for fixture, group in _SHARED_FIXTURE_GROUPS.items():
+        if fixture in names:
+            return group
+    info = getattr(item, "_fixtureinfo", None)
+    if info is not None:
+        for defs in info.name2fixturedefs.values():
+            if defs and defs[-1].scope == "module":
+                return item.nodeid.split("::")[0]
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its xdist group (an explicit ``xdist_group`` mark wins)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and (group := _xdist_group(item)):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def log_lines() -> Iterator[list[str]]:
     """Every log line of the session, to check that bad input is logged with a reason."""
