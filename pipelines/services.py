@@ -175,9 +175,10 @@ def make_llm(tenant: Tenant, ep: ProviderEndpoints) -> BaseOpenAILLMService:
     )
 
 
-# A Piper request with no response headers after this long has stalled (Piper's own
-# first byte takes ~0.1-0.3 s for a sentence; a slow one is still inside this).
-TTS_FIRST_BYTE_SECS = 2.0
+# A Piper request with no response headers after this long has stalled. Piper's first
+# byte is ~0.1-0.3 s for a sentence, but over 2 s on a loaded box (measured, load average
+# ~20), and a retry then only adds load; the turn watchdog covers the caller meanwhile.
+TTS_FIRST_BYTE_SECS = 5.0
 _TTS_SESSIONS: dict[tuple[int, str | None], aiohttp.ClientSession] = {}
 
 

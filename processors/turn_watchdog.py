@@ -75,8 +75,9 @@ class WatchdogParams:
     # Speech shorter than this with no transcript is a cough, not a turn.
     min_speech_secs: float = 0.5
     # No transcript (not even an interim) this long after the VAD stop of a real segment:
-    # the STT stalled (Deepgram's final comes ~0.3 s after the stop, interims earlier).
-    stt_stall_secs: float = 1.0
+    # the STT stalled (Deepgram's final comes ~0.3 s after the stop, interims earlier; a
+    # reconnect drops a final still on its way, so this errs long: a loaded box is slow).
+    stt_stall_secs: float = 2.0
 
     @classmethod
     def from_hold(cls, hold_secs: float) -> WatchdogParams:
