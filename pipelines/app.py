@@ -37,6 +37,7 @@ from pipeswitch.pipelines.local.models import (
     resolve_model_sources,
 )
 from pipeswitch.pipelines.local.supervisor import LocalModelServers
+from pipeswitch.pipelines.memtrim import trim_free_memory
 from pipeswitch.pipelines.services import ProviderEndpoints
 from pipeswitch.pipelines.session import CallSessions
 from pipeswitch.pipelines.startup import (
@@ -436,6 +437,7 @@ class Pipeswitch:
         at the peaks in ``pipeswitch bench soak``, Python objects flat after a collection)."""
         if self.sessions is not None and not self.sessions.active:
             gc.collect()
+            await trim_free_memory()  # what glibc kept free in its per-thread arenas
 
     async def __aenter__(self) -> Pipeswitch:
         await self.start()
