@@ -62,6 +62,15 @@ REPLY = (
     "hour, and there is a bus stop just outside the front door."
 )
 
+# The cascade synthesizes its reply sentence by sentence (Piper over HTTP): short
+# sentences, so a loaded machine still keeps up (the long ones timed out at 2 s).
+CASCADE_REPLY = (
+    "Of course. Our office is on Market Street. It is next to the library. "
+    "We open at nine. We close at five. That is Monday to Friday. "
+    "On Saturdays we open at ten. We close at two. Parking is free. "
+    "The first hour costs nothing. A bus stops outside. The door is on the left."
+)
+
 
 class EchoPath:
     """The line's echo of what the caller hears, plus noise, added to the caller's audio."""
@@ -138,8 +147,22 @@ def _tenants() -> Any:
             turns=TurnSettings(echo_guard=guard),
         )
 
+    def cascade(name: str, guard: bool) -> Tenant:
+        return Tenant(
+            name=name,
+            first_message=None,
+            playback="json-stream",
+            turns=TurnSettings(echo_guard_cascade=guard),
+        )
+
     return StaticTenantLoader(
-        [Tenant(name="default"), t("echo-on.test", True), t("echo-off.test", False)],
+        [
+            Tenant(name="default"),
+            t("echo-on.test", True),
+            t("echo-off.test", False),
+            cascade("echo-on.cascade", True),
+            cascade("echo-off.cascade", False),
+        ],
         default="default",
     )
 
@@ -153,6 +176,8 @@ class Bench:
     http: aiohttp.ClientSession
     speech: dict[str, bytes] = field(default_factory=dict)
     guards: dict[str, Any] = field(default_factory=dict)
+    # Playback cut by an interruption, per finished call (the call record's count).
+    interruptions: dict[str, int] = field(default_factory=dict)
 
     async def say(self, text: str, rate: int) -> bytes:
         if text not in self.speech:
@@ -199,10 +224,13 @@ async def running_bench(response: LatencyModel | None = None) -> AsyncIterator[B
             # Synthesize the agent's replies now, so a reply starts 300 ms after the turn.
             for text in (REPLY, "Sure, take your time."):
                 await convai.speech(text, 16000)
+            # The cascade's LLM gives the same long reply to whatever the caller says.
+            emu.openai.script = lambda messages: CASCADE_REPLY
             async with aiohttp.ClientSession() as http:
                 bench = Bench(app, convai, http)
 
                 async def _record_guard(record: Any, cp: Any) -> None:
+                    bench.interruptions[record.call.call_uuid] = len(record.interruptions)
                     bench.guards[record.call.call_uuid] = cp.parts.get("echo_guard")
 
                 assert app.sessions is not None
@@ -224,13 +252,13 @@ async def _wait_conversation(b: Bench, n: int) -> ConversationRecord:
 
 
 async def _wait_reply_over(
-    stream: FakeSwitchStream, started: float, timeout: float, conv: ConversationRecord
+    stream: FakeSwitchStream, started: float, timeout: float, conv: ConversationRecord | None
 ) -> None:
     """Until the reply played out (bot quiet for 1.2 s) or the agent was interrupted."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-        if any(t.interrupted_at is not None for t in conv.agent_turns):
+        if conv is not None and any(t.interrupted_at is not None for t in conv.agent_turns):
             await asyncio.sleep(0.5)  # let the cut reach the wire
             return
         last = stream.last_bot_audio_at()
@@ -255,13 +283,16 @@ async def run_trial(
     barge_ins: int,
     noise_dbfs: float,
     seed: int,
+    pipeline: str = "elevenlabs-agent",
 ) -> TrialResult:
     """False interruptions over ``replies`` long replies, then ``barge_ins`` real ones."""
     rng = random.Random(seed)
     res = TrialResult(erl_db=erl_db, guard=guard)
     ask = await b.say(ASK_LONG, rate)
     barge = await b.say(BARGE_IN, rate)
-    domain = "echo-on.test" if guard else "echo-off.test"
+    cascade = pipeline == "cascade"
+    suffix = "cascade" if cascade else "test"
+    domain = f"echo-on.{suffix}" if guard else f"echo-off.{suffix}"
     for i in range(replies + (barge_ins if guard else 0)):
         delay = rng.uniform(0.04, 0.12)
         res.delay_ms.append(round(delay * 1000, 1))
@@ -275,23 +306,25 @@ async def run_trial(
         await stream.start()
         if not await stream.wait_connected(3.0):
             raise RuntimeError("call did not connect")
+        false_trial = i < replies
         try:
-            conv = await _wait_conversation(b, n)
+            conv = None if cascade else await _wait_conversation(b, n)
             asked = await _ask(stream, ask)
-            if i < replies:
+            if false_trial:
                 await _wait_reply_over(stream, asked, timeout=40.0, conv=conv)
-                long_turns = [t for t in conv.agent_turns if t.text == REPLY]
                 res.replies += 1
-                res.server_interruptions += sum(
-                    1 for u in conv.user_turns if u.interrupted_event_id
-                )
-                cut = any(t.interrupted_at is not None for t in long_turns)
                 played = _bot_speech_secs(stream, asked, rate)
                 res.bot_speech_s += played
-                # Cut = interrupted at the agent, or (locally) a reply that did not all play.
-                full = len(b.convai._speech_cache.get((REPLY, 16000), b"")) / 32000
-                if cut or played < full - 1.0:
-                    res.replies_cut += 1
+                if conv is not None:
+                    long_turns = [t for t in conv.agent_turns if t.text == REPLY]
+                    res.server_interruptions += sum(
+                        1 for u in conv.user_turns if u.interrupted_event_id
+                    )
+                    cut = any(t.interrupted_at is not None for t in long_turns)
+                    # Cut = interrupted at the agent, or (locally) a reply that did not all play.
+                    full = len(b.convai._speech_cache.get((REPLY, 16000), b"")) / 32000
+                    if cut or played < full - 1.0:
+                        res.replies_cut += 1
             else:
                 first = None
                 while first is None and time.monotonic() - asked < 8.0:
@@ -324,12 +357,15 @@ async def run_trial(
         finally:
             await stream.hangup()
         res.guard_barge_ins += await _guard_barge_ins(b, stream.uuid)
+        if cascade and false_trial and b.interruptions.pop(stream.uuid, 0):
+            # The cascade's playback was cut by a caller turn nobody spoke: false.
+            res.replies_cut += 1
     return res
 
 
 async def _guard_barge_ins(b: Bench, uuid: str) -> int:
     """The echo guard's own count for a finished call (0 without a guard)."""
-    for _ in range(100):
+    for _ in range(250):
         if uuid in b.guards:
             guard = b.guards.pop(uuid)
             return 0 if guard is None else int(guard.core.stats.barge_ins)
@@ -455,6 +491,7 @@ async def run_echo_bench(
     rate: int = 8000,
     noise_dbfs: float = -55.0,
     baseline: bool = True,
+    pipeline: str = "elevenlabs-agent",
 ) -> list[TrialResult]:
     """Every level with the guard on (and off, for the baseline)."""
     results: list[TrialResult] = []
@@ -471,6 +508,7 @@ async def run_echo_bench(
                         barge_ins=barge_ins,
                         noise_dbfs=noise_dbfs,
                         seed=100 * k + (0 if guard else 50),
+                        pipeline=pipeline,
                     )
                 )
     return results
@@ -513,6 +551,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--barge-ins", type=int, default=2, help="real barge-ins per level")
     p.add_argument("--noise-dbfs", type=float, default=-55.0)
     p.add_argument("--no-baseline", action="store_true", help="skip the guard-off runs")
+    p.add_argument(
+        "--pipeline",
+        choices=("elevenlabs-agent", "cascade"),
+        default="elevenlabs-agent",
+        help="the calls' pipeline (the cascade: Deepgram/Groq emulators, Piper)",
+    )
     p.add_argument("--out", default=None, help="results folder")
     p.add_argument(
         "--turns", type=int, default=0, help="only measure N turns' wire latency and overhead"
@@ -538,9 +582,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             barge_ins=args.barge_ins,
             noise_dbfs=args.noise_dbfs,
             baseline=not args.no_baseline,
+            pipeline=args.pipeline,
         )
     )
-    table = report(results, args.noise_dbfs)
+    table = f"Pipeline: {args.pipeline}.\n" + report(results, args.noise_dbfs)
     out = Path(args.out or f"bench/results/echo-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "echo.json").write_text(

@@ -57,6 +57,10 @@ class TurnSettings(BaseModel):
     # Speech-to-speech: while the bot talks, caller audio must clear the estimated echo of
     # the bot's own voice to reach the provider's VAD (processors/echo_guard.py).
     echo_guard: bool = True
+    # The same guard in front of the cascade's VAD and STT (greeting included). Off by
+    # default: with it on, callers talking over the bot at the bot's own level were held
+    # (the e2e barge-in tests); see README "Echo-safe barge-in" for the measured figures.
+    echo_guard_cascade: bool = False
 
 
 class ProviderSettings(BaseModel):

@@ -20,26 +20,36 @@ from pipecat.services.stt_service import STTService
 from pipeswitch.pipelines.compose import CallContext, CallPipeline, register_builder
 from pipeswitch.pipelines.recovery import PHRASES
 from pipeswitch.processors.dtmf import dtmf_aggregator
+from pipeswitch.processors.echo_guard import EchoGuard, EchoGuardParams
 from pipeswitch.processors.turn_watchdog import TurnWatchdog, WatchdogParams
 
 
 async def build_cascade(ctx: CallContext) -> CallPipeline:
     """Compose the cascade pipeline for one call."""
+    # Before the first await: the greeting starts playing then, and its echo counts too.
+    guard = cascade_echo_guard(ctx)
     stt, llm = await ctx.services.stt_and_llm()
     tts = ctx.services.tts()
     context = LLMContext()
     ctx.receptionist_tools(llm, context)
     # Caller audio to the VAD and the STT socket directly; the pipeline gets events.
     fast = ctx.media_fast_path(stt)
+    if fast is not None and guard is not None:
+        ctx.transport.input().set_media_sink(guard.sink(fast))  # echo never reaches them
     aggregators = ctx.context_aggregators(context, vad=fast is None)
     parts: dict[str, FrameProcessor] = {"stt": stt, "llm": llm, "tts": tts}
+    if guard is not None:
+        parts["echo_guard"] = guard.input()
     watchdog = _watchdog(ctx, stt, context)
     if watchdog is not None:
         parts["watchdog"] = watchdog.tail
     pipeline = Pipeline(
         [
             ctx.transport.input(),
+            *([guard.input()] if guard is not None and fast is None else []),
             stt,
+            # Backchannels ("mm-hm" over the bot) become UserBackchannelFrames: no turn.
+            *([guard.reference()] if guard is not None else []),
             *([watchdog.ear] if watchdog else []),
             dtmf_aggregator(),  # keys pressed -> a caller turn the LLM reads
             aggregators.user(),
@@ -55,6 +65,23 @@ async def build_cascade(ctx: CallContext) -> CallPipeline:
         ]
     )
     return CallPipeline(pipeline, context, parts=parts)
+
+
+def cascade_echo_guard(ctx: CallContext) -> EchoGuard | None:
+    """The echo guard in front of the cascade's VAD and STT (``turns.echo_guard_cascade``).
+
+    It mutes caller audio that is only the bot's echo (energy within the margin above
+    the echo estimate) and holds a candidate until it is speech; the barge-in rule
+    (``BargeInStartStrategy``, ``barge_in_min_secs``) then runs on what gets through.
+    The bot's audio is timed where the transport writes it, the greeting included.
+    """
+    if not ctx.tenant.turns.echo_guard_cascade:
+        return None
+    guard = EchoGuard(EchoGuardParams(), interrupt=False)
+    if ctx.transport.params.audio_out_filter is None:
+        ctx.transport.params.audio_out_filter = guard.output_filter()
+    ctx.transport.output().prompt_tap = guard.prompt_tap
+    return guard
 
 
 def _watchdog(ctx: CallContext, stt: STTService, context: LLMContext) -> TurnWatchdog | None:

@@ -148,6 +148,8 @@ async def build_elevenlabs_agent(ctx: CallContext) -> CallPipeline:
     if guard is not None and ctx.transport.params.audio_out_filter is None:
         # Time the bot's audio where the transport writes it (see EchoGuard.output_filter).
         ctx.transport.params.audio_out_filter = guard.output_filter()
+    if guard is not None:
+        ctx.transport.output().prompt_tap = guard.prompt_tap  # the greeting's echo too
     # The agent and what must sit right after it on the speech-to-speech branch: the
     # guard's bot-audio tap (and backchannel filter), then the transcript recorder.
     agent = Pipeline(

@@ -39,7 +39,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pipecat.audio.filters.base_audio_filter import BaseAudioFilter
@@ -52,7 +52,10 @@ from pipecat.frames.frames import (
     TranscriptionFrame,
     UserBackchannelFrame,
 )
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
+
+if TYPE_CHECKING:
+    from pipeswitch.transports.transport import CallerMediaSink
 
 SILENCE_DB = -96.0
 # Caller audio more than this behind real time is a pause in the stream, not a delay.
@@ -394,6 +397,8 @@ class EchoGuard:
         speech the guard lets through.
         """
         self.core = EchoGuardCore(params)
+        self._held: list[InputAudioRawFrame] = []
+        self._clock = -math.inf
         self._input = EchoGuardInput(self, interrupt=interrupt)
         self._reference = EchoGuardReference(self)
         self._filter: EchoReferenceFilter | None = None
@@ -418,6 +423,47 @@ class EchoGuard:
             self._filter = EchoReferenceFilter(self.core)
         return self._filter
 
+    def prompt_tap(self, audio: bytes, sample_rate: int) -> None:
+        """Bot audio the transport plays outside the pipeline (the cached greeting), as
+        it is written: the greeting's echo must not count as the caller either."""
+        now = _now()
+        secs = len(audio) / (2 * sample_rate)
+        for k, lv in enumerate(frame_levels_db(audio, sample_rate)):
+            self.core.bot_audio(now, min(0.02, secs - 0.02 * k), lv)
+
+    def _audio_time(self, secs: float) -> float:
+        """When this frame was captured: the caller's audio clock, not its arrival.
+
+        Frames delayed on the way arrive in bursts; stamping each with its arrival
+        time would misalign it with the bot's echo. The clock advances by the audio's
+        own duration, never runs ahead of now, and re-anchors after a real pause.
+        """
+        now = _now()
+        t = self._clock + secs
+        if t > now or t < now - RESYNC_SECS:
+            t = now
+        self._clock = t
+        return t
+
+    def gate(self, frame: InputAudioRawFrame) -> tuple[Verdict, list[InputAudioRawFrame]]:
+        """One caller frame through the gate: the verdict and the frames to send on
+        (none while held; silence for echo; the held onset with a barge-in)."""
+        secs = len(frame.audio) / (2 * frame.sample_rate * frame.num_channels)
+        verdict = self.core.caller_frame(self._audio_time(secs), secs, level_db(frame.audio))
+        if verdict is Verdict.PASS:
+            return verdict, [frame]
+        if verdict is Verdict.HOLD:
+            self._held.append(frame)
+            return verdict, []
+        out, self._held = [*self._held, frame], []
+        if verdict is Verdict.MUTE:
+            out = [_silent(f) for f in out]
+        return verdict, out
+
+    def sink(self, inner: CallerMediaSink) -> EchoGatedSink:
+        """The gate in front of a media fast path (caller audio that skips the pipeline)."""
+        return EchoGatedSink(self, inner)
+
     @property
     def timed_by_filter(self) -> bool:
         """Whether the output filter, not the pipeline tap, feeds the bot's audio."""
@@ -436,22 +482,6 @@ class EchoGuardInput(FrameProcessor):
         super().__init__(**kwargs)
         self._guard = guard
         self._interrupt = interrupt
-        self._held: list[InputAudioRawFrame] = []
-        self._clock = -math.inf
-
-    def _audio_time(self, secs: float) -> float:
-        """When this frame was captured: the caller's audio clock, not its arrival.
-
-        Frames delayed on the way arrive in bursts; stamping each with its arrival
-        time would misalign it with the bot's echo. The clock advances by the audio's
-        own duration, never runs ahead of now, and re-anchors after a real pause.
-        """
-        now = _now()
-        t = self._clock + secs
-        if t > now or t < now - RESYNC_SECS:
-            t = now
-        self._clock = t
-        return t
 
     @property
     def core(self) -> EchoGuardCore:
@@ -466,23 +496,43 @@ class EchoGuardInput(FrameProcessor):
                 self._guard.core.bot_interrupted(_now())
             await self.push_frame(frame, direction)
             return
-        secs = len(frame.audio) / (2 * frame.sample_rate * frame.num_channels)
-        verdict = self._guard.core.caller_frame(self._audio_time(secs), secs, level_db(frame.audio))
-        if verdict is Verdict.PASS:
-            await self.push_frame(frame, direction)
-        elif verdict is Verdict.HOLD:
-            self._held.append(frame)
-        elif verdict is Verdict.MUTE:
-            for f in [*self._held, frame]:
-                await self.push_frame(_silent(f), direction)
-            self._held.clear()
-        else:
-            release, self._held = [*self._held, frame], []
-            if self._interrupt:
-                self._guard.core.bot_interrupted(_now())
-                await self.broadcast_interruption()
-            for f in release:
-                await self.push_frame(f, direction)
+        verdict, out = self._guard.gate(frame)
+        if verdict is Verdict.BARGE_IN and self._interrupt:
+            self._guard.core.bot_interrupted(_now())
+            await self.broadcast_interruption()
+        for f in out:
+            await self.push_frame(f, direction)
+
+
+class EchoGatedSink:
+    """The guard's gate in front of the media fast path (a ``CallerMediaSink``).
+
+    With the fast path, caller audio goes from the transport straight to the VAD and
+    the STT socket; the gate decides there, frame by frame, exactly as
+    :class:`EchoGuardInput` does in the pipeline: echo reaches neither as speech.
+    """
+
+    def __init__(self, guard: EchoGuard, inner: CallerMediaSink) -> None:
+        """Gate ``inner``'s audio with ``guard``."""
+        self._guard = guard
+        self._inner = inner
+
+    async def setup(self, setup: FrameProcessorSetup) -> None:
+        """Pass through."""
+        await self._inner.setup(setup)
+
+    async def start(self) -> None:
+        """Pass through."""
+        await self._inner.start()
+
+    async def stop(self) -> None:
+        """Pass through."""
+        await self._inner.stop()
+
+    async def write(self, frame: InputAudioRawFrame) -> None:
+        """One caller frame through the gate, then on to the fast path."""
+        for f in self._guard.gate(frame)[1]:
+            await self._inner.write(f)
 
 
 class EchoGuardReference(FrameProcessor):

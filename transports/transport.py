@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from aiohttp import WSMessage, WSMsgType
@@ -378,6 +379,9 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         self._prompt_task: asyncio.Task[None] | None = None
         self._prompt_done: PlaybackFinishedFrame | None = None
         self._started = False
+        # Called with the prompt's audio (the greeting) as it is written: it bypasses the
+        # pipeline's audio_out_filter, and an echo canceller must still hear it.
+        self.prompt_tap: Callable[[bytes, int], None] | None = None
 
     async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         await super().setup(setup)
@@ -405,6 +409,8 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
             )
             if not await self._write(frame):
                 return
+            if self.prompt_tap is not None:
+                self.prompt_tap(frame.audio, sample_rate)
         await self._flush()
         self._prompt_done = self._finish_sentence()
         if self._started:

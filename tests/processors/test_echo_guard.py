@@ -212,3 +212,53 @@ async def test_reference_swaps_backchannel_transcripts() -> None:
         expected_down_frames=[UserBackchannelFrame, TranscriptionFrame],
     )
     assert isinstance(down[1], TranscriptionFrame) and down[1].text == "What about Sunday?"
+
+
+class _Sink:
+    """A media fast path stand-in: records what the gate let through."""
+
+    def __init__(self) -> None:
+        self.frames: list[InputAudioRawFrame] = []
+
+    async def setup(self, setup: object) -> None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def write(self, frame: InputAudioRawFrame) -> None:
+        self.frames.append(frame)
+
+
+async def _feed(sink: object, frames: list[InputAudioRawFrame]) -> None:
+    for f in frames:
+        await sink.write(f)  # type: ignore[attr-defined]
+        await asyncio.sleep(F)  # the transport delivers one frame per 20 ms
+
+
+async def test_greeting_played_outside_the_pipeline_is_covered() -> None:
+    """The greeting goes out through the transport's prompt tap, not the pipeline: its
+    echo is muted all the same, and a caller talking over it still gets through."""
+    guard = EchoGuard(EchoGuardParams(min_speech_secs=0.1))
+    sink = _Sink()
+    gated = guard.sink(sink)
+    guard.prompt_tap(_pcm(-20.0, 1.5), 8000)  # the greeting starts playing now
+    echo = [InputAudioRawFrame(audio=_pcm(-38.0), sample_rate=8000, num_channels=1)] * 20
+    voice = [InputAudioRawFrame(audio=_pcm(-14.0), sample_rate=8000, num_channels=1)] * 8
+    await _feed(gated, [*echo, *voice])
+    muted = [f for f in sink.frames if not any(f.audio)]
+    assert len(muted) >= 15, "the greeting's echo reached the VAD/STT"
+    assert len([f for f in sink.frames if level_db(f.audio) > -20]) == 8
+    assert guard.core.stats.barge_ins == 1
+
+
+async def test_without_the_prompt_tap_greeting_echo_would_pass() -> None:
+    """The case the tap fixes: the guard does not know the bot is talking."""
+    guard = EchoGuard(EchoGuardParams(min_speech_secs=0.1))
+    sink = _Sink()
+    echo = [InputAudioRawFrame(audio=_pcm(-38.0), sample_rate=8000, num_channels=1)] * 10
+    await _feed(guard.sink(sink), echo)
+    assert all(any(f.audio) for f in sink.frames)
