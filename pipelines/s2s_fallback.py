@@ -53,7 +53,7 @@ from pipecat.services.stt_service import STTService
 from pipecat.services.tts_service import TTSService
 
 from pipeswitch.pipelines.services import ProviderUnavailable
-from pipeswitch.transports.resample import StreamResampler
+from pipeswitch.transports.resample import Resampler, edge_resampler
 
 if TYPE_CHECKING:
     from pipeswitch.pipelines.compose import CallContext
@@ -61,24 +61,26 @@ if TYPE_CHECKING:
 
 
 class ProviderRateAdapter(FrameProcessor):
-    """Caller audio to the provider's input rate, with the project's stream resampler.
+    """Caller audio to the provider's input rate, with the low-delay edge resampler.
 
     Placed right before the speech-to-speech service, after the user aggregator
-    (whose Silero runs at the telephone rate). A frame already at the target rate
+    (whose Silero runs at the telephone rate). Each 20 ms frame goes on at once,
+    resampled (soxr "HQ" held 8 -> 24 kHz audio back 60 ms: the provider heard the
+    end of the caller's turn that much later). A frame already at the target rate
     passes untouched, so 16 kHz calls into Gemini are not resampled at all.
     """
 
     def __init__(self, rate: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.rate = rate
-        self._resampler: StreamResampler | None = None
+        self._resampler: Resampler | None = None
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         if isinstance(frame, InputAudioRawFrame) and frame.sample_rate != self.rate:
             r = self._resampler
             if r is None or r.in_rate != frame.sample_rate:
-                r = self._resampler = StreamResampler(frame.sample_rate, self.rate)
+                r = self._resampler = edge_resampler(frame.sample_rate, self.rate)
             pcm = r.process(frame.audio)
             if not pcm:
                 return
@@ -91,14 +93,15 @@ class ProviderAudioOut(FrameProcessor):
 
     Pipecat's output transport would resample it too, but with soxr "VHQ", which
     releases telephone-sized chunks in ~100 ms bursts (measured: +100 ms p50 of
-    server overhead per turn); the project's "HQ" stream resampler releases every
-    chunk. Frames stay ``TTSAudioRawFrame`` so the transport still counts bot speech.
+    server overhead per turn); soxr "HQ" still held the first 60 ms of a reply.
+    The low-delay edge resampler answers every delta whole (3.6 ms filter delay).
+    Frames stay ``TTSAudioRawFrame`` so the transport still counts bot speech.
     """
 
     def __init__(self, rate: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.rate = rate
-        self._resampler: StreamResampler | None = None
+        self._resampler: Resampler | None = None
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
@@ -107,7 +110,7 @@ class ProviderAudioOut(FrameProcessor):
         elif isinstance(frame, TTSAudioRawFrame) and frame.sample_rate != self.rate:
             r = self._resampler
             if r is None or r.in_rate != frame.sample_rate:
-                r = self._resampler = StreamResampler(frame.sample_rate, self.rate)
+                r = self._resampler = edge_resampler(frame.sample_rate, self.rate)
             pcm = r.process(frame.audio)
             if not pcm:
                 return

@@ -86,7 +86,7 @@ from websockets.asyncio.client import connect as websocket_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from pipeswitch.processors.heard_context import heard_prefix
-from pipeswitch.transports.resample import StreamResampler
+from pipeswitch.transports.resample import Resampler, edge_resampler
 
 DEFAULT_BASE_URL = "wss://api.elevenlabs.io"
 # Speaking rate assumed until a response's own text/audio ratio is known.
@@ -257,7 +257,7 @@ class ElevenLabsAgentService(LLMService):
         self._ws: ClientConnection | None = None
         self._receive_task: asyncio.Task[None] | None = None
         self._idle_task: asyncio.Task[None] | None = None
-        self._in_resampler: StreamResampler | None = None
+        self._in_resampler: Resampler | None = None
         self._pending_audio = bytearray()
         self._ready = asyncio.Event()
         self._disconnecting = False
@@ -647,7 +647,8 @@ class ElevenLabsAgentService(LLMService):
         if frame.sample_rate != rate:
             r = self._in_resampler
             if r is None or r.in_rate != frame.sample_rate or r.out_rate != rate:
-                r = self._in_resampler = StreamResampler(frame.sample_rate, rate)
+                # Low delay: soxr "HQ" held 8 -> 16 kHz audio back 20 ms per turn end.
+                r = self._in_resampler = edge_resampler(frame.sample_rate, rate)
             audio = r.process(audio)
             if not audio:
                 return
