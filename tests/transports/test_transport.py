@@ -21,10 +21,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pipecat.frames.frames import (
     AggregatedTextFrame,
+    BotStartedSpeakingFrame,
     Frame,
     InputDTMFFrame,
     InterruptionFrame,
     OutputAudioRawFrame,
+    TTSAudioRawFrame,
     TTSTextFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
@@ -287,3 +289,43 @@ async def test_a_gap_in_the_middle_of_a_sentence_counts_as_an_underrun(
     await _wait(lambda: call.after_output.of(PlaybackFinishedFrame))
     await asyncio.sleep(0.1)
     assert call.transport.stats.underruns == 1
+
+
+async def test_the_first_chunk_of_a_reply_is_written_at_once_the_rest_in_order(
+    fake_call_factory: Any,
+) -> None:
+    call: FakeCall = await fake_call_factory("first-now-1", "binary")
+    out = call.transport.output()
+    await _wait(lambda: None in out._media_senders)  # the pipeline has started
+    queued: list[bool] = []  # per chunk written: did it come through Pipecat's audio task?
+    via_task = False
+    write, write_audio_frame = out._write, out.write_audio_frame
+
+    async def task_write(frame: OutputAudioRawFrame) -> bool:
+        nonlocal via_task
+        via_task = True  # the audio task's path (our own fast path calls _write)
+        return await write_audio_frame(frame)
+
+    async def spy(frame: OutputAudioRawFrame) -> bool:
+        nonlocal via_task
+        queued.append(via_task)
+        via_task = False
+        return await write(frame)
+
+    out._write = spy  # type: ignore[method-assign]
+    out.write_audio_frame = task_write  # type: ignore[method-assign]
+    # A 100 ms provider delta: five 20 ms chunks, each with its own sample value.
+    delta = b"".join(bytes([i + 1, 0]) * (FRAME_BYTES // 2) for i in range(5))
+    await call.worker.queue_frame(TTSAudioRawFrame(audio=delta, sample_rate=RATE, num_channels=1))
+    await _wait(lambda: len(call.audio()) == 5)
+    assert [m[0] for _, m in call.audio()] == [1, 2, 3, 4, 5]
+    # The first 60 ms (the binary playout lead) left from the transport's own frame
+    # path, not the audio task's queue; the rest queued behind them.
+    assert queued == [False, False, False, True, True]
+    await _wait(lambda: call.after_output.of(BotStartedSpeakingFrame))
+    # With the lead full, the next delta waits its turn in the queue.
+    await call.worker.queue_frame(TTSAudioRawFrame(audio=delta, sample_rate=RATE, num_channels=1))
+    await _wait(lambda: len(call.audio()) == 10)
+    assert queued[5:] == [True] * 5
+    assert [m[0] for _, m in call.audio()][5:] == [1, 2, 3, 4, 5]
+    assert len(call.after_output.of(BotStartedSpeakingFrame)) == 1
