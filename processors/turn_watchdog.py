@@ -118,6 +118,7 @@ class TurnWatchdog:
         self.retried = False
         self.apologised = False
         self.stt_failed = False
+        self.pending_error: tuple[str, str] | None = None
         # Counters for logs and tests.
         self.holds = 0
         self.retries = 0
@@ -133,6 +134,7 @@ class TurnWatchdog:
         self.caller_speaking = True
         self.speech_started_at = time.monotonic()
         self.transcript_since_start = False
+        self.pending_error = None
         # A speculative LLM run may start before the VAD stop: the turn's state starts here.
         self.committed_at = None
         self.llm_text = False
@@ -146,9 +148,12 @@ class TurnWatchdog:
         if not (self.transcript_since_start or long_enough):
             return  # a cough or a click: not a turn to watch
         self.speech_end = end
+        pending, self.pending_error = self.pending_error, None
         self.answered = False
         self.held = self.retried = self.apologised = False
         self.tail.start_timer()
+        if pending is not None:
+            self.tail.create_task(self.provider_error(*pending), "apologise-pending")
 
     def answer_heard(self) -> None:
         if not self.answered:
@@ -160,7 +165,11 @@ class TurnWatchdog:
         if kind == "stt":
             self.stt_failed = True
             return False
-        if self.apologised or self.speech_end is None or self.caller_speaking:
+        if self.caller_speaking:
+            # A speculative LLM run failed before the caller finished: say so once they do.
+            self.pending_error = (kind, error)
+            return False
+        if self.apologised or self.speech_end is None:
             return False
         if kind == "tts" and self.answered:
             return False  # a later sentence failed; the caller already has an answer
