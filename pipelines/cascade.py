@@ -91,8 +91,10 @@ def _watchdog(ctx: CallContext, stt: STTService, context: LLMContext) -> TurnWat
         return None
     url = ctx.endpoints.piper_for_rate(ctx.sample_rate)
     PHRASES.ensure(ctx.http, url, ctx.tenant.voice)
+    local = ctx.endpoints.mode == "local" or ctx.tenant.providers.llm == "local"
+    params = WatchdogParams.for_local_models(secs) if local else WatchdogParams.from_hold(secs)
     watchdog = TurnWatchdog(
-        WatchdogParams.from_hold(secs),
+        params,
         PHRASES.lookup(url, ctx.tenant.voice),
         logger.bind(call=ctx.call.call_uuid, tenant=ctx.tenant.name),
         stt=stt,

@@ -78,11 +78,28 @@ class WatchdogParams:
     # the STT stalled (Deepgram's final comes ~0.3 s after the stop, interims earlier; a
     # reconnect drops a final still on its way, so this errs long: a loaded box is slow).
     stt_stall_secs: float = 2.0
+    # Cancel and rerun an LLM that gave no text (a cloud request that hung). Off for a local
+    # LLM: it is slow, not stuck, and a rerun on a loaded CPU only starts the wait again.
+    retry_llm: bool = True
 
     @classmethod
     def from_hold(cls, hold_secs: float) -> WatchdogParams:
         """Scale the later deadlines with the tenant's holding budget."""
         return cls(hold_secs=hold_secs, retry_secs=hold_secs + 1.3, give_up_secs=hold_secs + 3.8)
+
+    @classmethod
+    def for_local_models(cls, hold_secs: float) -> WatchdogParams:
+        """The offline stack: a healthy turn takes ~1.3 s on a quiet CPU and several seconds
+        on a loaded one, so the holding phrase waits at least 3 s, the LLM is never
+        cancelled and rerun, and the apology comes only after 12 s of silence."""
+        hold = max(hold_secs, 3.0)
+        return cls(
+            hold_secs=hold,
+            retry_secs=hold,
+            give_up_secs=max(12.0, hold + 9.0),
+            stt_stall_secs=8.0,
+            retry_llm=False,
+        )
 
 
 class TurnWatchdog:
@@ -388,7 +405,13 @@ class _Tail(FrameProcessor):
         if w.committed_at is not None:
             await asyncio.sleep(max(0.0, w.committed_at + p.llm_secs - time.monotonic()))
         await asyncio.sleep(max(0.0, self._playing_until - time.monotonic()))
-        if w.waiting and w.committed_at is not None and not w.llm_text and not w.retried:
+        if (
+            p.retry_llm
+            and w.waiting
+            and w.committed_at is not None
+            and not w.llm_text
+            and not w.retried
+        ):
             w.retried = True
             w.retries += 1
             w.log.warning("LLM gave no text for the caller's turn; cancelling and retrying once")

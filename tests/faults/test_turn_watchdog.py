@@ -156,3 +156,16 @@ async def test_tts_5xx_is_retried_then_apologised_for_from_cache(
         proxy.armed = False
         with contextlib.suppress(Exception):
             await stream.hangup()
+
+
+def test_local_models_are_waited_for_not_retried() -> None:
+    """The offline stack is slow, not stuck: no holding phrase before 3 s, no LLM rerun, and
+    the apology only after 12 s (a cloud tenant keeps its 1.2 / 2.5 / 5 s budget)."""
+    from pipeswitch.processors.turn_watchdog import WatchdogParams
+
+    cloud = WatchdogParams.from_hold(1.2)
+    local = WatchdogParams.for_local_models(1.2)
+    assert (cloud.hold_secs, cloud.retry_llm) == (1.2, True)
+    assert local.hold_secs == 3.0 and not local.retry_llm
+    assert local.give_up_secs >= 12.0 and local.stt_stall_secs > cloud.stt_stall_secs
+    assert WatchdogParams.for_local_models(4.0).hold_secs == 4.0  # a tenant's longer budget holds
