@@ -163,7 +163,10 @@ def test_dockerfile_rules() -> None:
     final = lines[max(i for i, (ins, _) in enumerate(lines) if ins == "FROM") :]
     users = [a for ins, a in final if ins == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "final stage runs as root"
-    assert any(ins == "HEALTHCHECK" and "/health" in a for ins, a in final)
+    # The health check follows PIPESWITCH_PORT (a fixed 8080 turns a moved server unhealthy).
+    assert any(
+        ins == "HEALTHCHECK" and "/health" in a and "PIPESWITCH_PORT" in a for ins, a in final
+    )
     assert any(ins == "ARG" and a.startswith("WITH_LOCAL_MODELS") for ins, a in lines)
     assert any(ins == "STOPSIGNAL" and a == "SIGTERM" for ins, a in final)
     assert all("-slim" in a for ins, a in lines if ins == "FROM" and "python" in a)
