@@ -53,13 +53,14 @@ THREAD_ENV_VARS = (
     "TOKENIZERS_PARALLELISM",
 )
 STDERR_TAIL_LINES = 60
-# llama.cpp threads. One by default: its threads meet at a barrier after every op, so a
-# thread that is descheduled stalls the others. On 2 cores the LLM shares the CPU with
-# Piper (synthesizing the first clause while the reply is still being generated), Whisper
-# and the server; measured at load average ~20, 3 replies each: 1 thread first token
-# 2.3-3.7 s, first clause 2.9-6.5 s; 2 threads 9.1-10.6 s and 18.7-58.5 s (poll=0 too).
-# Set it to 2 on a machine where the LLM has 2 cores to itself.
+# llama.cpp threads: 2 by default (at most the CPU count). On a quiet 2-core machine
+# (`pipeswitch demo --turns 5`, load average < 1, watchdog off) 2 threads answered at p50
+# 3.2 s against 4.3 s on 1 thread. Its threads meet at a barrier after every op, so on a
+# machine that is oversubscribed by other work a descheduled thread stalls the rest: at
+# load average ~20, 1 thread gave first clause 2.9-6.5 s and 2 threads 18.7-58.5 s. Set
+# it to 1 on a box the LLM shares with heavy work.
 LLM_THREADS_ENV = "PIPESWITCH_LOCAL_LLM_THREADS"
+DEFAULT_LLM_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 
 class LocalServerError(RuntimeError):
@@ -128,7 +129,7 @@ class LocalModelServers:
         piper_warm: phrases to pre-synthesize (and pin in the cache) at start-up, at
             each of ``piper_warm_rates`` (a greeting must be ready at the call's rate).
         whisper_threads / llm_threads: CPU threads per server (``llm_threads`` None:
-            ``$PIPESWITCH_LOCAL_LLM_THREADS``, else 1; see ``LLM_THREADS_ENV``).
+            ``$PIPESWITCH_LOCAL_LLM_THREADS``, else 2; see ``LLM_THREADS_ENV``).
         whisper_compute_type: CTranslate2 compute type (``int8`` or ``float32``).
         llm_parallel: llama.cpp slots (concurrent conversations).
         llm_ctx: context size in tokens *per slot*.
@@ -197,7 +198,7 @@ class LocalModelServers:
             )
         if llm:
             if llm_threads is None:
-                llm_threads = max(1, int(os.environ.get(LLM_THREADS_ENV) or 1))
+                llm_threads = max(1, int(os.environ.get(LLM_THREADS_ENV) or DEFAULT_LLM_THREADS))
             args = [
                 *common,
                 "--threads",
