@@ -564,6 +564,16 @@ class ReceptionistTools:
         except Exception as exc:
             self.log.warning("transfer failed: {}", exc)
             outcome = "failed"
+        await self._report_outcome(record, outcome, params, label)
+
+    async def _report_outcome(
+        self,
+        record: dict[str, str],
+        outcome: TransferOutcome,
+        params: FunctionCallParams,
+        label: str,
+    ) -> None:
+        """Record how the transfer ended; a caller who is back with the agent gets advice."""
         record["outcome"] = outcome
         if outcome in ("no_answer", "failed"):
             note = self._transfer_result(outcome, label)["instructions"]
@@ -607,15 +617,7 @@ class ReceptionistTools:
             except Exception as exc:
                 self.log.warning("transfer failed: {}", exc)
                 return
-            record["outcome"] = outcome
-            if outcome in ("no_answer", "failed"):
-                note = self._transfer_result(outcome, label)["instructions"]
-                await params.llm.push_frame(
-                    LLMMessagesAppendFrame(
-                        messages=[{"role": "system", "content": note}], run_llm=True
-                    ),
-                    FrameDirection.UPSTREAM,
-                )
+            await self._report_outcome(record, outcome, params, label)
 
         task = asyncio.ensure_future(report())
         self._background.add(task)
