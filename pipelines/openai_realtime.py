@@ -24,12 +24,13 @@ from typing import Any, Literal
 
 from loguru import logger
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
+from pipecat.frames.frames import InputAudioRawFrame
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
     LLMUserAggregatorParams,
 )
-from pipecat.processors.frame_processor import FrameDirection
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
 from pipecat.services.openai.realtime import events
 from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
 from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import (
@@ -75,6 +76,7 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
         self._playout = playout
         self._reply_mark = 0.0
         self.truncations: list[TruncationFact] = []
+        self._held_audio: list[InputAudioRawFrame] = []
         # The call's receptionist tools (what they did), when the tenant enables any.
         self.receptionist: ReceptionistTools | None = None
         # The call's switch to the cascade, when the tenant has one to fall back to.
@@ -84,6 +86,55 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
     def connected(self) -> bool:
         """Whether the provider session is up (session.updated received)."""
         return bool(self._api_session_ready)
+
+    async def setup(self, setup: FrameProcessorSetup) -> None:
+        """Dial the provider in the background, not inside the pipeline's set-up.
+
+        Pipecat connects in ``setup()``, and a worker sets its processors up one after
+        another before any frame flows: a provider that takes the TCP connection and
+        never answers the handshake held the whole call (the fallback's connect budget
+        included, which starts with the pipeline) for the WebSocket's 10 s open
+        timeout. Dialled from a task, the pipeline starts at once, the budget runs
+        from the call's start, and a caller's audio before the session is up is
+        dropped by Pipecat's own not-connected guard (local turns still hear it).
+        """
+        self._connect_deferred = True
+        try:
+            await super().setup(setup)
+        finally:
+            self._connect_deferred = False
+        self._connect_task: asyncio.Task[None] | None = self.create_task(
+            self._connect(), "connect"
+        )
+
+    async def _connect(self) -> None:
+        if getattr(self, "_connect_deferred", False):
+            return
+        await super()._connect()
+
+    async def _send_user_audio(self, frame: InputAudioRawFrame) -> None:
+        if not self._api_session_ready:
+            # Until the session is configured: keep the caller's last 2 s (their first
+            # words, said while the provider was still connecting), sent once it is.
+            held = self._held_audio
+            held.append(frame)
+            while len(held) > 1 and sum(len(f.audio) for f in held) > 4 * frame.sample_rate:
+                held.pop(0)
+            return
+        await super()._send_user_audio(frame)
+
+    async def _handle_evt_session_updated(self, evt: Any) -> None:
+        await super()._handle_evt_session_updated(evt)
+        held, self._held_audio = self._held_audio, []
+        for frame in held:
+            await super()._send_user_audio(frame)
+
+    async def _disconnect(self) -> None:
+        task = getattr(self, "_connect_task", None)
+        self._connect_task = None
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            await self.cancel_task(task, timeout=1.0)
+        await super()._disconnect()
 
     async def _handle_context(self, context: LLMContext, direction: Any) -> None:
         if self._context is None:

@@ -257,6 +257,7 @@ class ElevenLabsAgentService(LLMService):
         self._ws: ClientConnection | None = None
         self._receive_task: asyncio.Task[None] | None = None
         self._idle_task: asyncio.Task[None] | None = None
+        self._connect_task: asyncio.Task[None] | None = None
         self._in_resampler: Resampler | None = None
         self._pending_audio = bytearray()
         self._ready = asyncio.Event()
@@ -307,9 +308,14 @@ class ElevenLabsAgentService(LLMService):
     # -- lifecycle --------------------------------------------------------------
 
     async def start(self, frame: StartFrame) -> None:
-        """Connect once the pipeline starts (the constructor does no I/O)."""
+        """Dial the agent once the pipeline starts, from a task of its own.
+
+        Awaited here, a provider that accepts TCP and never answers held the
+        StartFrame (and the whole call, the fallback's budget with it) for the
+        connect timeout. Audio before the conversation is up is dropped.
+        """
         await super().start(frame)
-        await self._connect()
+        self._connect_task = self.create_task(self._connect(), "connect")
 
     async def stop(self, frame: EndFrame) -> None:
         """Close the conversation on a normal end of call."""
@@ -390,6 +396,9 @@ class ElevenLabsAgentService(LLMService):
 
     async def _disconnect(self) -> None:
         self._disconnecting = True
+        task, self._connect_task = self._connect_task, None
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            await self.cancel_task(task, timeout=1.0)
         ws, self._ws = self._ws, None
         if ws is not None:
             try:
