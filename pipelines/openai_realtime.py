@@ -87,7 +87,7 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
         """Whether the provider session is up (session.updated received)."""
         return bool(self._api_session_ready)
 
-    async def setup(self, setup: FrameProcessorSetup) -> None:
+    async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         """Dial the provider in the background, not inside the pipeline's set-up.
 
         Pipecat connects in ``setup()``, and a worker sets its processors up one after
