@@ -103,9 +103,7 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
             await super().setup(setup)
         finally:
             self._connect_deferred = False
-        self._connect_task: asyncio.Task[None] | None = self.create_task(
-            self._connect(), "connect"
-        )
+        self._connect_task: asyncio.Task[None] | None = self.create_task(self._connect(), "connect")
 
     async def _connect(self) -> None:
         if getattr(self, "_connect_deferred", False):
