@@ -85,6 +85,15 @@ class ProviderSettings(BaseModel):
     llm_reasoning_effort: Literal["low", "medium", "high"] | None = "low"
     llm_temperature: float | None = 0.6
     llm_max_tokens: int | None = 200
+    # A second LLM for when the first is down (refused, 5xx, rate-limited, stalled): the
+    # turn is asked again on it at once and the call stays on it (Pipecat's LLMSwitcher).
+    # None: no fallback (the turn watchdog retries once, then apologises).
+    llm_fallback: Literal["groq", "openai", "local"] | None = None
+    # The fallback's model; None: the provider's default (see DEFAULT_FALLBACK_MODELS).
+    llm_fallback_model: str | None = None
+    # A second Deepgram endpoint (another region, or self-hosted, same API) the STT moves
+    # to when the first refuses or keeps failing; ws(s):// or http(s)://.
+    stt_fallback_url: str | None = None
     tts: Literal["piper"] = "piper"
     # A second Piper HTTP endpoint (same API) tried when the first refuses, fails or stalls.
     tts_fallback_url: str | None = None
@@ -110,6 +119,16 @@ class ProviderSettings(BaseModel):
     elevenlabs_input_format: str = Field(default="pcm_16000", pattern=r"^(pcm_\d{4,5}|ulaw_8000)$")
     elevenlabs_output_format: str = Field(default="pcm_16000", pattern=r"^(pcm_\d{4,5}|ulaw_8000)$")
     elevenlabs_signed_url: bool = False
+
+    @model_validator(mode="after")
+    def _check_fallbacks(self) -> ProviderSettings:
+        if self.llm_fallback is not None and self.llm_fallback == self.llm and (
+            self.llm_fallback_model in (None, self.llm_model)
+        ):
+            raise ValueError("llm_fallback names the same provider and model as llm")
+        if self.stt_fallback_url is not None and self.stt == "whisper-local":
+            raise ValueError("stt_fallback_url is a Deepgram endpoint; stt is whisper-local")
+        return self
 
 
 ToolName = Literal["transfer_call", "end_call", "send_dtmf", "take_message", "business_hours"]

@@ -11,14 +11,19 @@ holding phrase, one LLM retry, cached apology, STT reconnect.
 
 from __future__ import annotations
 
+from typing import Any
+
 from loguru import logger
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.services.llm_service import LLMService
 from pipecat.services.stt_service import STTService
 
 from pipeswitch.pipelines.compose import CallContext, CallPipeline, register_builder
+from pipeswitch.pipelines.llm_failover import failover_of, llm_with_fallback
 from pipeswitch.pipelines.recovery import PHRASES
+from pipeswitch.pipelines.services import ProviderUnavailable, stt_failover
 from pipeswitch.processors.dtmf import dtmf_aggregator
 from pipeswitch.processors.echo_guard import EchoGuard, EchoGuardParams
 from pipeswitch.processors.turn_watchdog import TurnWatchdog, WatchdogParams
@@ -28,10 +33,11 @@ async def build_cascade(ctx: CallContext) -> CallPipeline:
     """Compose the cascade pipeline for one call."""
     # Before the first await: the greeting starts playing then, and its echo counts too.
     guard = cascade_echo_guard(ctx)
-    stt, llm = await ctx.services.stt_and_llm()
+    stt, primary = await ctx.services.stt_and_llm()
     tts = ctx.services.tts()
     context = LLMContext()
-    ctx.receptionist_tools(llm, context)
+    ctx.receptionist_tools(primary, context)
+    llm = await _llm_slot(ctx, primary, context)
     # Caller audio to the VAD and the STT socket directly; the pipeline gets events.
     fast = ctx.media_fast_path(stt)
     if fast is not None and guard is not None:
@@ -43,6 +49,12 @@ async def build_cascade(ctx: CallContext) -> CallPipeline:
     watchdog = _watchdog(ctx, stt, context)
     if watchdog is not None:
         parts["watchdog"] = watchdog.tail
+    failover = failover_of(llm)
+    if failover is not None:
+        parts["llm_primary"] = primary
+        if watchdog is not None:
+            failover.on_failed_over = watchdog.llm_failed_over
+            watchdog.failover = failover.fail_over
     pipeline = Pipeline(
         [
             ctx.transport.input(),
@@ -65,6 +77,23 @@ async def build_cascade(ctx: CallContext) -> CallPipeline:
         ]
     )
     return CallPipeline(pipeline, context, parts=parts)
+
+
+async def _llm_slot(
+    ctx: CallContext, primary: LLMService[Any], context: LLMContext
+) -> FrameProcessor:
+    """The LLM, or Pipecat's LLMSwitcher over it and the tenant's fallback LLM."""
+    try:
+        backup = await ctx.services.fallback_llm()
+    except ProviderUnavailable as exc:
+        logger.bind(call=ctx.call.call_uuid, tenant=ctx.tenant.name).warning(
+            "no fallback LLM for this call: {}", exc
+        )
+        return primary
+    if backup is None:
+        return primary
+    ctx.receptionist_tools(backup, context)
+    return llm_with_fallback(primary, backup)
 
 
 def cascade_echo_guard(ctx: CallContext) -> EchoGuard | None:
@@ -100,6 +129,7 @@ def _watchdog(ctx: CallContext, stt: STTService, context: LLMContext) -> TurnWat
         stt=stt,
         context=context,
     )
+    watchdog.stt_failover = stt_failover(stt, ctx.tenant, ctx.endpoints, ctx.sample_rate)
     watchdog.ear.watch_stt()
     return watchdog
 

@@ -52,7 +52,13 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipeswitch.config.tenants import Tenant
 from pipeswitch.pipelines.local.incremental_stt import TURN_STOP_TIMEOUT_SECS
 from pipeswitch.pipelines.media_fast_path import CallerMediaFastPath, fast_path_supported
-from pipeswitch.pipelines.services import ProviderEndpoints, make_llm, make_stt, make_tts
+from pipeswitch.pipelines.services import (
+    ProviderEndpoints,
+    make_fallback_llm,
+    make_llm,
+    make_stt,
+    make_tts,
+)
 from pipeswitch.pipelines.vad import BatchedSileroVADAnalyzer
 from pipeswitch.processors.barge_in import BargeInStartStrategy
 from pipeswitch.processors.caller_audio import CallerAudioSink
@@ -139,6 +145,12 @@ class ServiceFactory:
             )
 
         return await asyncio.to_thread(both)
+
+    async def fallback_llm(self) -> BaseOpenAILLMService | None:
+        """The tenant's second LLM (``providers.llm_fallback``), or None."""
+        if self._tenant.providers.llm_fallback is None:
+            return None
+        return await asyncio.to_thread(make_fallback_llm, self._tenant, self._endpoints)
 
     def tts(self) -> TTSService:
         """Text-to-speech at the call's pipeline rate (Piper over loopback HTTP)."""

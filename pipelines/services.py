@@ -135,10 +135,63 @@ def make_stt(tenant: Tenant, ep: ProviderEndpoints, sample_rate: int) -> STTServ
     )
 
 
+def stt_failover(stt: STTService, tenant: Tenant, ep: ProviderEndpoints, sample_rate: int) -> Any:
+    """A ``() -> awaitable[bool]`` that moves ``stt`` to ``providers.stt_fallback_url``
+    (once; False when there is none or it already moved), or None.
+
+    The call keeps its ``DeepgramSTTService`` (the media fast path and the pipeline hold
+    it); only its SDK client is exchanged for one built, by Pipecat's own constructor,
+    at the second endpoint. The caller-facing service, its settings and its buffering of
+    audio during the reconnect are unchanged.
+    """
+    url = tenant.providers.stt_fallback_url
+    if not url or type(stt) is not DeepgramSTTService or not ep.deepgram_api_key:
+        return None
+    moved = [False]
+
+    async def move() -> bool:
+        if moved[0]:
+            return False
+        moved[0] = True
+        tenant_at_url = tenant.model_copy(
+            update={"providers": tenant.providers.model_copy(update={"stt_fallback_url": None})}
+        )
+        ep_at_url = ProviderEndpoints(
+            mode=ep.mode,
+            piper_url=ep.piper_url,
+            deepgram_url=url,
+            deepgram_api_key=ep.deepgram_api_key,
+        )
+        twin = await asyncio.to_thread(make_stt, tenant_at_url, ep_at_url, sample_rate)
+        stt._client = twin._client  # type: ignore[attr-defined]
+        return True
+
+    return move
+
+
+# The fallback LLM's model when the tenant names none.
+DEFAULT_FALLBACK_MODELS = {"groq": "openai/gpt-oss-120b", "openai": "gpt-4.1-mini"}
+
+
 def make_llm(tenant: Tenant, ep: ProviderEndpoints) -> BaseOpenAILLMService:
     """The text LLM for a cascade call; the system prompt goes in its settings."""
     p = tenant.providers
-    if ep.mode == "local" or p.llm == "local":
+    kind = "local" if ep.mode == "local" else p.llm
+    return _llm(kind, p.llm_model, tenant, ep)
+
+
+def make_fallback_llm(tenant: Tenant, ep: ProviderEndpoints) -> BaseOpenAILLMService | None:
+    """The tenant's second LLM (``providers.llm_fallback``), or None when it has none."""
+    p = tenant.providers
+    if p.llm_fallback is None or ep.mode == "local":
+        return None
+    model = p.llm_fallback_model or DEFAULT_FALLBACK_MODELS.get(p.llm_fallback, "")
+    return _llm(p.llm_fallback, model, tenant, ep)
+
+
+def _llm(kind: str, model: str, tenant: Tenant, ep: ProviderEndpoints) -> BaseOpenAILLMService:
+    p = tenant.providers
+    if kind == "local":
         if not ep.local_llm_base_url:
             raise ProviderUnavailable("local LLM server is not running")
         return OpenAILLMService(
@@ -153,12 +206,12 @@ def make_llm(tenant: Tenant, ep: ProviderEndpoints) -> BaseOpenAILLMService:
         )
     # Groq speaks OpenAI's API: the same service family, another base URL and key.
     common: dict[str, Any] = {
-        "model": p.llm_model,
+        "model": model,
         "system_instruction": tenant.system_prompt,
         "temperature": p.llm_temperature,
         "max_tokens": p.llm_max_tokens,
     }
-    if p.llm == "openai":
+    if kind == "openai":
         if not ep.openai_api_key:
             raise ProviderUnavailable("OpenAI needs PIPESWITCH_OPENAI_API_KEY")
         return OpenAILLMService(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,11 +136,18 @@ class TurnWatchdog:
         self.apologised = False
         self.stt_failed = False
         self.pending_error: tuple[str, str] | None = None
+        # Moves the call to its fallback LLM before a retry (the LLM stalled); returns
+        # False when there is none left. Set by the builder when the tenant has one.
+        self.failover: Callable[[str], Awaitable[bool]] | None = None
+        # Moves the STT to its fallback endpoint (once) when a reconnect fails.
+        self.stt_failover: Callable[[], Awaitable[bool]] | None = None
         # Counters for logs and tests.
         self.holds = 0
         self.retries = 0
         self.apologies = 0
         self.stt_reconnects = 0
+        self.llm_failovers = 0
+        self.stt_failovers = 0
 
     @property
     def waiting(self) -> bool:
@@ -177,6 +184,18 @@ class TurnWatchdog:
             self.answered = True
             self.tail.cancel_timer()
 
+    async def llm_failed_over(self, why: str) -> None:
+        """The call moved to its fallback LLM: ask it the waiting turn now, not at the
+        retry deadline (the failed request's error stopped at the switcher)."""
+        self.llm_failovers += 1
+        self.log.warning("LLM failed over to the fallback ({})", why[:120])
+        if self.waiting and self.committed_at is not None and not self.llm_text:
+            self.retried = True
+            self.retries += 1
+            # From a task: this runs inside the switcher handling the failed request's
+            # error, and the retry's interruption cancels that very request.
+            self.tail.create_task(self.head.retry(), "llm-failover-retry")
+
     async def provider_error(self, kind: str, error: str) -> bool:
         """A provider reported an error; True when the caller was told (cached audio)."""
         if kind == "stt":
@@ -192,6 +211,7 @@ class TurnWatchdog:
             return False  # a later sentence failed; the caller already has an answer
         self.log.warning("{} failed ({}); apologising from cached audio", kind.upper(), error)
         self.apologised = True
+        self.apologies += 1
         self.answered = True
         self.tail.cancel_timer()
         return await self.tail.say(LLM_APOLOGY)
@@ -256,6 +276,13 @@ class _Ear(FrameProcessor):
             await stt.set_usable(True)
             await stt._reconnect()
             ok = stt.is_usable
+            move = self._w.stt_failover
+            if not ok and move is not None and await move():
+                self._w.stt_failovers += 1
+                self._w.log.warning("STT: endpoint down; moved to the fallback endpoint")
+                await stt.set_usable(True)
+                await stt._reconnect()
+                ok = stt.is_usable
         finally:
             self._reconnecting = False
         if not ok:
@@ -412,10 +439,16 @@ class _Tail(FrameProcessor):
             and not w.llm_text
             and not w.retried
         ):
-            w.retried = True
-            w.retries += 1
-            w.log.warning("LLM gave no text for the caller's turn; cancelling and retrying once")
-            await w.head.retry()
+            if w.failover is not None and await w.failover("no text from the LLM in time"):
+                # The turn is asked again on the fallback (llm_failed_over).
+                pass
+            else:
+                w.retried = True
+                w.retries += 1
+                w.log.warning(
+                    "LLM gave no text for the caller's turn; cancelling and retrying once"
+                )
+                await w.head.retry()
         await self._until(p.give_up_secs)
         await asyncio.sleep(max(0.0, self._playing_until - time.monotonic()))
         if not w.waiting or w.apologised:

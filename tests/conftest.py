@@ -20,7 +20,7 @@ from loguru import logger
 from pipeswitch.bench.emulators.runner import EmulatorConfig, RunningEmulators, run_emulators
 from pipeswitch.config.loaders import StaticTenantLoader
 from pipeswitch.config.settings import Settings
-from pipeswitch.config.tenants import Tenant
+from pipeswitch.config.tenants import ProviderSettings, Tenant
 from pipeswitch.pipelines.app import Pipeswitch
 from pipeswitch.pipelines.emulated import endpoints_for
 from pipeswitch.pipelines.piper_client import wav_pcm
@@ -77,6 +77,10 @@ def make_tenants() -> StaticTenantLoader:
     for dialect in ("json-stream", "binary", "file"):
         tenants.append(Tenant(name=f"{dialect}.test", playback=dialect))
     tenants.append(Tenant(name="router.test", pipeline=KEYWORD_ROUTER))
+    # Groq first, OpenAI when Groq is down (tests/faults/test_llm_failover.py).
+    tenants.append(
+        Tenant(name="llm-fallback.test", providers=ProviderSettings(llm_fallback="openai"))
+    )
     tenants.append(
         Tenant(name="raises.test", pipeline="python:tests.pipelines.builders:build_raising")
     )

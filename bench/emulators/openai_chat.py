@@ -89,6 +89,8 @@ class ChatFaults:
         first_token_delay_s: Add this to the time to first token (slow first byte; a
             long one is a stalled provider).
         malformed: Answer 200 with an event stream whose first event is not JSON.
+        model: Fault only requests for this model (one provider of two down, the
+            other answering: a tenant's fallback LLM); None means every request.
     """
 
     status: int | None = None
@@ -98,6 +100,7 @@ class ChatFaults:
     count: int | None = None
     first_token_delay_s: float | None = None
     malformed: bool = False
+    model: str | None = None
 
     @property
     def active(self) -> bool:
@@ -316,9 +319,9 @@ class OpenAIChatEmulator:
         ]
         return web.json_response({"object": "list", "data": data})
 
-    def _take_faults(self) -> ChatFaults | None:
+    def _take_faults(self, model: str) -> ChatFaults | None:
         f = self.faults
-        if not f.active:
+        if not f.active or (f.model is not None and f.model != model):
             return None
         if f.count is not None:
             if f.count <= 0:
@@ -352,7 +355,7 @@ class OpenAIChatEmulator:
                 400, "'model' and a non-empty 'messages' are required.", "invalid_request_error"
             )
 
-        faults = self._take_faults()
+        faults = self._take_faults(rec.model)
         if faults is not None and faults.status is not None:
             rec.status, rec.outcome, rec.fault = faults.status, "error", f"status {faults.status}"
             return _fault_response(faults)

@@ -114,3 +114,20 @@ async def test_answer_any_domain_maps_unknown_domains_to_the_default_loudly() ->
             await none.resolve("192.168.1.10")
     finally:
         logger.remove(sink)
+
+
+@pytest.mark.parametrize(
+    ("providers", "why"),
+    [
+        ({"llm_fallback": "groq"}, "same provider and model"),
+        ({"stt": "whisper-local", "stt_fallback_url": "wss://x"}, "Deepgram endpoint"),
+    ],
+)
+def test_fallbacks_that_cannot_help_are_refused(providers: dict[str, str], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        Tenant(name="t", providers=providers)  # type: ignore[arg-type]
+
+
+def test_a_fallback_llm_of_the_same_provider_needs_another_model() -> None:
+    t = Tenant(name="t", providers={"llm_fallback": "groq", "llm_fallback_model": "m2"})  # type: ignore[arg-type]
+    assert t.providers.llm_fallback == "groq"
