@@ -126,6 +126,10 @@ class FaultResult:
     next_turn_latency_s: float | None
     recovered: bool
     note: str = ""
+    # The faulted turn itself was answered (a completed LLM reply, no apology), not only
+    # held or apologised for; and which fallbacks the call moved to (llm, stt).
+    answered: bool = False
+    failed_over: str = ""
 
 
 def _trim(pcm: bytes, peak: int = 300) -> bytes:
@@ -172,17 +176,26 @@ async def run_case(
     base_ep: Any,
     speech: bytes,
     window_s: float,
+    fallbacks: bool = True,
+    piper_direct: str = "",
 ) -> FaultResult:
-    """One call with one fault; a fresh server so endpoint faults (refuse) are per case."""
+    """One call with one fault; a fresh server so endpoint faults (refuse) are per case.
+
+    With ``fallbacks`` the tenant has a second provider for each service, as the README
+    advises: OpenAI behind Groq (the chat emulator faults only Groq's model), a second
+    Deepgram endpoint (the emulator, when the first refuses) and Piper without the
+    faulting proxy.
+    """
     from pipeswitch.bench.emulators.deepgram import DeepgramFaults
     from pipeswitch.bench.emulators.openai_chat import ChatFaults
     from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
     from pipeswitch.config.loaders import StaticTenantLoader
     from pipeswitch.config.settings import Settings
-    from pipeswitch.config.tenants import Tenant
+    from pipeswitch.config.tenants import ProviderSettings, Tenant
     from pipeswitch.pipelines.app import Pipeswitch
 
     ep = base_ep
+    primary = ProviderSettings().llm_model if fallbacks else None
     dg, chat = emu.deepgram, emu.openai
     dg.set_faults(DeepgramFaults())
     chat.set_faults(ChatFaults())
@@ -202,11 +215,11 @@ async def run_case(
         elif service == "llm":
             f2 = {
                 # Every request of the faulted turn fails (a turn may be split in two).
-                "drop": ChatFaults(drop_after_tokens=2),
-                "stall": ChatFaults(first_token_delay_s=60.0),
-                "5xx": ChatFaults(status=500, should_retry=False),
-                "slow_first_byte": ChatFaults(first_token_delay_s=1.5),
-                "malformed": ChatFaults(malformed=True),
+                "drop": ChatFaults(drop_after_tokens=2, model=primary),
+                "stall": ChatFaults(first_token_delay_s=60.0, model=primary),
+                "5xx": ChatFaults(status=500, should_retry=False, model=primary),
+                "slow_first_byte": ChatFaults(first_token_delay_s=1.5, model=primary),
+                "malformed": ChatFaults(malformed=True, model=primary),
             }.get(kind)
             if f2 is not None:
                 chat.set_faults(f2)
@@ -224,12 +237,21 @@ async def run_case(
         dead = f"http://127.0.0.1:{closed_port()}"
         if service == "stt":
             ep = replace(ep, deepgram_url=dead.replace("http", "ws"))
+        elif service == "llm" and fallbacks:
+            ep = replace(ep, groq_base_url=f"{dead}/v1")  # Groq is down, OpenAI is not
         elif service == "llm":
             ep = replace(ep, groq_base_url=f"{dead}/v1", openai_base_url=f"{dead}/v1")
     elif service == "stt":
         await arm()
     settings = Settings(host="127.0.0.1", port=0, providers="emulated", idle_timeout_secs=30)
-    tenant = Tenant(name="default")
+    providers = ProviderSettings()
+    if fallbacks:
+        providers = ProviderSettings(
+            llm_fallback="openai",
+            stt_fallback_url=base_ep.deepgram_url,
+            tts_fallback_url=piper_direct or None,
+        )
+    tenant = Tenant(name="default", providers=providers)
     app = Pipeswitch(
         settings,
         loader=StaticTenantLoader([tenant], default="default"),
@@ -237,6 +259,16 @@ async def run_case(
         endpoints=ep,
     )
     await app.start()
+    watchdogs: list[Any] = []
+
+    async def keep(rec: Any, cp: Any) -> None:
+        w = getattr(cp.parts.get("watchdog"), "watchdog", None)
+        if w is not None:
+            watchdogs.append(w)
+
+    assert app.sessions is not None
+    app.sessions.finished_hooks.append(keep)
+    answered = False
     stream = FakeSwitchStream(
         StreamConfig(
             url=f"ws://127.0.0.1:{app.port}/fs/fault-{service}-{kind}?domain=default&rate=8000",
@@ -255,9 +287,11 @@ async def run_case(
             await proxy.stop()  # the TTS endpoint vanishes: connections refused
         elif service != "stt":
             await arm()
+        n_chat = len(chat.requests)
         dead_air, _ = await _ask(stream, speech, window_s)
         dropped = stream.close_record.server_close_at is not None
         await _quiet(stream, quiet_s=1.5, timeout_s=window_s)
+        answered = any(r.outcome == "completed" and r.reply_text for r in chat.requests[n_chat:])
         if service == "tts" and kind == "refuse":
             await proxy.start(proxy.port)
         await disarm()
@@ -276,6 +310,14 @@ async def run_case(
         await disarm()
         dg.set_faults(DeepgramFaults())
     heard = dead_air is not None
+    moved = []
+    for w in watchdogs[:1]:
+        if w.apologies:
+            answered = False  # the caller was asked to repeat: the turn itself was lost
+        if w.llm_failovers:
+            moved.append("llm")
+        if w.stt_failovers:
+            moved.append("stt")
     recovered = (
         heard
         and dead_air is not None
@@ -293,6 +335,8 @@ async def run_case(
         None if next_lat is None else round(next_lat, 2),
         recovered,
         note,
+        answered=answered,
+        failed_over=",".join(moved),
     )
 
 
@@ -302,6 +346,11 @@ def add_fault_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kinds", default=",".join(KINDS), help=",".join(KINDS))
     p.add_argument("--window", type=float, default=8.0, help="seconds to wait for bot audio")
     p.add_argument("--out", type=Path, default=None, help="results folder")
+    p.add_argument(
+        "--no-fallbacks",
+        action="store_true",
+        help="the tenant has no second provider (LLM, Deepgram endpoint, Piper)",
+    )
     p.add_argument(
         "--no-recovery",
         action="store_true",
@@ -352,6 +401,8 @@ async def run_faults(args: argparse.Namespace) -> int:
                         base_ep=base_ep,
                         speech=speech,
                         window_s=args.window,
+                        fallbacks=not args.no_fallbacks,
+                        piper_direct=models.piper_url(None),
                     )
                     logger.info("fault {}", res)
                     results.append(res)
@@ -369,21 +420,26 @@ async def run_faults(args: argparse.Namespace) -> int:
 def matrix_markdown(results: list[FaultResult]) -> str:
     """The fault matrix: one row per fault, with the recovery rate at the end."""
     lines = [
-        "| service | fault | heard after (s) | dropped | next turn (s) | recovered |",
-        "|---|---|---|---|---|---|",
+        "| service | fault | heard after (s) | dropped | faulted turn answered | "
+        "failed over | next turn (s) | recovered |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.service} | {r.kind} | {'-' if r.dead_air_s is None else r.dead_air_s} | "
-            f"{'yes' if r.dropped else 'no'} | "
+            f"{'yes' if r.dropped else 'no'} | {'yes' if r.answered else 'no'} | "
+            f"{r.failed_over or '-'} | "
             f"{'-' if r.next_turn_latency_s is None else r.next_turn_latency_s} | "
             f"{'yes' if r.recovered else 'no'}{' (' + r.note + ')' if r.note else ''} |"
         )
     ok = sum(r.recovered for r in results)
+    answered = sum(r.answered for r in results)
+    n = max(1, len(results))
     lines.append("")
     lines.append(
-        f"recovered {ok}/{len(results)} ({100 * ok / max(1, len(results)):.0f} %); "
-        f"recovered = not dropped, bot audio within {DEAD_AIR_LIMIT_S:.0f} s of the "
-        "end of speech, next turn answered"
+        f"recovered {ok}/{len(results)} ({100 * ok / n:.0f} %); recovered = not dropped, "
+        f"bot audio within {DEAD_AIR_LIMIT_S:.0f} s of the end of speech, next turn "
+        f"answered. The faulted turn itself answered (an LLM reply, no apology): "
+        f"{answered}/{len(results)} ({100 * answered / n:.0f} %)"
     )
     return "\n".join(lines) + "\n"
