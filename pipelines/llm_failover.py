@@ -18,6 +18,7 @@ error, so nothing else would): ``on_failed_over`` tells the call's watchdog.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -44,12 +45,23 @@ FailedOver = Callable[[str], Awaitable[None]]
 
 
 def is_outage(error: ErrorFrame) -> bool:
-    """Whether ``error`` says the provider is down (Pipecat's category, or the OpenAI
-    SDK's connection errors, which carry no status and Pipecat files as UNKNOWN)."""
+    """Whether ``error`` says the provider is down or broken (Pipecat's category, or the
+    OpenAI SDK's connection and malformed-stream errors, which Pipecat files as UNKNOWN)."""
     if error.category in OUTAGE:
         return True
     exc = error.exception
-    return isinstance(exc, (openai.APIConnectionError, httpx.TransportError, ConnectionError))
+    # A reply that is not the API's JSON (a broken proxy, a provider bug) is the
+    # provider failing too: another provider will not send the same garbage.
+    return isinstance(
+        exc,
+        (
+            openai.APIConnectionError,
+            openai.APIResponseValidationError,
+            httpx.TransportError,
+            ConnectionError,
+            json.JSONDecodeError,
+        ),
+    )
 
 
 class OutageFailover(ServiceSwitcherStrategyFailover):

@@ -232,6 +232,9 @@ def _llm(kind: str, model: str, tenant: Tenant, ep: ProviderEndpoints) -> BaseOp
 # byte is ~0.1-0.3 s for a sentence, but over 2 s on a loaded box (measured, load average
 # ~20), and a retry then only adds load; the turn watchdog covers the caller meanwhile.
 TTS_FIRST_BYTE_SECS = 5.0
+# With a second Piper to go to, a stall is left sooner: the retry does not add load to
+# the stalled server, and the holding phrase (1.2 s) has covered the caller meanwhile.
+TTS_FIRST_BYTE_SECS_WITH_FALLBACK = 1.5
 _TTS_SESSIONS: dict[tuple[int, str | None], aiohttp.ClientSession] = {}
 
 
@@ -263,7 +266,7 @@ def tts_retry(fallback_url: str | None, first_byte_secs: float = TTS_FIRST_BYTE_
                 req.session.request(
                     req.method, url, data=req.body, headers=req.headers, middlewares=()
                 ),
-                first_byte_secs,
+                max(first_byte_secs, TTS_FIRST_BYTE_SECS),  # the last chance: be patient
             )
         return await asyncio.wait_for(handler(req), first_byte_secs)
 
@@ -276,7 +279,14 @@ def tts_session(base: aiohttp.ClientSession, fallback_url: str | None) -> aiohtt
     session = _TTS_SESSIONS.get(key)
     if session is None or session.closed or session.connector is not base.connector:
         session = aiohttp.ClientSession(
-            connector=base.connector, connector_owner=False, middlewares=(tts_retry(fallback_url),)
+            connector=base.connector,
+            connector_owner=False,
+            middlewares=(
+                tts_retry(
+                    fallback_url,
+                    TTS_FIRST_BYTE_SECS_WITH_FALLBACK if fallback_url else TTS_FIRST_BYTE_SECS,
+                ),
+            ),
         )
         _TTS_SESSIONS[key] = session
     return session

@@ -189,7 +189,10 @@ class TurnWatchdog:
         retry deadline (the failed request's error stopped at the switcher)."""
         self.llm_failovers += 1
         self.log.warning("LLM failed over to the fallback ({})", why[:120])
-        if self.waiting and self.committed_at is not None and not self.llm_text:
+        # The failed request was this turn's: ask again, even when a few words of it had
+        # arrived (a stream dropped mid-reply); the retry's interruption cuts them.
+        if not self.caller_speaking and self.speech_end is not None and self.committed_at:
+            self.answered = False
             self.retried = True
             self.retries += 1
             # From a task: this runs inside the switcher handling the failed request's
