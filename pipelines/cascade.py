@@ -49,6 +49,8 @@ async def build_cascade(ctx: CallContext) -> CallPipeline:
     watchdog = _watchdog(ctx, stt, context)
     if watchdog is not None:
         parts["watchdog"] = watchdog.tail
+        if fast is not None:
+            watchdog.stt_replay = fast.replay  # a swallowed turn is sent to a new stream
     failover = failover_of(llm)
     if failover is not None:
         parts["llm_primary"] = primary

@@ -26,6 +26,8 @@ the echo guard) keep Pipecat's frame path: :func:`fast_path_supported`.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from typing import Any
 
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer
@@ -49,6 +51,10 @@ from pipeswitch.transports.transport import FreeSwitchInputTransport
 VAD_CHUNK_SECS = 0.04
 # STT chunk: Deepgram accepts 20-100 ms per message; fewer, larger sends.
 STT_CHUNK_SECS = 0.08
+# Caller audio kept after it went to the STT, so a turn a hung or broken stream swallowed
+# can be sent again on the new stream (128 KB at 8 kHz: the chunks already sent are kept,
+# nothing is copied).
+HISTORY_SECS = 8.0
 
 
 def fast_path_supported(stt: STTService) -> bool:
@@ -92,6 +98,9 @@ class CallerMediaFastPath:
         self._running = False
         self._vad_queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._vad_task: asyncio.Task[None] | None = None
+        self._history: deque[tuple[float, bytes]] = deque(
+            maxlen=max(1, round(HISTORY_SECS / stt_chunk_secs))
+        )
 
     async def setup(self, setup: FrameProcessorSetup) -> None:
         """Take the pipeline rate; set up the VAD controller (Pipecat's)."""
@@ -149,10 +158,23 @@ class CallerMediaFastPath:
             return
         chunk = bytes(self._stt_buf)
         self._stt_buf.clear()
+        self._history.append((time.monotonic(), chunk))
         await self._stt.process_audio_frame(
             InputAudioRawFrame(audio=chunk, sample_rate=self._rate, num_channels=1),
             FrameDirection.DOWNSTREAM,
         )
+
+    async def replay(self, since: float, until: float) -> float:
+        """Send the STT again the caller audio it was sent between ``since`` and ``until``
+        (monotonic); returns the seconds sent. For a new stream after a reconnect: what
+        the old one swallowed (a stall, a malformed reply) is transcribed after all."""
+        chunks = [c for t, c in self._history if since <= t < until]
+        for chunk in chunks:
+            await self._stt.process_audio_frame(
+                InputAudioRawFrame(audio=chunk, sample_rate=self._rate, num_channels=1),
+                FrameDirection.DOWNSTREAM,
+            )
+        return sum(len(c) for c in chunks) / (2 * self._rate) if self._rate else 0.0
 
     async def _on_speech_started(self, _controller: VADController) -> None:
         self._speaking = True

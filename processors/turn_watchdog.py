@@ -18,9 +18,10 @@ Caller speech cancels the turn's timer (never speak over the caller), and the re
 first TTS audio ends it (the interruption before a retry cancels the stuck request, so
 a late answer cannot play twice). The watchdog also keeps the STT alive: a stream that
 gives no transcript while the caller speaks is reconnected (Pipecat buffers the audio
-that arrives meanwhile and sends it on; what the hung stream swallowed is lost, and the
-apology asks the caller to repeat); one that Pipecat gave up on (refused, 5xx) is
-revived with backoff, and at once when the caller starts speaking.
+that arrives meanwhile and sends it on; what the hung stream swallowed is sent again from
+the media fast path's history, so the turn is answered rather than apologised for); one
+that Pipecat gave up on (refused, 5xx) is revived with backoff, and at once when the
+caller starts speaking, on the tenant's second endpoint when the first stays down.
 
 Four small frame-in/frame-out processors share one :class:`TurnWatchdog`: ``ear``
 (after the STT), ``head`` (after the user aggregator), ``mouth`` (after the LLM) and
@@ -55,6 +56,9 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.stt_service import STTService
 
 HOLDING_PHRASE = "One moment, please."
+# A replayed turn starts this long before the VAD's start (which fires after start_secs
+# of speech, plus a chunk): the first word is not clipped.
+REPLAY_PRE_ROLL_SECS = 0.6
 LLM_APOLOGY = "Sorry, I had a problem just now. Could you say that again?"
 STT_APOLOGY = "Sorry, I didn't catch that. Could you repeat it?"
 RECOVERY_PHRASES = (HOLDING_PHRASE, LLM_APOLOGY, STT_APOLOGY)
@@ -141,6 +145,9 @@ class TurnWatchdog:
         self.failover: Callable[[str], Awaitable[bool]] | None = None
         # Moves the STT to its fallback endpoint (once) when a reconnect fails.
         self.stt_failover: Callable[[], Awaitable[bool]] | None = None
+        # Sends the STT again the caller audio it was sent between two monotonic times
+        # (the media fast path keeps it); returns the seconds sent.
+        self.stt_replay: Callable[[float, float], Awaitable[float]] | None = None
         # Counters for logs and tests.
         self.holds = 0
         self.retries = 0
@@ -148,6 +155,7 @@ class TurnWatchdog:
         self.stt_reconnects = 0
         self.llm_failovers = 0
         self.stt_failovers = 0
+        self.stt_replays = 0
 
     @property
     def waiting(self) -> bool:
@@ -273,6 +281,7 @@ class _Ear(FrameProcessor):
         if stt is None or self._reconnecting:
             return False
         self._reconnecting = True
+        began = time.monotonic()
         try:
             self._w.stt_reconnects += 1
             self._w.log.warning("STT: {}; reconnecting", why)
@@ -292,7 +301,25 @@ class _Ear(FrameProcessor):
             self._ensure_revival()
             return False
         self._w.stt_failed = False
+        await self._replay_lost_turn(began)
         return True
+
+    async def _replay_lost_turn(self, until: float) -> None:
+        """The caller's last turn got no transcript from the old stream: send its audio
+        to the new one, so it is answered instead of apologised for."""
+        w = self._w
+        if (
+            w.stt_replay is None
+            or w.caller_speaking
+            or w.transcript_since_start
+            or w.speech_end is None
+            or w.answered
+        ):
+            return
+        secs = await w.stt_replay(w.speech_started_at - REPLAY_PRE_ROLL_SECS, until)
+        if secs > 0:
+            w.stt_replays += 1
+            w.log.info("STT: sent the caller's last {:.1f}s again on the new stream", secs)
 
     def watch_stt(self) -> None:
         """Revive the STT whenever Pipecat gives up on it (refused, 5xx, dropped)."""

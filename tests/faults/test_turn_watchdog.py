@@ -66,7 +66,9 @@ async def test_llm_stall_holds_retries_once_then_apologises(
         await stream.hangup()
 
 
-async def test_stt_stall_is_reconnected(served: Served, log_lines: list[str]) -> None:
+async def test_stt_stall_is_reconnected_and_the_turn_replayed(
+    served: Served, log_lines: list[str]
+) -> None:
     uuid = "wd-stt-stall"
     speech = await served.speech(QUESTION, 8000)
     # The call's first Deepgram stream hangs: open, no transcript ever.
@@ -74,13 +76,23 @@ async def test_stt_stall_is_reconnected(served: Served, log_lines: list[str]) ->
     stream = await open_call(served.url(uuid=uuid), 8000, "json-stream")
     try:
         await wait_bot_quiet(stream, quiet_s=1.0)
+        n = len(served.emu.openai.requests)
         end, heard = await ask(stream, speech, 8000, timeout_s=8.0)
         assert heard is not None and heard - end <= DEAD_AIR_S, "dead air after an STT stall"
         await asyncio.sleep(max(0.0, end + 5.5 - time.monotonic()))
         await wait_bot_quiet(stream, quiet_s=1.0, timeout_s=10.0)
         assert _lines(log_lines, uuid, "no transcript for the caller's speech; reconnecting")
-        # The words the hung stream swallowed are gone: the caller is asked to repeat.
-        assert _lines(log_lines, uuid, "apologising")
+        # What the hung stream swallowed went again to the new one: the question is
+        # answered (held, not apologised for).
+        assert _lines(log_lines, uuid, "again on the new stream")
+        asked = [
+            m["content"]
+            for r in served.emu.openai.requests[n:]
+            for m in r.messages
+            if m.get("role") == "user"
+        ]
+        assert asked, "the swallowed turn never reached the LLM"
+        assert not _lines(log_lines, uuid, "apologising")
         await _answered_by_llm(served, stream, speech)
     finally:
         served.emu.deepgram.set_faults(DeepgramFaults())
