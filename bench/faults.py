@@ -196,6 +196,9 @@ async def run_case(
 
     ep = base_ep
     primary = ProviderSettings().llm_model if fallbacks else None
+    # With fallbacks the faults hit the primary only: Groq's model, Deepgram's plain path
+    # (the second endpoint is the emulator's "eu" region).
+    region = "" if fallbacks else None
     dg, chat = emu.deepgram, emu.openai
     dg.set_faults(DeepgramFaults())
     chat.set_faults(ChatFaults())
@@ -204,11 +207,11 @@ async def run_case(
     async def arm() -> None:
         if service == "stt":
             f = {
-                "drop": DeepgramFaults(drop_after_s=0.5, connections=1),
-                "stall": DeepgramFaults(stall=True, connections=1),
-                "5xx": DeepgramFaults(reject_status=500),
-                "slow_first_byte": DeepgramFaults(final_delay_s=1.5, connections=1),
-                "malformed": DeepgramFaults(malformed=True, connections=1),
+                "drop": DeepgramFaults(drop_after_s=0.5, connections=1, region=region),
+                "stall": DeepgramFaults(stall=True, connections=1, region=region),
+                "5xx": DeepgramFaults(reject_status=500, region=region),
+                "slow_first_byte": DeepgramFaults(final_delay_s=1.5, connections=1, region=region),
+                "malformed": DeepgramFaults(malformed=True, connections=1, region=region),
             }.get(kind)
             if f is not None:
                 dg.set_faults(f)
@@ -248,7 +251,7 @@ async def run_case(
     if fallbacks:
         providers = ProviderSettings(
             llm_fallback="openai",
-            stt_fallback_url=base_ep.deepgram_url,
+            stt_fallback_url=f"{base_ep.deepgram_url.rstrip('/')}/eu",
             tts_fallback_url=piper_direct or None,
         )
     tenant = Tenant(name="default", providers=providers)

@@ -135,6 +135,9 @@ class DeepgramFaults:
         stall: Keep the stream open but never send a transcript (a hung provider).
         malformed: Send a text frame that is not JSON where each final would go.
         final_delay_s: Hold each final transcript this much longer (slow first byte).
+        region: Fault only connections to this region: ``""`` is the plain
+            ``/v1/listen``, ``"eu"`` is ``/eu/v1/listen`` (the emulator serves any
+            ``/<region>/v1/listen`` as a second endpoint); None faults every one.
     """
 
     reject_status: int | None = None
@@ -145,6 +148,7 @@ class DeepgramFaults:
     stall: bool = False
     malformed: bool = False
     final_delay_s: float | None = None
+    region: str | None = None
 
     @property
     def active(self) -> bool:
@@ -286,6 +290,9 @@ class DeepgramEmulator:
         """Register the listen endpoint and the admin endpoints on ``app``."""
         app.router.add_get("/v1/listen", self.handle_listen)
         app.router.add_get("/v2/listen", self.handle_flux)
+        # Another region of the same service (a tenant's stt_fallback_url).
+        app.router.add_get("/{region}/v1/listen", self.handle_listen)
+        app.router.add_get("/{region}/v2/listen", self.handle_flux)
         add_admin_routes(
             app,
             self,
@@ -308,7 +315,7 @@ class DeepgramEmulator:
         if self.settings.api_key is not None and key != self.settings.api_key:
             return self._reject(401, "INVALID_AUTH", "Invalid credentials.")
 
-        faults = self._take_faults()
+        faults = self._take_faults(request.match_info.get("region", ""))
         if faults is not None and faults.reject_status is not None:
             return self._reject(faults.reject_status, "EMULATED_FAULT", "Emulated rejection.")
 
@@ -345,9 +352,9 @@ class DeepgramEmulator:
             record.closed_at = time.monotonic()
         return ws
 
-    def _take_faults(self) -> DeepgramFaults | None:
+    def _take_faults(self, region: str = "") -> DeepgramFaults | None:
         faults = self.faults
-        if not faults.active:
+        if not faults.active or (faults.region is not None and faults.region != region):
             return None
         if faults.connections is not None and self._faulted >= faults.connections:
             return None

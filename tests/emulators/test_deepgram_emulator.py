@@ -149,6 +149,27 @@ async def test_rejected_key_gives_permanent_error_not_a_hang() -> None:
     assert emu.deepgram.rejected == 1 and not emu.deepgram.streams
 
 
+async def test_a_fault_for_one_region_leaves_the_other_answering() -> None:
+    """``/eu/v1/listen`` is a second endpoint of the same emulator; a fault scoped to the
+    plain path (``region=""``) refuses it there only, as when one region is down."""
+    faults = DeepgramFaults(reject_status=500, region="")
+    async with run_emulators(_config(deepgram_faults=faults)) as emu:
+        eu = DeepgramSTTService(
+            api_key="emulated", base_url=f"{emu.deepgram_url}/eu", sample_rate=SR
+        )
+        async with running_pipeline(eu, SR) as h:
+            await h.stream_audio(voiced(0.6, SR))
+            silence_task = asyncio.create_task(h.stream_audio(silence(0.6, SR)))
+            [(_, frame)] = await h.down.wait_for(TranscriptionFrame, 2.0)
+            await silence_task
+        assert frame.text == "What are your opening hours?"
+        assert emu.deepgram.rejected == 0
+        home = DeepgramSTTService(api_key="emulated", base_url=emu.deepgram_url, sample_rate=SR)
+        async with running_pipeline(home, SR) as h:
+            await h.up.wait_for(ErrorFrame, 5.0)
+        assert emu.deepgram.rejected >= 1
+
+
 async def test_provider_drop_mid_call_reports_error_and_reconnects() -> None:
     """The stream is aborted after the first final; the service errors, then reconnects.
 
