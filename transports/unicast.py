@@ -33,6 +33,7 @@ Pieces:
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections import deque
 from collections.abc import Callable
@@ -390,14 +391,8 @@ class UnicastMedia:
         """Bind our port, ask FreeSWITCH to stream the parked channel to it."""
         rate = call.rate or tenant.audio_rate
         s = self.settings
-        port = self.ports.take()
-        media = UdpMedia(
-            bind=(s.unicast_media_ip, port),
-            peer=(s.unicast_switch_ip, port + 1),
-            frame_bytes=rate // 50 * 2,
-        )
+        media, port = await self._bind(rate)
         try:
-            await media.open()
             transport = make_unicast_transport(media, call, tenant, rate, s.max_text_bytes)
 
             def on_event(ev: CallEvent) -> None:
@@ -415,6 +410,27 @@ class UnicastMedia:
             self.ports.give_back(port)
             raise
         return transport
+
+    async def _bind(self, rate: int, attempts: int = 8) -> tuple[UdpMedia, int]:
+        """An opened socket on the next free pair; a port some other program holds on this
+        host is skipped (it goes to the back of the pool) rather than failing the call."""
+        s = self.settings
+        for attempt in range(attempts):
+            port = self.ports.take()
+            media = UdpMedia(
+                bind=(s.unicast_media_ip, port),
+                peer=(s.unicast_switch_ip, port + 1),
+                frame_bytes=rate // 50 * 2,
+            )
+            try:
+                await media.open()
+                return media, port
+            except OSError as exc:
+                self.ports.give_back(port)
+                if exc.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                    raise
+                logger.warning("unicast port {} is in use on this host; trying the next", port)
+        raise AssertionError("unreachable")
 
     def headers_for(self, media: UdpMedia) -> dict[str, str]:
         """The ``sendmsg`` headers for this call's port pair."""

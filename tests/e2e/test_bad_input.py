@@ -121,6 +121,9 @@ async def test_bad_input_is_isolated_and_logged(served: Served, log_lines: list[
 
 
 async def test_ready_and_health(served: Served) -> None:
+    # One call of its own, so the counters below do not depend on which tests ran first.
+    stream = await open_call(served.url(uuid="health-1"), 8000, "json-stream")
+    await stream.hangup()
     async with served.http.get(f"http://127.0.0.1:{served.app.port}/ready") as r:
         assert r.status == 200 and (await r.json())["ready"] is True
     async with served.http.get(f"http://127.0.0.1:{served.app.port}/metrics.json") as r:

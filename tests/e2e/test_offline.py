@@ -18,7 +18,9 @@ import pytest
 import pytest_asyncio
 
 from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
+from pipeswitch.config.loaders import StaticTenantLoader
 from pipeswitch.config.settings import Settings
+from pipeswitch.config.tenants import Tenant, TurnSettings
 from pipeswitch.pipelines.app import Pipeswitch
 from pipeswitch.pipelines.compose import CallPipeline
 from pipeswitch.pipelines.local.models import set_offline_env
@@ -41,7 +43,15 @@ def normalize(text: str) -> str:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def offline_app() -> AsyncIterator[Pipeswitch]:
     set_offline_env()
-    app = Pipeswitch(Settings(host="127.0.0.1", port=0, providers="local"))
+    # The turn watchdog off: on a CPU shared with other tests the local LLM can take longer
+    # than the holding phrase's 3 s, and this test times the reply itself, not the hold
+    # (the watchdog has its own tests; the demo test below runs the default tenant).
+    tenant = Tenant(name="default", turns=TurnSettings(watchdog_secs=0))
+    app = Pipeswitch(
+        Settings(host="127.0.0.1", port=0, providers="local"),
+        loader=StaticTenantLoader([tenant], default="default"),
+        default_tenant="default",
+    )
     await app.start()
     try:
         yield app

@@ -19,8 +19,6 @@ import dataclasses
 import socket
 from collections.abc import AsyncIterator
 
-import pytest_asyncio
-
 from pipeswitch.bench.emulators.openai_chat import ChatFaults
 from pipeswitch.config.loaders import StaticTenantLoader
 from pipeswitch.config.settings import Settings
@@ -102,17 +100,16 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def groq_refused(served: Served) -> AsyncIterator[Pipeswitch]:
-    """A second server whose Groq endpoint refuses connections (OpenAI's still answers)."""
-    ep = dataclasses.replace(
-        served.app.endpoints, groq_base_url=f"http://127.0.0.1:{_closed_port()}/v1"
-    )
+@contextlib.asynccontextmanager
+async def _second_server(
+    served: Served, providers: ProviderSettings, **endpoints: str
+) -> AsyncIterator[Pipeswitch]:
+    """A server of its own with some endpoints changed (a provider that refuses)."""
+    ep = dataclasses.replace(served.app.endpoints, **endpoints)  # type: ignore[arg-type]
     settings = Settings(host="127.0.0.1", port=0, providers="emulated", idle_timeout_secs=30)
-    tenant = Tenant(name="default", providers=ProviderSettings(llm_fallback="openai"))
     app = Pipeswitch(
         settings,
-        loader=StaticTenantLoader([tenant], default="default"),
+        loader=StaticTenantLoader([Tenant(name="default", providers=providers)], default="default"),
         default_tenant="default",
         endpoints=ep,
     )
@@ -124,12 +121,17 @@ async def groq_refused(served: Served) -> AsyncIterator[Pipeswitch]:
             await asyncio.wait_for(app.stop(drain_secs=1.0), 10)
 
 
-async def test_groq_refused_fails_over_to_openai(
-    served: Served, groq_refused: Pipeswitch, log_lines: list[str]
-) -> None:
+def _call_url(app: Pipeswitch, uuid: str) -> str:
+    return f"ws://127.0.0.1:{app.port}/fs/{uuid}?rate=8000&mix=mono&domain=default"
+
+
+async def test_groq_refused_fails_over_to_openai(served: Served, log_lines: list[str]) -> None:
     uuid = "llm-fo-refused"
-    url = f"ws://127.0.0.1:{groq_refused.port}/fs/{uuid}?rate=8000&mix=mono&domain=default"
-    models = await _two_turns(served, url, uuid, log_lines)
+    dead = f"http://127.0.0.1:{_closed_port()}/v1"
+    async with _second_server(
+        served, ProviderSettings(llm_fallback="openai"), groq_base_url=dead
+    ) as app:
+        models = await _two_turns(served, _call_url(app, uuid), uuid, log_lines)
     # Refused requests never reach the emulator: only OpenAI's are recorded.
     assert set(models) == {BACKUP}
 
@@ -138,33 +140,25 @@ async def test_deepgram_refused_moves_to_the_fallback_endpoint(
     served: Served, log_lines: list[str]
 ) -> None:
     uuid = "stt-fo-refused"
-    ep = dataclasses.replace(served.app.endpoints, deepgram_url=f"ws://127.0.0.1:{_closed_port()}")
-    settings = Settings(host="127.0.0.1", port=0, providers="emulated", idle_timeout_secs=30)
     second = served.app.endpoints.deepgram_url
-    tenant = Tenant(name="default", providers=ProviderSettings(stt_fallback_url=second))
-    app = Pipeswitch(
-        settings,
-        loader=StaticTenantLoader([tenant], default="default"),
-        default_tenant="default",
-        endpoints=ep,
-    )
-    await app.start()
     chat = served.emu.openai
     speech = await served.speech(QUESTION, 8000)
-    url = f"ws://127.0.0.1:{app.port}/fs/{uuid}?rate=8000&mix=mono&domain=default"
-    stream = await open_call(url, 8000, "json-stream")
-    try:
-        await wait_bot_quiet(stream, quiet_s=1.0)
-        n = len(chat.requests)
-        end, heard = await ask(stream, speech, 8000, timeout_s=8.0)
-        assert heard is not None and heard - end <= DEAD_AIR_S, "dead air with Deepgram down"
-        await wait_bot_quiet(stream, quiet_s=1.0, timeout_s=10.0)
-        # The caller's words reached the LLM: the second endpoint transcribed them.
-        users = [m for r in chat.requests[n:] for m in r.messages if m.get("role") == "user"]
-        assert users, "the caller's question never reached the LLM"
-        assert stream.close_record.server_close_at is None, "the call was dropped"
-    finally:
-        await stream.hangup()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(app.stop(drain_secs=1.0), 10)
+    async with _second_server(
+        served,
+        ProviderSettings(stt_fallback_url=second),
+        deepgram_url=f"ws://127.0.0.1:{_closed_port()}",
+    ) as app:
+        stream = await open_call(_call_url(app, uuid), 8000, "json-stream")
+        try:
+            await wait_bot_quiet(stream, quiet_s=1.0)
+            n = len(chat.requests)
+            end, heard = await ask(stream, speech, 8000, timeout_s=8.0)
+            assert heard is not None and heard - end <= DEAD_AIR_S, "dead air, Deepgram down"
+            await wait_bot_quiet(stream, quiet_s=1.0, timeout_s=10.0)
+            # The caller's words reached the LLM: the second endpoint transcribed them.
+            users = [m for r in chat.requests[n:] for m in r.messages if m.get("role") == "user"]
+            assert users, "the caller's question never reached the LLM"
+            assert stream.close_record.server_close_at is None, "the call was dropped"
+        finally:
+            await stream.hangup()
     assert _lines(log_lines, uuid, "moved to the fallback endpoint")

@@ -7,6 +7,8 @@ barge-in stops the bot, and a hangup ends everything.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -61,7 +63,9 @@ async def rig(served: Served) -> AsyncIterator[Rig]:
     client = EslClient("127.0.0.1", esl.port, "ClueCon")
     await client.start()
     assert await client.wait_connected(3.0)
-    settings = Settings(unicast_port_min=31000, unicast_port_max=31099)
+    # A range of its own per xdist worker (two rigs on one host must not share ports).
+    low = 31000 + 200 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    settings = Settings(unicast_port_min=low, unicast_port_max=low + 99)
     media = UnicastMedia(client, settings)
     endpoint = UnicastEndpoint(media, app.resolver, app.sessions.run_call, app.server.accepting)
     web_app = web.Application()
@@ -122,6 +126,32 @@ def test_port_pool_pairs() -> None:
         pool.take()
     pool.give_back(a)
     assert pool.take() == a
+
+
+@ASYNC
+async def test_a_port_held_by_another_program_is_skipped(log_lines: list[str]) -> None:
+    # Another program on the host holds the pool's first (even) port.
+    odd: list[socket.socket] = []
+    while True:
+        holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        holder.bind(("127.0.0.1", 0))
+        if holder.getsockname()[1] % 2 == 0:
+            break
+        odd.append(holder)
+    for sock in odd:
+        sock.close()
+    low = int(holder.getsockname()[1])
+    settings = Settings(
+        unicast_media_ip="127.0.0.1", unicast_port_min=low, unicast_port_max=low + 5
+    )
+    media = UnicastMedia(None, settings)  # type: ignore[arg-type]
+    try:
+        udp, port = await media._bind(8000)
+    finally:
+        holder.close()
+    await udp.close(1000, b"done")
+    assert port == low + 2
+    assert any(f"unicast port {low} is in use" in line for line in log_lines)
 
 
 def test_sendmsg_headers_never_ask_for_native() -> None:
