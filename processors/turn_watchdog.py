@@ -132,6 +132,7 @@ class TurnWatchdog:
         self.speech_started_at = 0.0
         self.speech_end: float | None = None
         self.transcript_since_start = False
+        self.final_since_start = False
         self.committed_at: float | None = None
         self.llm_text = False
         self.answered = True  # nothing to answer before the caller's first turn
@@ -166,6 +167,7 @@ class TurnWatchdog:
         self.caller_speaking = True
         self.speech_started_at = time.monotonic()
         self.transcript_since_start = False
+        self.final_since_start = False
         self.pending_error = None
         # A speculative LLM run may start before the VAD stop: the turn's state starts here.
         self.committed_at = None
@@ -244,9 +246,13 @@ class _Ear(FrameProcessor):
         w = self._w
         if isinstance(frame, (TranscriptionFrame, InterimTranscriptionFrame)):
             w.transcript_since_start = True
-            if self._stall_task is not None:
-                await self.cancel_task(self._stall_task)
-                self._stall_task = None
+            # Interims alone do not end the wait: a stream whose finals break (a malformed
+            # message) still sends them, and the turn waits for a final that never comes.
+            if isinstance(frame, TranscriptionFrame):
+                w.final_since_start = True
+                if self._stall_task is not None:
+                    await self.cancel_task(self._stall_task)
+                    self._stall_task = None
         elif isinstance(frame, VADUserStartedSpeakingFrame) and not w.caller_speaking:
             # Either direction: the aggregator's VAD broadcasts it upstream; a media fast
             # path in the transport sends it down. Once per segment either way.
@@ -261,7 +267,7 @@ class _Ear(FrameProcessor):
             # The VAD decided at frame.timestamp (wall clock): count the queueing since.
             lag = min(1.0, max(0.0, time.time() - frame.timestamp))
             w.speech_stopped(frame.stop_secs + lag)
-            if w.stt is not None and w.speech_end is not None and not w.transcript_since_start:
+            if w.stt is not None and w.speech_end is not None and not w.final_since_start:
                 if self._stall_task is not None:
                     await self.cancel_task(self._stall_task)
                 self._stall_task = self.create_task(
@@ -272,8 +278,10 @@ class _Ear(FrameProcessor):
     async def _stall_check(self, secs: float) -> None:
         await asyncio.sleep(secs)
         self._stall_task = None
-        if not self._w.transcript_since_start and not self._reconnecting:
-            await self._reconnect("no transcript for the caller's speech")
+        w = self._w
+        if not w.final_since_start and not self._reconnecting:
+            what = "final transcript" if w.transcript_since_start else "transcript"
+            await self._reconnect(f"no {what} for the caller's speech")
 
     async def _reconnect(self, why: str) -> bool:
         """Reconnect the STT (Pipecat buffers the caller's audio meanwhile and sends it)."""
@@ -311,7 +319,7 @@ class _Ear(FrameProcessor):
         if (
             w.stt_replay is None
             or w.caller_speaking
-            or w.transcript_since_start
+            or w.final_since_start
             or w.speech_end is None
             or w.answered
         ):
