@@ -15,6 +15,7 @@ import aiohttp
 import numpy as np
 import pytest
 import pytest_asyncio
+from _pytest.nodeid import coerce_node_id
 from loguru import logger
 
 from pipeswitch.bench.emulators.runner import EmulatorConfig, RunningEmulators, run_emulators
@@ -109,10 +110,23 @@ def _xdist_group(item: pytest.Item) -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test with its xdist group (an explicit ``xdist_group`` mark wins)."""
+    """Put each test in its xdist group (an explicit ``xdist_group`` mark wins).
+
+    xdist 3.8 puts a test in its group by rewriting ``item._nodeid`` to ``nodeid@group``, and
+    pytest 9.2 no longer reads ``_nodeid`` (a node id is ``str(item._id)``): every group was
+    silently spread over the workers (a module's shared state, a costly fixture per worker).
+    The suffix is written here where pytest 9.2 reads it, for marked tests too.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
     for item in items:
-        if item.get_closest_marker("xdist_group") is None and (group := _xdist_group(item)):
-            item.add_marker(pytest.mark.xdist_group(group))
+        marks = [
+            m.args[0] if m.args else m.kwargs.get("name", "default")
+            for m in item.iter_markers("xdist_group")
+        ]
+        group = "_".join(sorted({str(g) for g in marks})) or _xdist_group(item)
+        if group and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{group}")
 
 
 @pytest.fixture(scope="session")

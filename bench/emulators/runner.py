@@ -398,10 +398,14 @@ class EmulatorProcess:
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """Stop the child (SIGTERM, then SIGKILL after ``timeout``); returns its exit code."""
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            # EOF on stdin is the child's cue to stop: let it. A SIGTERM sent right after
+            # could land while it leaves its loop, whose handler is gone by then (-15).
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(min(timeout, 2.0))
         if self.proc.poll() is None:
-            if self.proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    self.proc.stdin.close()
             self.proc.terminate()
             try:
                 self.proc.wait(timeout)
