@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from loguru import logger
 from pipecat.services.llm_service import LLMService
 
 from pipeswitch.bench.emulators.openai_chat import ChatReply, ToolCall
@@ -129,7 +130,9 @@ def test_port_pool_pairs() -> None:
 
 
 @ASYNC
-async def test_a_port_held_by_another_program_is_skipped(log_lines: list[str]) -> None:
+async def test_a_port_held_by_another_program_is_skipped() -> None:
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
     # Another program on the host holds the pool's first (even) port.
     odd: list[socket.socket] = []
     while True:
@@ -149,9 +152,10 @@ async def test_a_port_held_by_another_program_is_skipped(log_lines: list[str]) -
         udp, port = await media._bind(8000)
     finally:
         holder.close()
+        logger.remove(sink)
     await udp.close(1000, b"done")
     assert port == low + 2
-    assert any(f"unicast port {low} is in use" in line for line in log_lines)
+    assert any(f"unicast port {low} is in use" in line for line in lines)
 
 
 def test_sendmsg_headers_never_ask_for_native() -> None:
