@@ -70,16 +70,14 @@ class OutageFailover(ServiceSwitcherStrategyFailover):
     def __init__(self, services: list[FrameProcessor]) -> None:
         super().__init__(services)
         self.on_failed_over: FailedOver | None = None
-        self.failovers: list[tuple[str, str, str]] = []  # (from, to, why)
 
     async def handle_error(self, error: ErrorFrame) -> FrameProcessor | None:
         failed = error.processor or self.active_service
         if failed is self.active_service and failed.is_usable and is_outage(error):
             await failed.set_usable(False)
-        before = self.active_service
         switched = await super().handle_error(error)
         if switched is not None:
-            await self._switched(before, switched, str(error.error))
+            await self._switched(str(error.error))
         return switched
 
     async def fail_over(self, why: str) -> bool:
@@ -92,11 +90,10 @@ class OutageFailover(ServiceSwitcherStrategyFailover):
         switched = await self._set_active_if_available(others[0])
         if switched is None:
             return False
-        await self._switched(before, switched, why)
+        await self._switched(why)
         return True
 
-    async def _switched(self, before: FrameProcessor, now: FrameProcessor, why: str) -> None:
-        self.failovers.append((before.name, now.name, why[:200]))
+    async def _switched(self, why: str) -> None:
         if self.on_failed_over is not None:
             await self.on_failed_over(why)
 

@@ -76,7 +76,11 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
         self._playout = playout
         self._reply_mark = 0.0
         self.truncations: list[TruncationFact] = []
-        self._held_audio: list[InputAudioRawFrame] = []
+        # Caller audio said before the session is up (the last 2 s), sent once it is.
+        self._held_pcm = bytearray()
+        self._held_rate = 0
+        self._connect_deferred = False
+        self._connect_task: asyncio.Task[None] | None = None
         # The call's receptionist tools (what they did), when the tenant enables any.
         self.receptionist: ReceptionistTools | None = None
         # The call's switch to the cascade, when the tenant has one to fall back to.
@@ -95,41 +99,39 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
         never answers the handshake held the whole call (the fallback's connect budget
         included, which starts with the pipeline) for the WebSocket's 10 s open
         timeout. Dialled from a task, the pipeline starts at once, the budget runs
-        from the call's start, and a caller's audio before the session is up is
-        dropped by Pipecat's own not-connected guard (local turns still hear it).
+        from the call's start, and the caller's audio before the session is up is
+        held (the last 2 s) and sent once it is.
         """
         self._connect_deferred = True
         try:
             await super().setup(setup)
         finally:
             self._connect_deferred = False
-        self._connect_task: asyncio.Task[None] | None = self.create_task(self._connect(), "connect")
+        self._connect_task = self.create_task(self._connect(), "connect")
 
     async def _connect(self) -> None:
-        if getattr(self, "_connect_deferred", False):
-            return
-        await super()._connect()
+        if not self._connect_deferred:
+            await super()._connect()
 
     async def _send_user_audio(self, frame: InputAudioRawFrame) -> None:
         if not self._api_session_ready:
-            # Until the session is configured: keep the caller's last 2 s (their first
-            # words, said while the provider was still connecting), sent once it is.
-            held = self._held_audio
-            held.append(frame)
-            while len(held) > 1 and sum(len(f.audio) for f in held) > 4 * frame.sample_rate:
-                held.pop(0)
+            # The caller's first words, said while the provider was still connecting.
+            self._held_rate = frame.sample_rate
+            self._held_pcm.extend(frame.audio)
+            del self._held_pcm[: max(0, len(self._held_pcm) - 4 * frame.sample_rate)]
             return
         await super()._send_user_audio(frame)
 
     async def _handle_evt_session_updated(self, evt: Any) -> None:
         await super()._handle_evt_session_updated(evt)
-        held, self._held_audio = self._held_audio, []
-        for frame in held:
-            await super()._send_user_audio(frame)
+        if self._held_pcm:
+            pcm, self._held_pcm = bytes(self._held_pcm), bytearray()
+            await super()._send_user_audio(
+                InputAudioRawFrame(audio=pcm, sample_rate=self._held_rate, num_channels=1)
+            )
 
     async def _disconnect(self) -> None:
-        task = getattr(self, "_connect_task", None)
-        self._connect_task = None
+        task, self._connect_task = self._connect_task, None
         if task is not None and not task.done() and task is not asyncio.current_task():
             await self.cancel_task(task, timeout=1.0)
         await super()._disconnect()

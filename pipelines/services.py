@@ -8,7 +8,7 @@ or to the Deepgram emulator, to Groq or to the local llama.cpp server.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -147,22 +147,15 @@ def stt_failover(stt: STTService, tenant: Tenant, ep: ProviderEndpoints, sample_
     url = tenant.providers.stt_fallback_url
     if not url or type(stt) is not DeepgramSTTService or not ep.deepgram_api_key:
         return None
-    moved = [False]
+    moved = False
 
     async def move() -> bool:
-        if moved[0]:
+        nonlocal moved
+        if moved:
             return False
-        moved[0] = True
-        tenant_at_url = tenant.model_copy(
-            update={"providers": tenant.providers.model_copy(update={"stt_fallback_url": None})}
-        )
-        ep_at_url = ProviderEndpoints(
-            mode=ep.mode,
-            piper_url=ep.piper_url,
-            deepgram_url=url,
-            deepgram_api_key=ep.deepgram_api_key,
-        )
-        twin = await asyncio.to_thread(make_stt, tenant_at_url, ep_at_url, sample_rate)
+        moved = True
+        at_url = replace(ep, deepgram_url=url)
+        twin = await asyncio.to_thread(make_stt, tenant, at_url, sample_rate)
         stt._client = twin._client  # type: ignore[attr-defined]
         return True
 

@@ -312,7 +312,8 @@ class ElevenLabsAgentService(LLMService):
 
         Awaited here, a provider that accepts TCP and never answers held the
         StartFrame (and the whole call, the fallback's budget with it) for the
-        connect timeout. Audio before the conversation is up is dropped.
+        connect timeout. Audio before the conversation is up is held (the last 2 s)
+        and sent once it is.
         """
         await super().start(frame)
         self._connect_task = self.create_task(self._connect(), "connect")

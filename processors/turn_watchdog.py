@@ -470,23 +470,19 @@ class _Tail(FrameProcessor):
         if w.committed_at is not None:
             await asyncio.sleep(max(0.0, w.committed_at + p.llm_secs - time.monotonic()))
         await asyncio.sleep(max(0.0, self._playing_until - time.monotonic()))
+        # With a fallback LLM the turn is asked again there (llm_failed_over).
         if (
             p.retry_llm
             and w.waiting
             and w.committed_at is not None
             and not w.llm_text
             and not w.retried
+            and (w.failover is None or not await w.failover("no text from the LLM in time"))
         ):
-            if w.failover is not None and await w.failover("no text from the LLM in time"):
-                # The turn is asked again on the fallback (llm_failed_over).
-                pass
-            else:
-                w.retried = True
-                w.retries += 1
-                w.log.warning(
-                    "LLM gave no text for the caller's turn; cancelling and retrying once"
-                )
-                await w.head.retry()
+            w.retried = True
+            w.retries += 1
+            w.log.warning("LLM gave no text for the caller's turn; cancelling and retrying once")
+            await w.head.retry()
         await self._until(p.give_up_secs)
         await asyncio.sleep(max(0.0, self._playing_until - time.monotonic()))
         if not w.waiting or w.apologised:
