@@ -56,6 +56,11 @@ class TtsFaultProxy:
         self.upstream = upstream.rstrip("/")
         self.kind: str | None = None
         self.armed = False
+        # "drop": how many responses to cut (None: every one while armed) and how many were.
+        self.drop_limit: int | None = None
+        self.drops = 0
+        # (monotonic time, text) of each TTS request, to check what the caller heard.
+        self.texts: list[tuple[float, str]] = []
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
         self.port = 0
@@ -92,6 +97,10 @@ class TtsFaultProxy:
         if kind == "malformed":
             return web.Response(body=os.urandom(30) + b"not a wav", content_type="audio/wav")
         body = await request.read()
+        with contextlib.suppress(ValueError, AttributeError):
+            self.texts.append((time.monotonic(), str(json.loads(body).get("text", ""))))
+        if kind == "drop" and self.drop_limit is not None and self.drops >= self.drop_limit:
+            kind = None
         async with self._http.request(
             request.method,
             f"{self.upstream}{request.rel_url}",
@@ -107,6 +116,7 @@ class TtsFaultProxy:
             async for chunk in up.content.iter_chunked(4096):
                 if kind == "drop" and sent > 8000:
                     assert request.transport is not None
+                    self.drops += 1
                     request.transport.abort()
                     return resp
                 await resp.write(chunk)

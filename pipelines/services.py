@@ -28,6 +28,7 @@ from yarl import URL
 from pipeswitch.config.settings import ProviderMode
 from pipeswitch.config.tenants import Tenant
 from pipeswitch.pipelines.local.incremental_stt import IncrementalWhisperSTTService
+from pipeswitch.pipelines.piper_client import resume_on_drop
 from pipeswitch.processors.clause_aggregator import FirstClauseAggregator
 
 LOCAL_LLM_MODEL = "qwen2.5-0.5b-instruct"
@@ -233,7 +234,8 @@ _TTS_SESSIONS: dict[tuple[int, str | None], aiohttp.ClientSession] = {}
 
 def tts_retry(fallback_url: str | None, first_byte_secs: float = TTS_FIRST_BYTE_SECS) -> Any:
     """aiohttp middleware: a refused, 5xx or stalled TTS request is retried once (on the
-    tenant's fallback Piper when it has one), so one failure is not a silent sentence.
+    tenant's fallback Piper when it has one), so one failure is not a silent sentence;
+    a body cut after some audio is resumed (``piper_client.resume_on_drop``).
 
     Pipecat's Piper service is unmodified: it gets a session with this middleware. A
     second failure reaches the service as before (an ErrorFrame: the watchdog apologises).
@@ -242,16 +244,17 @@ def tts_retry(fallback_url: str | None, first_byte_secs: float = TTS_FIRST_BYTE_
     async def middleware(
         req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
     ) -> aiohttp.ClientResponse:
+        log = logger.bind(call=req.url.query.get("call", "-"))  # make_tts puts it there
         try:
             resp = await asyncio.wait_for(handler(req), first_byte_secs)
             if resp.status < 500:
-                return resp
+                # A body cut mid-stream is resumed where the caller's audio broke off.
+                return resume_on_drop(resp, req, fallback_url, log)
             resp.release()
             why = f"HTTP {resp.status}"
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         where = "the fallback TTS" if fallback_url else "once"
-        log = logger.bind(call=req.url.query.get("call", "-"))  # make_tts puts it there
         log.warning("TTS request failed ({}); retrying {}", why, where)
         if fallback_url:
             url = URL(fallback_url).with_query(req.url.query)
@@ -261,7 +264,7 @@ def tts_retry(fallback_url: str | None, first_byte_secs: float = TTS_FIRST_BYTE_
                 ),
                 max(first_byte_secs, TTS_FIRST_BYTE_SECS),  # the last chance: be patient
             )
-        return await asyncio.wait_for(handler(req), first_byte_secs)
+        return resume_on_drop(await asyncio.wait_for(handler(req), first_byte_secs), req, None, log)
 
     return middleware
 

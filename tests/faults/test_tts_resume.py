@@ -1,0 +1,207 @@
+"""A Piper reply cut mid-body is resumed: the caller hears the whole reply, once.
+
+Through the FreeSWITCH emulator, the real Piper server behind the bench's fault proxy,
+and the real, unmodified ``PiperHttpTTSService``: the proxy closes a TTS response after
+~0.5 s of audio. The sentence is asked again (the same server, then the tenant's fallback
+Piper) and only the audio not yet played is delivered. Checked on the wire: every
+sentence's audio (Piper's own bytes for it) arrives whole and exactly once, the gap is
+short, and the conversation context holds the reply the caller heard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import numpy as np
+import pytest_asyncio
+
+from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream
+from pipeswitch.bench.faults import TtsFaultProxy
+from pipeswitch.config.loaders import StaticTenantLoader
+from pipeswitch.config.settings import Settings
+from pipeswitch.config.tenants import ProviderSettings, Tenant
+from pipeswitch.pipelines.app import Pipeswitch
+from pipeswitch.pipelines.piper_client import best_join, wav_pcm
+from tests.conftest import QUESTION, Served
+from tests.e2e.helpers import ask, open_call, wait_bot_quiet
+
+DEAD_AIR_S = 2.0
+FALLBACK = "tts-fallback.test"
+
+
+def _lines(log_lines: list[str], uuid: str, text: str) -> list[str]:
+    return [line for line in log_lines if uuid in line and text in line]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def proxied(served: Served) -> AsyncIterator[tuple[Pipeswitch, TtsFaultProxy]]:
+    """A server whose Piper sits behind the fault proxy; one tenant has the direct Piper
+    as its fallback."""
+    proxy = TtsFaultProxy(served.app.endpoints.piper_url.removesuffix("/tts"))
+    url = await proxy.start()
+    tenants = [
+        Tenant(name="default"),
+        Tenant(
+            name=FALLBACK,
+            providers=ProviderSettings(tts_fallback_url=served.app.endpoints.piper_url),
+        ),
+    ]
+    settings = Settings(host="127.0.0.1", port=0, providers="emulated", idle_timeout_secs=30)
+    app = Pipeswitch(
+        settings,
+        loader=StaticTenantLoader(tenants, default="default"),
+        default_tenant="default",
+        endpoints=replace(served.app.endpoints, piper_url=f"{url}/tts"),
+    )
+    await app.start()
+    try:
+        yield app, proxy
+    finally:
+        await app.stop(drain_secs=1.0)
+        await proxy.stop()
+
+
+def _after(stream: FakeSwitchStream, t: float) -> bytes:
+    """Bot audio received on the wire at or after ``t``."""
+    audio, chunks = stream.received_audio()
+    pos = 0
+    for c in chunks:
+        if c.t >= t:
+            break
+        pos += c.nbytes
+    return audio[pos:]
+
+
+async def _piper(served: Served, text: str) -> bytes:
+    """Piper's own PCM for ``text`` at 8 kHz (the server's cache: the bytes it sent)."""
+    url = served.app.endpoints.piper_for_rate(8000)
+    async with served.http.post(
+        url, json={"text": text, "voice": Tenant(name="default").voice}
+    ) as r:
+        r.raise_for_status()
+        return wav_pcm(await r.read())[0]
+
+
+async def _faulted_turn(
+    served: Served,
+    app: Pipeswitch,
+    proxy: TtsFaultProxy,
+    uuid: str,
+    domain: str,
+    drop_limit: int | None,
+) -> tuple[list[str], bytes, float]:
+    """Ask with the proxy cutting TTS bodies; (sentences sent to Piper, wire audio of the
+    reply, seconds to the first bot audio)."""
+    speech = await served.speech(QUESTION, 8000)
+    stream = await open_call(
+        f"ws://127.0.0.1:{app.port}/fs/{uuid}?domain={domain}&rate=8000", 8000, "json-stream"
+    )
+    chat = served.emu.openai
+    try:
+        await wait_bot_quiet(stream, quiet_s=1.0)
+        n_texts, n_chat = len(proxy.texts), len(chat.requests)
+        proxy.drops, proxy.drop_limit = 0, drop_limit
+        proxy.kind, proxy.armed = "drop", True
+        end, heard = await ask(stream, speech, 8000, timeout_s=8.0)
+        assert heard is not None and heard - end <= DEAD_AIR_S, "dead air with the TTS dropping"
+        await wait_bot_quiet(stream, quiet_s=1.5, timeout_s=15.0)
+        proxy.armed = False
+        assert proxy.drops >= 1, "the proxy cut no TTS body: the fault was not exercised"
+        texts = list(dict.fromkeys(t for at, t in proxy.texts[n_texts:] if at >= end and t))
+        reply = _after(stream, end)
+        replies = [r.reply_text for r in chat.requests[n_chat:] if r.reply_text]
+        assert replies, "the LLM never answered the faulted turn"
+        # The next turn's context holds the faulted turn's reply: what the caller heard.
+        m = len(chat.requests)
+        _, again = await ask(stream, speech, 8000, timeout_s=8.0)
+        assert again is not None, "the next turn was not answered"
+        await wait_bot_quiet(stream, quiet_s=1.0, timeout_s=10.0)
+        said = [
+            str(msg.get("content", ""))
+            for r in chat.requests[m:]
+            for msg in r.messages
+            if msg.get("role") == "assistant"
+        ]
+        assert any(" ".join(replies[-1].split()) in " ".join(s.split()) for s in said), (
+            "the reply the caller heard is not in the conversation context"
+        )
+        assert stream.close_record.server_close_at is None, "the call was dropped"
+    finally:
+        proxy.armed, proxy.drop_limit = False, None
+        with contextlib.suppress(Exception):
+            await stream.hangup()
+    return texts, reply, heard - end
+
+
+async def _assert_heard_whole(served: Served, texts: list[str], reply: bytes) -> None:
+    """Each sentence's audio arrived whole and once, and nothing else was added."""
+    assert texts, "no sentence reached the TTS"
+    total = 0
+    for text in texts:
+        pcm = await _piper(served, text)
+        total += len(pcm)
+        whole, starts = reply.count(pcm), reply.count(pcm[:1600])
+        assert whole == 1, f"{text!r}: heard whole {whole} times, not once"
+        assert starts == 1, f"{text!r}: its first 0.1 s heard {starts} times"
+    # The pacer pads each sentence to whole 20 ms frames; anything more would be a repeat.
+    assert len(reply) - total <= 320 * len(texts) + 320
+
+
+async def test_tts_body_cut_once_is_resumed_from_the_same_server(
+    served: Served, proxied: tuple[Pipeswitch, TtsFaultProxy], log_lines: list[str]
+) -> None:
+    app, proxy = proxied
+    uuid = "tts-resume-same"
+    texts, reply, _ = await _faulted_turn(served, app, proxy, uuid, "default", drop_limit=1)
+    assert proxy.drops == 1
+    await _assert_heard_whole(served, texts, reply)
+    assert _lines(log_lines, uuid, "TTS stream broke after")
+    assert _lines(log_lines, uuid, "TTS resumed on the same TTS")
+    assert not _lines(log_lines, uuid, "apologising")
+
+
+async def test_tts_body_cut_every_time_is_resumed_from_the_fallback(
+    served: Served, proxied: tuple[Pipeswitch, TtsFaultProxy], log_lines: list[str]
+) -> None:
+    app, proxy = proxied
+    uuid = "tts-resume-fallback"
+    t0 = time.monotonic()
+    texts, reply, _ = await _faulted_turn(served, app, proxy, uuid, FALLBACK, drop_limit=None)
+    # Each cut sentence: the first body and the same server's retry were both cut.
+    assert proxy.drops >= 2
+    await _assert_heard_whole(served, texts, reply)
+    assert _lines(log_lines, uuid, "TTS resume on the same TTS failed")
+    assert _lines(log_lines, uuid, "TTS resumed on the fallback TTS")
+    assert not _lines(log_lines, uuid, "apologising")
+    assert time.monotonic() - t0 < 60
+
+
+def _voiced(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A speech-like signal: harmonics of a gliding pitch under a syllable envelope."""
+    t = np.arange(n) / 8000
+    f0 = 120 + 30 * np.sin(2 * np.pi * 1.3 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / 8000
+    tone = sum(np.sin(k * phase) / k for k in range(1, 8))
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
+    return (6000 * env * tone + rng.normal(0, 200, n)).astype(np.int16)
+
+
+def test_join_finds_the_cut_in_a_resynthesis_that_drifted() -> None:
+    """A re-synthesis runs ahead or behind by tens of ms: the join lands on the same audio,
+    not on the byte offset (which would repeat or skip that much)."""
+    rng = np.random.default_rng(7)
+    a = _voiced(32000, rng)
+    cut = 12000
+    tail = a[cut - 800 : cut]
+    for drift in (-480, -97, 0, 215, 600):
+        b = np.concatenate([_voiced(drift, rng), a]) if drift > 0 else a[-drift:]
+        b = (b + rng.normal(0, 150, len(b))).astype(np.int16)  # not sample-identical
+        end, r = best_join(tail, b, cut, 1600)
+        assert abs(end - (cut + drift)) <= 2, (drift, end, r)
+        assert r > 0.9
+    # Silence (a pause) matches nothing: the byte offset is kept.
+    quiet = np.zeros(800, dtype=np.int16)
+    assert best_join(quiet, a, cut, 1600)[0] == cut
