@@ -74,6 +74,7 @@ class SoakDebug:
         api.router.add_post("/soak/baseline", self._baseline)
         api.router.add_get("/soak/diff", self._diff)
         api.router.add_post("/soak/trim", self._trim)
+        api.router.add_get("/soak/tasks", self._tasks)
         self._runner = web.AppRunner(api, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -100,6 +101,28 @@ class SoakDebug:
                 else None,
             }
         )
+
+    async def _tasks(self, _: web.Request) -> web.Response:
+        """Every live asyncio task with where it waits: at an idle point anything beyond the
+        server's own handful is a call that did not finish tearing down."""
+        me = asyncio.current_task()
+        tasks = []
+        for task in asyncio.all_tasks():
+            if task is me:
+                continue
+            frames = task.get_stack(limit=None)
+            tasks.append(
+                {
+                    "name": task.get_name(),
+                    "coro": getattr(task.get_coro(), "__qualname__", repr(task.get_coro())),
+                    "stack": [
+                        f"{f.f_code.co_filename.rsplit('site-packages/', 1)[-1]}:"
+                        f"{f.f_lineno} {f.f_code.co_name}"
+                        for f in frames
+                    ],
+                }
+            )
+        return web.json_response({"count": len(tasks), "tasks": tasks})
 
     async def _trim(self, _: web.Request) -> web.Response:
         """``malloc_trim(0)``: how much of the RSS is memory glibc holds free (thread arenas
@@ -629,6 +652,8 @@ async def run_soak(args: argparse.Namespace) -> int:
             if len(result.samples) > args.warmup:
                 async with http.get(f"{debug}/soak/diff") as r:
                     result.diff = await r.json()
+            async with http.get(f"{debug}/soak/tasks") as r:
+                (out / "tasks.json").write_text(json.dumps(await r.json(), indent=1))
     finally:
         if proc is not None:
             await asyncio.to_thread(_stop_server, proc)

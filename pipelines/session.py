@@ -45,6 +45,31 @@ from pipeswitch.transports.frames import CallMetadataFrame
 from pipeswitch.transports.transport import FreeSwitchCallTransport
 
 
+async def _reap_leftover_tasks(runner: WorkerRunner, log: Any, rounds: int = 3) -> int:
+    """Cancel what the call's processors left running after its pipeline finished.
+
+    Pipecat only warns about such tasks ("dangling tasks"); a service reconnect that
+    raced the call's end leaves a provider stream and its reconnect loop alive, holding
+    the whole pipeline in memory and a socket open, for as long as the process runs.
+    A few rounds, since cancelling one task can be what started another.
+    """
+    reaped = 0
+    for _ in range(rounds):
+        left = [t for t in runner.task_manager.current_tasks() if not t.done()]
+        if not left:
+            break
+        log.warning(
+            "call left {} task(s) running after its pipeline ended; cancelling: {}",
+            len(left),
+            ", ".join(t.get_name() for t in left),
+        )
+        for task in left:
+            task.cancel()
+        await asyncio.wait(left, timeout=2.0)
+        reaped += len(left)
+    return reaped
+
+
 @dataclass
 class CallRecord:
     """What one call did: kept for tests, the bench and the closing log line."""
@@ -302,6 +327,7 @@ class CallSessions:
             await runner.run()
         finally:
             limit.cancel()
+            await _reap_leftover_tasks(runner, log)
             self.active.pop(call.call_uuid, None)
             self._workers.pop(call.call_uuid, None)
             record.ended_at = time.monotonic()

@@ -40,6 +40,8 @@ from typing import Any
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
+    CancelFrame,
+    EndFrame,
     Frame,
     FunctionCallsStartedFrame,
     InterimTranscriptionFrame,
@@ -238,13 +240,20 @@ class _Ear(FrameProcessor):
         self._w = w
         self._stall_task: asyncio.Task[None] | None = None
         self._revive_task: asyncio.Task[None] | None = None
+        self._revive_now_task: asyncio.Task[bool] | None = None
         self._reconnecting = False
         self._stt_handler_added = False
+        # Set when the call ends: a reconnect started after the STT has disconnected for
+        # good would open a stream (and its reconnect loop) that nobody ever closes.
+        self._closing = False
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         w = self._w
-        if isinstance(frame, (TranscriptionFrame, InterimTranscriptionFrame)):
+        if isinstance(frame, (EndFrame, CancelFrame)):
+            self._closing = True
+            await self._cancel_tasks()
+        elif isinstance(frame, (TranscriptionFrame, InterimTranscriptionFrame)):
             w.transcript_since_start = True
             # Interims alone do not end the wait: a stream whose finals break (a malformed
             # message) still sends them, and the turn waits for a final that never comes.
@@ -262,7 +271,9 @@ class _Ear(FrameProcessor):
                 self._stall_task = None
             stt = w.stt
             if stt is not None and not stt.is_usable and not self._reconnecting:
-                self.create_task(self._reconnect("STT down, caller speaking"), "stt-revive-now")
+                self._revive_now_task = self.create_task(
+                    self._reconnect("STT down, caller speaking"), "stt-revive-now"
+                )
         elif isinstance(frame, VADUserStoppedSpeakingFrame) and w.caller_speaking:
             # The VAD decided at frame.timestamp (wall clock): count the queueing since.
             lag = min(1.0, max(0.0, time.time() - frame.timestamp))
@@ -286,7 +297,7 @@ class _Ear(FrameProcessor):
     async def _reconnect(self, why: str) -> bool:
         """Reconnect the STT (Pipecat buffers the caller's audio meanwhile and sends it)."""
         stt = self._w.stt
-        if stt is None or self._reconnecting:
+        if stt is None or self._reconnecting or self._closing:
             return False
         self._reconnecting = True
         began = time.monotonic()
@@ -297,7 +308,7 @@ class _Ear(FrameProcessor):
             await stt._reconnect()
             ok = stt.is_usable
             move = self._w.stt_failover
-            if not ok and move is not None and await move():
+            if not ok and not self._closing and move is not None and await move():
                 self._w.stt_failovers += 1
                 self._w.log.warning("STT: endpoint down; moved to the fallback endpoint")
                 await stt.set_usable(True)
@@ -305,6 +316,8 @@ class _Ear(FrameProcessor):
                 ok = stt.is_usable
         finally:
             self._reconnecting = False
+        if self._closing:
+            return False
         if not ok:
             self._ensure_revival()
             return False
@@ -348,24 +361,32 @@ class _Ear(FrameProcessor):
                 self._ensure_revival()
 
     def _ensure_revival(self) -> None:
+        if self._closing:
+            return
         if self._revive_task is None or self._revive_task.done():
             self._revive_task = self.create_task(self._revive(), "stt-revive")
 
     async def _revive(self) -> None:
         delay = 1.0
         stt = self._w.stt
-        while stt is not None and not stt.is_usable:
+        while stt is not None and not stt.is_usable and not self._closing:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
             if stt.is_usable or self._reconnecting:
                 continue
             await self._reconnect("STT unusable")
 
+    async def _cancel_tasks(self) -> None:
+        tasks = (self._stall_task, self._revive_task, self._revive_now_task)
+        self._stall_task = self._revive_task = self._revive_now_task = None
+        for task in tasks:
+            if task is not None and not task.done() and task is not asyncio.current_task():
+                await self.cancel_task(task)
+
     async def cleanup(self) -> None:
         await super().cleanup()
-        for task in (self._stall_task, self._revive_task):
-            if task is not None:
-                await self.cancel_task(task)
+        self._closing = True
+        await self._cancel_tasks()
 
 
 class _Head(FrameProcessor):

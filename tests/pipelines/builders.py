@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from pipecat.frames.frames import (
@@ -65,11 +66,13 @@ NOT_CALLABLE = 42
 
 
 class DigitBot(FrameProcessor):
-    """A provider-free bot: DTMF ``1`` speaks a sentence, ``9`` interrupts whatever plays."""
+    """A provider-free bot: DTMF ``1`` speaks a sentence, ``9`` interrupts whatever plays,
+    ``7`` starts a task it never stops (like a reconnect loop that raced the call's end)."""
 
     def __init__(self, rate: int) -> None:
         super().__init__()
         self._rate = rate
+        self.stray: asyncio.Task[None] | None = None
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
@@ -77,6 +80,8 @@ class DigitBot(FrameProcessor):
             await self._say("You pressed one, here is a sentence.", secs=0.6)
         elif isinstance(frame, InputDTMFFrame) and frame.button.value == "9":
             await self.push_frame(InterruptionFrame())
+        elif isinstance(frame, InputDTMFFrame) and frame.button.value == "7":
+            self.stray = self.create_task(_forever(), "stray-reconnect-loop")
         await self.push_frame(frame, direction)
 
     async def _say(self, text: str, secs: float) -> None:
@@ -89,6 +94,11 @@ class DigitBot(FrameProcessor):
                 OutputAudioRawFrame(audio=chunk, sample_rate=self._rate, num_channels=1)
             )
         await self.push_frame(TTSTextFrame(text=text, text_type=TextType.SENTENCE))
+
+
+async def _forever() -> None:
+    while True:
+        await asyncio.sleep(5)
 
 
 async def build_digit_bot(ctx: CallContext) -> CallPipeline:

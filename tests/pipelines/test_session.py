@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from loguru import logger
 
 from pipeswitch.config.loaders import StaticTenantLoader, TenantResolver
 from pipeswitch.config.settings import Settings
@@ -28,6 +29,7 @@ from pipeswitch.pipelines.compose import CallPipeline
 from pipeswitch.pipelines.services import ProviderEndpoints
 from pipeswitch.pipelines.session import CallRecord, CallSessions
 from pipeswitch.transports.server import CallServer
+from tests.pipelines.builders import DigitBot
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -164,6 +166,37 @@ async def test_caller_hangup_ends_the_call_and_leaves_no_task(rig: Rig) -> None:
     await asyncio.sleep(0.2)
     left = {t.get_name() for t in asyncio.all_tasks()} - before
     assert not [name for name in left if "sess-hangup" in name]
+
+
+async def test_a_task_a_processor_left_running_is_cancelled_when_the_call_ends(
+    rig: Rig,
+) -> None:
+    """Pipecat only warns about tasks left after a pipeline ends; one left running (a
+    provider reconnect that raced the hang-up) would hold the call in memory for good."""
+    log_lines: list[str] = []
+    sink = logger.add(log_lines.append, level="WARNING", format="{extra} {message}")
+    try:
+        await _stray_call(rig, log_lines)
+    finally:
+        logger.remove(sink)
+
+
+async def _stray_call(rig: Rig, log_lines: list[str]) -> None:
+    async with rig.http.ws_connect(rig.url("sess-stray")) as ws:
+        await ws.send_str(json.dumps({"event": "dtmf", "digit": "7"}))
+        await _audio_count(ws, 0.3)
+    _, cp = await rig.wait_finished("sess-stray")
+    bot = cp.parts["bot"]
+    assert isinstance(bot, DigitBot)
+    stray = bot.stray
+    assert stray is not None
+    await asyncio.sleep(0.05)
+    assert stray.cancelled()
+    assert stray not in asyncio.all_tasks()
+    assert any(
+        "sess-stray" in line and "left 1 task(s) running" in line and "stray-reconnect-loop" in line
+        for line in log_lines
+    )
 
 
 def test_transcript_turns_mark_the_cut_turn() -> None:
