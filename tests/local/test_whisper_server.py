@@ -127,3 +127,53 @@ async def test_rejects_non_english_and_garbage(local_servers: LocalModelServers)
         file=("a.wav", to_wav(b"", RATE), "audio/wav"), model="whisper-1"
     )
     assert empty.text == ""
+
+
+async def test_window_frames_pads_short_turns_to_the_minimum_window() -> None:
+    from pipeswitch.pipelines.local.whisper_server import window_frames
+
+    sr = 16000
+    assert window_frames(int(2.5 * sr), 10.0) == 1000  # a turn: the 10 s minimum
+    assert window_frames(int(9.5 * sr), 10.0) == 1100  # audio + 1 s tail, whole seconds
+    assert window_frames(int(14.2 * sr), 10.0) == 1600
+    assert window_frames(40 * sr, 10.0) == 3000  # never past Whisper's 30 s window
+    assert window_frames(sr, 30.0) == 3000  # --min-window 30: the old behaviour
+
+
+async def test_short_window_keeps_short_and_long_turns_whole(
+    local_servers: LocalModelServers,
+) -> None:
+    """A window shorter than ~8 s made tiny.en repeat short turns ("no no no ...") to
+    its token limit; the 10 s minimum must not, and audio longer than it is heard whole."""
+    client = AsyncOpenAI(api_key=local_servers.api_key, base_url=local_servers.whisper_base_url)
+    async with aiohttp.ClientSession() as session:
+        short = [
+            telephone_band(await piper_pcm(session, local_servers.piper_url(RATE), text))
+            for text in ("No.", "Yes, thank you.")
+        ]
+    for pcm, ref in zip(short, ("no", "yes thank you"), strict=True):
+        wav = to_wav(silence(0.2) + pcm + silence(0.3), RATE)
+        text = await client.audio.transcriptions.create(
+            file=("a.wav", wav, "audio/wav"), model="whisper-1", response_format="text"
+        )
+        assert normalize_words(str(text)) == ref, text
+    # Four sentences with pauses: about 13 s, longer than the minimum window.
+    clips = (await telephone_clips(local_servers))[:4]
+    long_pcm = silence(0.2) + b"".join(c + silence(0.5) for c in clips)
+    assert len(long_pcm) / (2 * RATE) > 11.0
+    text = await client.audio.transcriptions.create(
+        file=("a.wav", to_wav(long_pcm, RATE), "audio/wav"),
+        model="whisper-1",
+        response_format="text",
+    )
+    refs = " ".join(normalize_words(s) for s in SENTENCES[:4])
+    wer = jiwer.wer(refs, normalize_words(str(text)))
+    assert wer <= 0.10, (wer, text)
+    base = local_servers.whisper_base_url.removesuffix("/v1")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"{base}/metrics", headers={"Authorization": f"Bearer {local_servers.api_key}"}
+        ) as resp,
+    ):
+        assert (await resp.json())["min_window_secs"] == 10.0
