@@ -9,7 +9,10 @@ cleared and the caller asks again. Measured on the wire, as FreeSWITCH would see
 * ``dead_air_s``: end of the caller's speech to the first bot audio (an answer or an
   apology), capped at the watch window;
 * ``dropped``: the server closed the call;
-* ``next_turn``: the question after the fault was answered (the call recovered).
+* ``next_turn``: the question after the fault was answered (the call recovered);
+* ``reply_whole``: each sentence of the faulted turn's reply that went to the proxied
+  TTS reached the wire whole and once (Piper's own bytes for it, fetched again
+  directly): not cut short by a drop, nothing repeated by its recovery.
 
 A fault counts as recovered when the call was not dropped, the caller heard something
 within 2 s, and the next turn was answered. ``--out`` gets ``faults.json`` and
@@ -34,6 +37,8 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 from loguru import logger
+
+from pipeswitch.pipelines.piper_client import wav_pcm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What are your opening hours on Saturday?"
@@ -88,6 +93,9 @@ class TtsFaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         assert self._http is not None
         kind = self.kind if self.armed else None
+        body = await request.read()
+        with contextlib.suppress(ValueError, AttributeError):
+            self.texts.append((time.monotonic(), str(json.loads(body).get("text", ""))))
         if kind == "5xx":
             return web.json_response({"error": "emulated TTS failure"}, status=500)
         if kind == "stall":
@@ -96,9 +104,6 @@ class TtsFaultProxy:
             await asyncio.sleep(1.5)
         if kind == "malformed":
             return web.Response(body=os.urandom(30) + b"not a wav", content_type="audio/wav")
-        body = await request.read()
-        with contextlib.suppress(ValueError, AttributeError):
-            self.texts.append((time.monotonic(), str(json.loads(body).get("text", ""))))
         if kind == "drop" and self.drop_limit is not None and self.drops >= self.drop_limit:
             kind = None
         async with self._http.request(
@@ -140,12 +145,41 @@ class FaultResult:
     # held or apologised for; and which fallbacks the call moved to (llm, stt).
     answered: bool = False
     failed_over: str = ""
+    # Every sentence of the faulted turn's reply that went to the (proxied) TTS reached
+    # the wire whole and once (Piper's own bytes for it); None when none went there.
+    reply_whole: bool | None = None
 
 
 def _trim(pcm: bytes, peak: int = 300) -> bytes:
     a = np.frombuffer(pcm, dtype="<i2")
     idx = np.flatnonzero(np.abs(a) > peak)
     return pcm if not len(idx) else a[idx[0] : idx[-1] + 1].tobytes()
+
+
+async def _reply_whole(
+    stream: Any, proxy: TtsFaultProxy, since: float, http: aiohttp.ClientSession
+) -> bool | None:
+    """Whether each sentence sent to the TTS since ``since`` was heard whole and once: its
+    PCM from Piper directly (the server's cache: the bytes it sent) is in the wire audio."""
+    texts = list(dict.fromkeys(t for at, t in proxy.texts if at >= since and t))
+    if not texts:
+        return None
+    audio, chunks = stream.received_audio()
+    pos = 0
+    for c in chunks:
+        if c.t >= since:
+            break
+        pos += c.nbytes
+    heard = audio[pos:]
+    for text in texts:
+        async with http.post(
+            f"{proxy.upstream}/tts?rate=8000", json={"text": text, "voice": "joe"}
+        ) as r:
+            r.raise_for_status()
+            pcm = wav_pcm(await r.read())[0]
+        if heard.count(pcm) != 1:
+            return False
+    return True
 
 
 async def _quiet(stream: Any, quiet_s: float = 0.5, timeout_s: float = 10.0) -> None:
@@ -290,6 +324,8 @@ async def run_case(
         )
     )
     note = ""
+    whole: bool | None = None
+    http = aiohttp.ClientSession()
     try:
         await stream.start()
         if not await stream.wait_connected(5.0):
@@ -301,10 +337,12 @@ async def run_case(
         elif service != "stt":
             await arm()
         n_chat = len(chat.requests)
-        dead_air, _ = await _ask(stream, speech, window_s)
+        dead_air, end = await _ask(stream, speech, window_s)
         dropped = stream.close_record.server_close_at is not None
         await _quiet(stream, quiet_s=1.5, timeout_s=window_s)
         answered = any(r.outcome == "completed" and r.reply_text for r in chat.requests[n_chat:])
+        proxy.armed = False  # the direct Piper fetches below do not pass the proxy anyway
+        whole = await _reply_whole(stream, proxy, end, http)
         if service == "tts" and kind == "refuse":
             await proxy.start(proxy.port)
         await disarm()
@@ -319,6 +357,7 @@ async def run_case(
     finally:
         with contextlib.suppress(Exception):
             await stream.hangup()
+        await http.close()
         await app.stop(drain_secs=1.0)
         await disarm()
         dg.set_faults(DeepgramFaults())
@@ -350,6 +389,7 @@ async def run_case(
         note,
         answered=answered,
         failed_over=",".join(moved),
+        reply_whole=whole,
     )
 
 
@@ -434,25 +474,30 @@ def matrix_markdown(results: list[FaultResult]) -> str:
     """The fault matrix: one row per fault, with the recovery rate at the end."""
     lines = [
         "| service | fault | heard after (s) | dropped | faulted turn answered | "
-        "failed over | next turn (s) | recovered |",
-        "|---|---|---|---|---|---|---|---|",
+        "reply heard whole | failed over | next turn (s) | recovered |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        heard = "-" if r.reply_whole is None else "yes" if r.reply_whole else "no"
         lines.append(
             f"| {r.service} | {r.kind} | {'-' if r.dead_air_s is None else r.dead_air_s} | "
-            f"{'yes' if r.dropped else 'no'} | {'yes' if r.answered else 'no'} | "
+            f"{'yes' if r.dropped else 'no'} | {'yes' if r.answered else 'no'} | {heard} | "
             f"{r.failed_over or '-'} | "
             f"{'-' if r.next_turn_latency_s is None else r.next_turn_latency_s} | "
             f"{'yes' if r.recovered else 'no'}{' (' + r.note + ')' if r.note else ''} |"
         )
     ok = sum(r.recovered for r in results)
     answered = sum(r.answered for r in results)
+    checked = [r for r in results if r.reply_whole is not None]
+    whole = sum(bool(r.reply_whole) for r in checked)
     n = max(1, len(results))
     lines.append("")
     lines.append(
         f"recovered {ok}/{len(results)} ({100 * ok / n:.0f} %); recovered = not dropped, "
         f"bot audio within {DEAD_AIR_LIMIT_S:.0f} s of the end of speech, next turn "
         f"answered. The faulted turn itself answered (an LLM reply, no apology): "
-        f"{answered}/{len(results)} ({100 * answered / n:.0f} %)"
+        f"{answered}/{len(results)} ({100 * answered / n:.0f} %). Its reply heard whole and "
+        f"once (each sentence's Piper audio on the wire), where it went through the faulted "
+        f"TTS: {whole}/{len(checked)}"
     )
     return "\n".join(lines) + "\n"

@@ -9,7 +9,6 @@ parser walks the RIFF chunks instead of assuming a 44-byte header.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
 import time
 from collections import deque
@@ -158,6 +157,8 @@ class ResumingBody:
     Piper), the new body is joined where the old one broke (the byte offset, moved to
     the best match of the last 0.1 s delivered when the re-synthesis differs) and the
     reader gets only audio it has not had: no sentence repeated, a short gap at most.
+    A body that does not start with a valid WAV header is asked again the same way
+    (nothing of it is played: Pipecat would play any bytes as audio).
     """
 
     def __init__(
@@ -175,7 +176,6 @@ class ResumingBody:
         self._budget = budget_secs
         self._delivered = 0
         self._layout: tuple[int, int] | None = None
-        self._head = b""
         # References to the last chunks delivered (no copies): the tail a join matches.
         self._recent: deque[bytes] = deque()
         self._recent_bytes = 0
@@ -215,8 +215,15 @@ class ResumingBody:
             return b"".join(parts)
         while not self._pending:
             try:
+                if self._layout is None:
+                    # Nothing reaches the reader before a whole, valid WAV header: a
+                    # malformed body is asked again like a broken one, not played as noise.
+                    self._pending = await self._header(self._stream)
+                    if not self._pending:
+                        return b""
+                    continue
                 data = await self._stream.read(n)
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, WavError) as exc:
                 if self._exc is not None or not await self._resume(exc):
                     raise
                 continue
@@ -226,15 +233,27 @@ class ResumingBody:
         self._note(data)
         return data
 
+    async def _header(self, stream: aiohttp.StreamReader) -> bytes:
+        """The body's first bytes, up to a whole WAV header (``b""`` for an empty body)."""
+        buf = bytearray()
+        layout = None
+        while layout is None:
+            chunk = await stream.readany()
+            if not chunk:
+                if buf:
+                    raise WavError("the body ended inside its WAV header")
+                return b""
+            buf += chunk
+            layout = wav_layout(buf)
+            if layout is None and len(buf) > 4096:
+                raise WavError("no data chunk in the first 4 KB")
+        self._layout = layout
+        self._keep_bytes = 2 * int(layout[1] * TAIL_SECS) + 2
+        return bytes(buf)
+
     def _note(self, data: bytes) -> None:
         if not data:
             return
-        if self._layout is None and len(self._head) < 256:
-            self._head += data[:256]
-            with contextlib.suppress(WavError):
-                self._layout = wav_layout(self._head)
-            if self._layout is not None:
-                self._keep_bytes = 2 * int(self._layout[1] * TAIL_SECS) + 2
         self._delivered += len(data)
         self._recent.append(data)
         self._recent_bytes += len(data)
@@ -247,9 +266,10 @@ class ResumingBody:
         deadline = t0 + self._budget
         heard = self._heard_secs()
         self._log.warning(
-            "TTS stream broke after {:.2f}s of audio ({}); asking for the rest",
+            "TTS stream broke after {:.2f}s of audio ({}: {}); asking for the rest",
             heard,
             type(exc).__name__,
+            exc,
         )
         while self._sources:
             source = self._sources.pop(0)
@@ -297,17 +317,16 @@ class ResumingBody:
 
     async def _join(self, resp: aiohttp.ClientResponse) -> tuple[bytes, float]:
         """``resp``'s body from where the reader's left off, and the join's shift (ms)."""
+        if self._layout is None:  # nothing delivered yet (the first body was malformed)
+            return await self._header(resp.content), 0.0
         done = self._delivered
-        window = 0 if self._layout is None else 2 * int(self._layout[1] * WINDOW_SECS)
+        offset, rate = self._layout
         buf = bytearray()
-        while len(buf) < done + window + 64:
+        while len(buf) < done + 2 * int(rate * WINDOW_SECS) + 64:
             chunk = await resp.content.readany()
             if not chunk:
                 break
             buf += chunk
-        if self._layout is None:  # broke inside the header: the same server's header
-            return bytes(buf[done:]), 0.0
-        offset, rate = self._layout
         new = wav_layout(buf)
         if new is None or new[1] != rate:
             raise ResumeFailed(f"the sentence came back as another format ({new})")

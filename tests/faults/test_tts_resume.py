@@ -92,6 +92,7 @@ async def _faulted_turn(
     uuid: str,
     domain: str,
     drop_limit: int | None,
+    kind: str = "drop",
 ) -> tuple[list[str], bytes, float]:
     """Ask with the proxy cutting TTS bodies; (sentences sent to Piper, wire audio of the
     reply, seconds to the first bot audio)."""
@@ -104,12 +105,11 @@ async def _faulted_turn(
         await wait_bot_quiet(stream, quiet_s=1.0)
         n_texts, n_chat = len(proxy.texts), len(chat.requests)
         proxy.drops, proxy.drop_limit = 0, drop_limit
-        proxy.kind, proxy.armed = "drop", True
+        proxy.kind, proxy.armed = kind, True
         end, heard = await ask(stream, speech, 8000, timeout_s=8.0)
         assert heard is not None and heard - end <= DEAD_AIR_S, "dead air with the TTS dropping"
         await wait_bot_quiet(stream, quiet_s=1.5, timeout_s=15.0)
         proxy.armed = False
-        assert proxy.drops >= 1, "the proxy cut no TTS body: the fault was not exercised"
         texts = list(dict.fromkeys(t for at, t in proxy.texts[n_texts:] if at >= end and t))
         reply = _after(stream, end)
         replies = [r.reply_text for r in chat.requests[n_chat:] if r.reply_text]
@@ -156,7 +156,7 @@ async def test_tts_body_cut_once_is_resumed_from_the_same_server(
     app, proxy = proxied
     uuid = "tts-resume-same"
     texts, reply, _ = await _faulted_turn(served, app, proxy, uuid, "default", drop_limit=1)
-    assert proxy.drops == 1
+    assert proxy.drops == 1, "the proxy did not cut one TTS body: the fault was not exercised"
     await _assert_heard_whole(served, texts, reply)
     assert _lines(log_lines, uuid, "TTS stream broke after")
     assert _lines(log_lines, uuid, "TTS resumed on the same TTS")
@@ -177,6 +177,21 @@ async def test_tts_body_cut_every_time_is_resumed_from_the_fallback(
     assert _lines(log_lines, uuid, "TTS resumed on the fallback TTS")
     assert not _lines(log_lines, uuid, "apologising")
     assert time.monotonic() - t0 < 60
+
+
+async def test_malformed_tts_body_is_asked_again_not_played(
+    served: Served, proxied: tuple[Pipeswitch, TtsFaultProxy], log_lines: list[str]
+) -> None:
+    """A 200 whose body is no WAV: Pipecat would play its bytes as noise and the sentence
+    would be lost; it is asked again (the fallback, the proxy garbles every body)."""
+    app, proxy = proxied
+    uuid = "tts-resume-malformed"
+    texts, reply, _ = await _faulted_turn(
+        served, app, proxy, uuid, FALLBACK, drop_limit=None, kind="malformed"
+    )
+    await _assert_heard_whole(served, texts, reply)
+    assert _lines(log_lines, uuid, "WavError")
+    assert _lines(log_lines, uuid, "TTS resumed on the fallback TTS")
 
 
 def _voiced(n: int, rng: np.random.Generator) -> np.ndarray:
