@@ -8,11 +8,16 @@ or to the Deepgram emulator, to Groq or to the local llama.cpp server.
 from __future__ import annotations
 
 import asyncio
+import functools
+import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
+import httpx2
 from loguru import logger
+from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 from pipecat.services.deepgram.flux.stt import DeepgramFluxSTTService
 from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.groq.llm import GroqLLMService
@@ -23,6 +28,7 @@ from pipecat.services.piper.tts import PiperHttpTTSService
 from pipecat.services.stt_service import STTService
 from pipecat.services.tts_service import TTSService
 from pipecat.transcriptions.language import Language
+from pipecat.utils.http import connection_limits
 from yarl import URL
 
 from pipeswitch.config.settings import ProviderMode
@@ -188,7 +194,7 @@ def _llm(kind: str, model: str, tenant: Tenant, ep: ProviderEndpoints) -> BaseOp
     if kind == "local":
         if not ep.local_llm_base_url:
             raise ProviderUnavailable("local LLM server is not running")
-        return OpenAILLMService(
+        return OpenAILLM(
             api_key=ep.local_api_key,
             base_url=ep.local_llm_base_url,
             settings=OpenAILLMService.Settings(
@@ -208,18 +214,82 @@ def _llm(kind: str, model: str, tenant: Tenant, ep: ProviderEndpoints) -> BaseOp
     if kind == "openai":
         if not ep.openai_api_key:
             raise ProviderUnavailable("OpenAI needs PIPESWITCH_OPENAI_API_KEY")
-        return OpenAILLMService(
+        return OpenAILLM(
             api_key=ep.openai_api_key,
             base_url=ep.openai_base_url,
             settings=OpenAILLMService.Settings(**common),
         )
     if not ep.groq_api_key:
         raise ProviderUnavailable("Groq needs PIPESWITCH_GROQ_API_KEY")
-    return GroqLLMService(
+    return GroqLLM(
         api_key=ep.groq_api_key,
         base_url=ep.groq_base_url,
         settings=GroqLLMService.Settings(**common, reasoning_effort=p.llm_reasoning_effort),
     )
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The process's one verified TLS context for the LLM clients.
+
+    The openai SDK's HTTP client loads the CA bundle into a new context per client:
+    ~18 ms of CPU per call (measured: 18.4 ms per ``GroqLLMService``), for a context
+    that is the same for every call. Built as the SDK's default (``verify=True``).
+    """
+    return httpx2.create_ssl_context()
+
+
+def openai_client(
+    api_key: str | None,
+    base_url: str | None,
+    organization: str | None = None,
+    project: str | None = None,
+    default_headers: Mapping[str, str] | None = None,
+) -> AsyncOpenAI:
+    """Pipecat's ``BaseOpenAILLMService.create_client``, with the shared TLS context."""
+    return AsyncOpenAI(
+        api_key=api_key,
+        base_url=base_url,
+        organization=organization,
+        project=project,
+        http_client=DefaultAsyncHttpxClient(
+            verify=tls_context(),
+            limits=connection_limits(
+                max_keepalive_connections=100, max_connections=1000, keepalive_expiry=None
+            ),
+        ),
+        default_headers=default_headers,
+    )
+
+
+class OpenAILLM(OpenAILLMService):
+    """Pipecat's ``OpenAILLMService``; its client uses the process's TLS context."""
+
+    def create_client(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        organization: str | None = None,
+        project: str | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncOpenAI:
+        return openai_client(api_key, base_url, organization, project, default_headers)
+
+
+class GroqLLM(GroqLLMService):
+    """Pipecat's ``GroqLLMService``; its client uses the process's TLS context."""
+
+    def create_client(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        organization: str | None = None,
+        project: str | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncOpenAI:
+        return openai_client(api_key, base_url, organization, project, default_headers)
 
 
 # A Piper request with no response headers after this long has stalled. Piper's first

@@ -1,0 +1,53 @@
+"""Service factory: the LLM services a call gets, against the chat emulator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipecat.frames.frames import LLMContextFrame, LLMFullResponseEndFrame, LLMTextFrame
+from pipecat.processors.aggregators.llm_context import LLMContext
+
+from pipeswitch.bench.emulators import EmulatorConfig, run_emulators
+from pipeswitch.bench.emulators.openai_chat import default_reply
+from pipeswitch.config.tenants import ProviderSettings, Tenant
+from pipeswitch.pipelines.emulated import endpoints_for
+from pipeswitch.pipelines.services import (
+    DEFAULT_FALLBACK_MODELS,
+    make_fallback_llm,
+    make_llm,
+    tls_context,
+)
+from tests.emulators.helpers import running_pipeline
+
+
+def _ssl_context(llm: Any) -> object:
+    """The TLS context in the service's openai client's connection pool."""
+    return llm._client._client._transport._pool._ssl_context
+
+
+def _tenant() -> Tenant:
+    return Tenant(name="t", providers=ProviderSettings(llm="groq", llm_fallback="openai"))
+
+
+async def test_calls_share_one_tls_context_and_still_stream() -> None:
+    """Each call's LLM clients use the process's one TLS context (not one CA load per
+    client, ~18 ms of CPU each), and the services still stream from the wire."""
+    async with run_emulators(EmulatorConfig(llm_ttft_median_ms=20.0)) as emu:
+        ep = endpoints_for(emu)
+        first, second = make_llm(_tenant(), ep), make_llm(_tenant(), ep)
+        backup = make_fallback_llm(_tenant(), ep)
+        assert backup is not None
+        assert first._client is not second._client  # a client per call, as before
+        for llm in (first, second, backup):
+            assert _ssl_context(llm) is tls_context()
+        question: list[Any] = [{"role": "user", "content": "What time do you close today?"}]
+        for llm in (first, backup):
+            async with running_pipeline(llm) as h:
+                await h.worker.queue_frame(LLMContextFrame(LLMContext(messages=list(question))))
+                await h.down.wait_for(LLMFullResponseEndFrame, 5.0)
+            text = "".join(f.text for _, f in h.down.of_type(LLMTextFrame))
+            assert text == default_reply(question)
+    groq, openai = emu.openai.requests
+    assert groq.model == _tenant().providers.llm_model
+    assert openai.model == DEFAULT_FALLBACK_MODELS["openai"]
+    assert groq.messages[0] == {"role": "system", "content": _tenant().system_prompt}
