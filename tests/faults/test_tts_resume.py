@@ -10,13 +10,17 @@ short, and the conversation context holds the reply the caller heard.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import aiohttp
 import numpy as np
 import pytest_asyncio
+from aiohttp import web
 
 from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream
 from pipeswitch.bench.faults import TtsFaultProxy
@@ -25,6 +29,7 @@ from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import ProviderSettings, Tenant
 from pipeswitch.pipelines.app import Pipeswitch
 from pipeswitch.pipelines.piper_client import best_join, wav_pcm
+from pipeswitch.pipelines.services import tts_session
 from tests.conftest import QUESTION, Served
 from tests.e2e.helpers import ask, open_call, wait_bot_quiet
 
@@ -194,6 +199,12 @@ async def test_malformed_tts_body_is_asked_again_not_played(
     assert _lines(log_lines, uuid, "TTS resumed on the fallback TTS")
 
 
+def _wav_header(rate: int) -> bytes:
+    """A streamed WAV's 44-byte header (unknown sizes), as the Piper server sends it."""
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, 2 * rate, 2, 16)
+    return b"RIFF\xff\xff\xff\xffWAVEfmt " + struct.pack("<I", 16) + fmt + b"data\xff\xff\xff\xff"
+
+
 def _voiced(n: int, rng: np.random.Generator) -> np.ndarray:
     """A speech-like signal: harmonics of a gliding pitch under a syllable envelope."""
     t = np.arange(n) / 8000
@@ -220,3 +231,55 @@ def test_join_finds_the_cut_in_a_resynthesis_that_drifted() -> None:
     # Silence (a pause) matches nothing: the byte offset is kept.
     quiet = np.zeros(800, dtype=np.int16)
     assert best_join(quiet, a, cut, 1600)[0] == cut
+
+
+async def test_a_resynthesis_that_drifted_is_joined_where_the_audio_broke_off() -> None:
+    """The server cuts the body after 1 s; its second synthesis is 37 ms late (Piper's
+    noise): the reader gets the first second, then the new body from the same audio on,
+    not from the byte offset (which would repeat 37 ms)."""
+    rng = np.random.default_rng(3)
+    a = _voiced(24000, rng)
+    drift, cut = 297, 8000  # samples at 8 kHz
+    b = (np.concatenate([_voiced(drift, rng), a]) + rng.normal(0, 150, drift + len(a))).astype(
+        np.int16
+    )
+    header = _wav_header(8000)
+    asked: list[int] = []
+
+    async def tts(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        asked.append(1)
+        resp = web.StreamResponse(headers={"Content-Type": "audio/wav"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        if len(asked) == 1:
+            await resp.write(header + a[:cut].tobytes())
+            await asyncio.sleep(0.2)  # let it reach the client, then cut the body
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
+        await resp.write(header + b.tobytes())
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/tts", tts)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as base:
+            http = tts_session(base, None)
+            async with http.post(f"http://127.0.0.1:{port}/tts", json={"text": "x"}) as r:
+                body = b"".join([c async for c in r.content.iter_chunked(8000)])
+    finally:
+        await runner.cleanup()
+    assert len(asked) == 2, "the sentence was not asked again"
+    pcm = np.frombuffer(body[len(header) :], dtype="<i2")
+    assert np.array_equal(pcm[:cut], a[:cut]), "the audio before the break changed"
+    rest = pcm[cut:]
+    # The join lands on the drifted copy of the next sample (within 2 samples).
+    starts = [s for s in range(cut + drift - 2, cut + drift + 3) if np.array_equal(rest, b[s:])]
+    assert starts, "the rest does not continue the same audio from where it broke off"
