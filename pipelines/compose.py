@@ -188,6 +188,21 @@ class CallContext:
         )
         return BatchedSileroVADAnalyzer(sample_rate=self.sample_rate, params=params)
 
+    def barge_in_secs(self) -> float:
+        """Caller speech over the bot, as Silero counts it, before the bot stops.
+
+        Behind the cascade's echo guard the count starts later: the guard holds a
+        candidate until ``min_speech_secs`` of it cleared the echo, then releases that
+        onset at once, so Silero's start window has already run over speech the guard
+        vetted for echo. Asking for more on top only adds real time (measured 230-270 ms
+        stop at -15/-20 dB echo, over the 250 ms budget); Silero's own start window is the
+        second, independent check (voice, not energy).
+        """
+        t = self.tenant.turns
+        if t.echo_guard_cascade:
+            return min(t.barge_in_min_secs, t.vad_start_secs)
+        return t.barge_in_min_secs
+
     def turn_strategies(self) -> UserTurnStrategies:
         """Start on speech (longer over the bot: barge-in) or words; stop 8 kHz-safely.
 
@@ -199,7 +214,10 @@ class CallContext:
         if self.tenant.providers.stt == "deepgram-flux" and self.endpoints.mode != "local":
             return provider_turn_strategies(t.speculate, count)
         return UserTurnStrategies(
-            start=[BargeInStartStrategy(t.barge_in_min_secs), TranscriptionUserTurnStartStrategy()],
+            start=[
+                BargeInStartStrategy(self.barge_in_secs()),
+                TranscriptionUserTurnStartStrategy(),
+            ],
             stop=[
                 AdaptiveTurnStopStrategy(
                     TurnParams(

@@ -117,3 +117,33 @@ def test_a_local_whisper_turn_is_not_given_up_after_five_seconds(
     )
     user = ctx.context_aggregators(LLMContext()).user()
     assert user._params.user_turn_stop_timeout == timeout
+
+
+@pytest.mark.parametrize(("guard", "needed"), [(False, 0.2), (True, 0.15)])
+def test_behind_the_cascade_echo_guard_silero_start_is_the_barge_in(
+    guard: bool, needed: float
+) -> None:
+    """The guard already held the onset until it cleared the echo for 150 ms and releases
+    it at once: asking Silero for more speech on top only delays the stop."""
+    from typing import Any, cast
+
+    from pipeswitch.pipelines.compose import CallContext
+    from pipeswitch.pipelines.services import ProviderEndpoints
+    from pipeswitch.processors.barge_in import BargeInStartStrategy
+
+    tenant = Tenant.model_validate(
+        {"name": "t.example", "turns": {"echo_guard_cascade": guard, "barge_in_min_secs": 0.2}}
+    )
+    ctx = CallContext(
+        tenant=tenant,
+        call=cast(Any, None),
+        transport=cast(Any, None),
+        sample_rate=8000,
+        services=cast(Any, None),
+        endpoints=ProviderEndpoints(mode="emulated", piper_url=""),
+        http=cast(Any, None),
+    )
+    (barge_in,) = [
+        s for s in ctx.turn_strategies().start or [] if isinstance(s, BargeInStartStrategy)
+    ]
+    assert barge_in._min_secs == pytest.approx(needed)
