@@ -290,6 +290,12 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
         help="minutes between idle points (slots pause until no call is up; concurrency > 1)",
     )
     p.add_argument("--turns", type=int, default=1, help="questions per call")
+    p.add_argument(
+        "--hangup-after",
+        type=float,
+        default=None,
+        help="the caller hangs up this many seconds into the last answer (default: after it)",
+    )
     p.add_argument("--warmup", type=int, default=20, help="calls before the baseline")
     p.add_argument("--minutes", type=float, default=0.0, help="stop after this long (0: never)")
     p.add_argument(
@@ -370,8 +376,12 @@ async def one_call(
     turns: int,
     dialect: str,
     connect_timeout_s: float | None = None,
+    hangup_after_s: float | None = None,
 ) -> tuple[list[float], str]:
-    """Greeting, ``turns`` questions, hang-up; the turn latencies seen on the wire (ms)."""
+    """Greeting, ``turns`` questions, hang-up; the turn latencies seen on the wire (ms).
+
+    ``hangup_after_s``: the caller hangs up that far into the last answer, while the bot
+    still talks (a teardown with playback, a TTS stream and an LLM reply in flight)."""
     from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
 
     playback = {"json-stream": "voxcom", "binary": "cloudfieldcz", "file": "community"}[dialect]
@@ -404,6 +414,9 @@ async def one_call(
                 error = "no answer"
                 break
             latencies.append((answer - end) * 1000.0)
+            if hangup_after_s is not None and len(latencies) == turns:
+                await asyncio.sleep(hangup_after_s)
+                break
             await _quiet(stream)
     finally:
         await stream.hangup()
@@ -482,7 +495,15 @@ async def _placed_call(
 ) -> tuple[list[float], str, float]:
     t0 = time.monotonic()
     try:
-        lat, err = await one_call(base, n, speech, args.turns, args.dialect, args.connect_timeout)
+        lat, err = await one_call(
+            base,
+            n,
+            speech,
+            args.turns,
+            args.dialect,
+            args.connect_timeout,
+            hangup_after_s=args.hangup_after,
+        )
     except Exception as exc:  # a broken call is a data point, not the end
         lat, err = [], f"{type(exc).__name__}: {exc}"
     return lat, err, time.monotonic() - t0
