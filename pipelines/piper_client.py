@@ -26,30 +26,42 @@ class WavError(ValueError):
     """Bytes that are not a 16-bit PCM WAV this code can play."""
 
 
-def wav_pcm(data: bytes) -> tuple[bytes, int]:
-    """``(pcm, sample_rate)`` of a mono 16-bit WAV (a streamed one included)."""
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+def wav_layout(head: bytes | bytearray) -> tuple[int, int] | None:
+    """``(data offset, sample rate)`` of a mono 16-bit WAV's first bytes, or None while
+    the header is incomplete (raises :class:`WavError` for what is not such a WAV)."""
+    if len(head) < 12:
+        return None
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         raise WavError("not a RIFF/WAVE file")
-    pos = 12
-    rate = 0
-    while pos + 8 <= len(data):
-        chunk, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+    pos, rate = 12, 0
+    while pos + 8 <= len(head):
+        chunk, size = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
         body = pos + 8
         if chunk == b"fmt ":
-            if size < 16 or body + 16 > len(data):
-                raise WavError("truncated fmt chunk")
-            fmt, channels, rate = struct.unpack("<HHI", data[body : body + 8])
-            bits = struct.unpack("<H", data[body + 14 : body + 16])[0]
+            if body + 16 > len(head):
+                return None
+            fmt, channels, rate = struct.unpack("<HHI", head[body : body + 8])
+            bits = struct.unpack("<H", head[body + 14 : body + 16])[0]
             if fmt != 1 or channels != 1 or bits != 16:
                 raise WavError(f"need mono 16-bit PCM, got format={fmt} ch={channels} bits={bits}")
         elif chunk == b"data":
             if not rate:
                 raise WavError("data chunk before fmt chunk")
-            end = len(data) if size == 0xFFFFFFFF else min(len(data), body + size)
-            pcm = data[body:end]
-            return pcm[: len(pcm) - len(pcm) % 2], rate
+            return body, rate
         pos = body + size + (size & 1)
-    raise WavError("no data chunk")
+    return None
+
+
+def wav_pcm(data: bytes) -> tuple[bytes, int]:
+    """``(pcm, sample_rate)`` of a mono 16-bit WAV (a streamed one included)."""
+    layout = wav_layout(data)
+    if layout is None:
+        raise WavError("no data chunk (or a truncated header)")
+    body, rate = layout
+    size = struct.unpack("<I", data[body - 4 : body])[0]
+    end = len(data) if size == 0xFFFFFFFF else min(len(data), body + size)
+    pcm = data[body:end]
+    return pcm[: len(pcm) - len(pcm) % 2], rate
 
 
 async def synthesize(
@@ -98,32 +110,6 @@ class ResumeSource:
     name: str
     open: Callable[[float], Awaitable[aiohttp.ClientResponse]]
     secs: float
-
-
-def wav_layout(head: bytes | bytearray) -> tuple[int, int] | None:
-    """``(data offset, sample rate)`` of a mono 16-bit WAV's first bytes, or None while
-    the header is incomplete (raises :class:`WavError` for what is not such a WAV)."""
-    if len(head) < 12:
-        return None
-    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-        raise WavError("not a RIFF/WAVE file")
-    pos, rate = 12, 0
-    while pos + 8 <= len(head):
-        chunk, size = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
-        body = pos + 8
-        if chunk == b"fmt ":
-            if body + 16 > len(head):
-                return None
-            fmt, channels, rate = struct.unpack("<HHI", head[body : body + 8])
-            bits = struct.unpack("<H", head[body + 14 : body + 16])[0]
-            if fmt != 1 or channels != 1 or bits != 16:
-                raise WavError(f"need mono 16-bit PCM, got format={fmt} ch={channels} bits={bits}")
-        elif chunk == b"data":
-            if not rate:
-                raise WavError("data chunk before fmt chunk")
-            return body, rate
-        pos = body + size + (size & 1)
-    return None
 
 
 def best_join(tail: np.ndarray, new: np.ndarray, expected: int, window: int) -> tuple[int, float]:
@@ -298,8 +284,8 @@ class ResumingBody:
             self._resp, self._stream, self._pending = resp, resp.content, rest
             self.resumes += 1
             self._log.info(
-                "TTS resumed on {} after {:.0f} ms: {:.2f}s already heard skipped, joined {:+.0f} ms"
-                " from the byte offset",
+                "TTS resumed on {} after {:.0f} ms: the {:.2f}s already played skipped, joined"
+                " {:+.0f} ms from the byte offset",
                 source.name,
                 1000 * (time.monotonic() - t0),
                 heard,
