@@ -69,6 +69,14 @@ async def proxied(served: Served) -> AsyncIterator[tuple[Pipeswitch, TtsFaultPro
         await proxy.stop()
 
 
+def _longest_silence(stream: FakeSwitchStream, t: float) -> float:
+    """The longest run of silent 20 ms ticks the caller heard inside the reply after ``t``."""
+    _, ticks = stream.played_audio()
+    voiced = [at for at, loud in ticks if at >= t and loud]
+    gaps = [b - a for a, b in zip(voiced, voiced[1:], strict=False)]
+    return max(gaps, default=0.0)
+
+
 def _after(stream: FakeSwitchStream, t: float) -> bytes:
     """Bot audio received on the wire at or after ``t``."""
     audio, chunks = stream.received_audio()
@@ -117,6 +125,9 @@ async def _faulted_turn(
         proxy.armed = False
         texts = list(dict.fromkeys(t for at, t in proxy.texts[n_texts:] if at >= end and t))
         reply = _after(stream, end)
+        # A pause between sentences or at a comma is ~0.2-0.4 s of Piper's own silence.
+        gap = _longest_silence(stream, end)
+        assert gap < 0.8, f"a {gap:.2f} s gap inside the reply"
         replies = [r.reply_text for r in chat.requests[n_chat:] if r.reply_text]
         assert replies, "the LLM never answered the faulted turn"
         # The next turn's context holds the faulted turn's reply: what the caller heard.
