@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 __all__ = [
     "EVENT_BACKGROUND_JOB",
     "EVENT_CHANNEL_BRIDGE",
+    "EVENT_CHANNEL_HANGUP",
     "EVENT_CHANNEL_HANGUP_COMPLETE",
     "EVENT_CHANNEL_UNBRIDGE",
     "EVENT_CUSTOM",
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 EVENT_DTMF = "DTMF"
+# Fired when the hangup starts, before media bugs are closed: a module stuck in its
+# cleanup (the voxcom deadlock) never lets CHANNEL_HANGUP_COMPLETE follow.
+EVENT_CHANNEL_HANGUP = "CHANNEL_HANGUP"
 EVENT_CHANNEL_HANGUP_COMPLETE = "CHANNEL_HANGUP_COMPLETE"
 EVENT_CHANNEL_BRIDGE = "CHANNEL_BRIDGE"
 EVENT_CHANNEL_UNBRIDGE = "CHANNEL_UNBRIDGE"

@@ -33,6 +33,7 @@ from pipecat.audio.dtmf.types import KeypadEntry
 
 from pipeswitch.transports.call_control import (
     EVENT_CHANNEL_BRIDGE,
+    EVENT_CHANNEL_HANGUP,
     EVENT_CHANNEL_HANGUP_COMPLETE,
     EVENT_CHANNEL_UNBRIDGE,
     EVENT_DTMF,
@@ -141,7 +142,11 @@ class CallEventBridge:
             self._digits.put_nowait(ev.dtmf_digit or "")
             if self._dtmf_task is None:  # one consumer keeps the digits in order
                 self._dtmf_task = asyncio.ensure_future(self._dtmf_loop())
-        elif ev.name == EVENT_CHANNEL_HANGUP_COMPLETE:
+        elif ev.name in (EVENT_CHANNEL_HANGUP, EVENT_CHANNEL_HANGUP_COMPLETE):
+            # The first of the two ends the call: on a real switch a voxcom channel stuck
+            # in its media-bug cleanup fires CHANNEL_HANGUP and never the COMPLETE.
+            if self.caller_gone:
+                return
             self.caller_gone = True
             cause = ev.hangup_cause or "UNKNOWN"
             self.log.info("channel hung up ({}); ending the call", cause)

@@ -47,6 +47,7 @@ from pipeswitch.config.loaders import TenantNotFound, TenantResolver
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import Tenant
 from pipeswitch.transports.call_control import (
+    EVENT_CHANNEL_HANGUP,
     EVENT_CHANNEL_HANGUP_COMPLETE,
     CallControl,
     CallControlError,
@@ -396,7 +397,7 @@ class UnicastMedia:
             transport = make_unicast_transport(media, call, tenant, rate, s.max_text_bytes)
 
             def on_event(ev: CallEvent) -> None:
-                if ev.name == EVENT_CHANNEL_HANGUP_COMPLETE:
+                if ev.name in (EVENT_CHANNEL_HANGUP, EVENT_CHANNEL_HANGUP_COMPLETE):
                     media.peer_closed(1000, f"hangup {ev.hangup_cause or ''}".strip())
 
             unsubscribe = self.control.subscribe(call.call_uuid, on_event)

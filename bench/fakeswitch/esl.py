@@ -112,6 +112,14 @@ class Channel:
         """Not hung up (a stuck channel is still up)."""
         return self.state != "CS_DESTROY"
 
+    @property
+    def locatable(self) -> bool:
+        """What ``uuid_*`` commands can still reach: on a real switch a channel whose
+        hangup has begun cannot be locked any more, so ``uuid_exists`` says false and
+        ``uuid_kill`` says "No such channel" - a stuck voxcom channel included, though
+        ``show channels`` still lists it (seen on FreeSWITCH 1.10.12)."""
+        return self.up and self.hangup_cause is None
+
     def hazard(self, text: str) -> None:
         """Record a §15 rule violation once."""
         if text not in self.hazards:
@@ -343,7 +351,7 @@ class FakeSwitchEsl:
 
     async def _sendmsg(self, call_uuid: str, h: Mapping[str, str]) -> str:
         ch = self.channels.get(call_uuid)
-        if ch is None or not ch.up:
+        if ch is None or not ch.locatable:
             return f"-ERR invalid session id [{call_uuid}]"
         command = h.get("call-command", "")
         if command == "execute":
@@ -379,13 +387,13 @@ class FakeSwitchEsl:
             return "UP 0 years, 0 days\nFreeSWITCH (Version 1.10.12 fakeswitch) is ready\n"
         if cmd == "uuid_exists":
             ch = self.channels.get(argv[0]) if argv else None
-            return "true" if ch is not None and ch.up else "false"
+            return "true" if ch is not None and ch.locatable else "false"
         if cmd not in _CHANNEL_APIS:
             return f"-ERR {cmd} Command not found!\n"
         if not argv:
             return f"-USAGE: {cmd} <uuid> ...\n"
         ch = self.channels.get(argv[0])
-        if ch is None or not ch.up:
+        if ch is None or not ch.locatable:
             return "-ERR No such channel!\n"
         if cmd == "uuid_break":
             self.break_playback(ch, all_=len(argv) > 1 and argv[1] == "all")
@@ -613,16 +621,22 @@ class FakeSwitchEsl:
     ) -> Channel:
         """Hang the channel up: media bug cleanup (WebSocket CLOSE), then HANGUP_COMPLETE.
 
-        voxcom with bot audio blocking ``injectRawAudio`` at that moment deadlocks
-        (§15): the channel is marked ``stuck`` and nothing else happens.
+        CHANNEL_HANGUP is fired first, as ``switch_channel_perform_hangup`` does before
+        the state machine closes the media bugs. voxcom with bot audio blocking
+        ``injectRawAudio`` at that moment deadlocks (§15): the channel is marked
+        ``stuck`` and nothing else happens (on a real switch: CHANNEL_HANGUP 1-17 ms
+        after ``uuid_kill``, then no CHANNEL_HANGUP_COMPLETE, ever).
         """
         ch = self.channels[call_uuid]
-        if not ch.up or ch.stuck:
+        if not ch.up or ch.stuck or ch.hangup_cause is not None:
             return ch
         st = ch.stream
         ch.state = "CS_HANGUP"
         ch.hangup_cause = cause
         ch._generation += 1
+        h = self._channel_headers(ch)
+        h.update({"Hangup-Cause": cause, "Channel-State": "CS_HANGUP"})
+        self.fire("CHANNEL_HANGUP", h)
         if (
             st is not None
             and ch.build == "voxcom"

@@ -13,6 +13,7 @@ import pytest_asyncio
 
 from pipeswitch.bench.fakeswitch.esl import FakeSwitchEsl, recommended_variables
 from pipeswitch.transports.call_control import (
+    EVENT_CHANNEL_HANGUP,
     EVENT_CHANNEL_HANGUP_COMPLETE,
     EVENT_DTMF,
     MAS_PLAY,
@@ -166,11 +167,12 @@ async def test_dtmf_and_hangup_events_reach_subscribers(fs: FakeSwitchEsl, esl: 
         fs.inject_dtmf("dtmf1", "5")
         await fs.caller_hangup("dtmf1")
         deadline = time.monotonic() + 2
-        while len(got) < 3 and time.monotonic() < deadline:
+        while len(got) < 4 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert [e.dtmf_digit for e in got if e.name == EVENT_DTMF] == ["#", "5"]
-        hang = [e for e in got if e.name == EVENT_CHANNEL_HANGUP_COMPLETE]
-        assert hang and hang[0].hangup_cause == "NORMAL_CLEARING"
+        # As FreeSWITCH fires them: CHANNEL_HANGUP when the hangup starts, then COMPLETE.
+        assert [e.name for e in got[2:]] == [EVENT_CHANNEL_HANGUP, EVENT_CHANNEL_HANGUP_COMPLETE]
+        assert all(e.hangup_cause == "NORMAL_CLEARING" for e in got[2:])
         assert other == []
 
 
@@ -245,12 +247,14 @@ async def test_a_call_on_another_switch_is_not_ended_on_reconnect(fs: FakeSwitch
 
 @pytest.mark.parametrize("buffer_ms,stuck", [(20, True), ("40", False)])
 async def test_voxcom_hangup_deadlock_is_detectable_and_cured(
-    fs: FakeSwitchEsl, buffer_ms: int | str, stuck: bool
+    fs: FakeSwitchEsl, esl: EslClient, buffer_ms: int | str, stuck: bool
 ) -> None:
     """§15: voxcom's injectRawAudio blocks with audio queued; hangup then never completes."""
     variables = recommended_variables("voxcom")
     variables["STREAM_BUFFER_SIZE"] = str(buffer_ms)
     uuid = f"vox-{buffer_ms}"
+    got: list[str] = []
+    esl.subscribe(uuid, lambda ev: got.append(ev.name) if ev.name.startswith("CHANNEL_") else None)
     async with FakeServer() as ws:
         ch = await fs.start_call(
             ws.url(f"/fs/{uuid}"), call_uuid=uuid, build="voxcom", variables=variables
@@ -274,7 +278,21 @@ async def test_voxcom_hangup_deadlock_is_detectable_and_cured(
         sender.cancel()
         assert ch.stuck is stuck
         assert any("deadlock" in h for h in ch.hazards) is stuck
+        # The hangup's start is announced either way; a stuck channel never completes it.
+        want = (
+            [EVENT_CHANNEL_HANGUP]
+            if stuck
+            else [EVENT_CHANNEL_HANGUP, EVENT_CHANNEL_HANGUP_COMPLETE]
+        )
+        deadline = time.monotonic() + 1.0
+        while len(got) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert got == want
         if stuck:
+            # Seen on FreeSWITCH 1.10.12: a channel whose hangup began cannot be located
+            # (uuid_exists false, uuid_* "No such channel") though `show channels` lists it.
+            assert await fs.execute_api(f"uuid_exists {uuid}") == "false"
+            assert (await fs.execute_api(f"uuid_kill {uuid}")).startswith("-ERR No such channel")
             await fs.kill_switch_channel(uuid)  # the only way out, as on a real switch
 
 
