@@ -77,6 +77,7 @@ class LLMServerConfig:
     mode: str = "front"
     model_path: str | None = None
     threads: int = 2
+    batch_threads: int | None = None  # prompt processing; None: ``threads``
     parallel: int = 2
     ctx_size: int = 2048  # per slot
     max_tokens: int = 512
@@ -124,7 +125,7 @@ def build_params(cfg: LLMServerConfig, http_api_key: str, http_port: int) -> Any
     p.n_ctx = cfg.ctx_size * cfg.parallel  # llama.cpp splits n_ctx across slots
     p.n_predict = cfg.max_tokens  # upper bound for any request
     p.cpuparams.n_threads = cfg.threads
-    p.cpuparams_batch.n_threads = cfg.threads
+    p.cpuparams_batch.n_threads = cfg.batch_threads or cfg.threads
     p.n_threads_http = 2
     p.cache_prompt = True
     p.cache_ram_mib = cfg.cache_ram_mib
@@ -172,6 +173,7 @@ class LLMServer:
         self.load_seconds = time.perf_counter() - t0
         logger.info(
             f"{MODEL_ID} loaded in {self.load_seconds:.2f}s (threads={self.cfg.threads}, "
+            f"prompt threads={self.cfg.batch_threads or self.cfg.threads}, "
             f"slots={self.cfg.parallel}, ctx/slot={self.cfg.ctx_size}); "
             f"embedded llama.cpp listener {self.engine.listening_address} (key-locked)"
         )
@@ -410,6 +412,7 @@ class LLMServer:
             {
                 "model": MODEL_ID,
                 "threads": self.cfg.threads,
+                "batch_threads": self.cfg.batch_threads or self.cfg.threads,
                 "slots": self.cfg.parallel,
                 "ctx_per_slot": self.cfg.ctx_size,
                 "load_seconds": round(self.load_seconds, 3),
@@ -512,6 +515,9 @@ def parse_args(argv: list[str] | None = None) -> LLMServerConfig:
     p.add_argument("--mode", choices=["front", "native"], default="front")
     p.add_argument("--model", default=None, help="GGUF path (default: the packaged Qwen 0.5B)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("LLM_THREADS", "2")))
+    p.add_argument(
+        "--batch-threads", type=int, default=None, help="prompt threads (default: --threads)"
+    )
     p.add_argument("--parallel", type=int, default=2, help="llama.cpp slots")
     p.add_argument("--ctx-size", type=int, default=2048, help="context tokens per slot")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on tokens per reply")
@@ -532,6 +538,7 @@ def parse_args(argv: list[str] | None = None) -> LLMServerConfig:
         mode=a.mode,
         model_path=a.model,
         threads=max(1, a.threads),
+        batch_threads=max(1, a.batch_threads) if a.batch_threads else None,
         parallel=max(1, a.parallel),
         ctx_size=max(256, a.ctx_size),
         max_tokens=max(1, a.max_tokens),

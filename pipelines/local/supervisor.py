@@ -53,14 +53,21 @@ THREAD_ENV_VARS = (
     "TOKENIZERS_PARALLELISM",
 )
 STDERR_TAIL_LINES = 60
-# llama.cpp threads: 2 by default (at most the CPU count). On a quiet 2-core machine
-# (`pipeswitch demo --turns 5`, load average < 1, watchdog off) 2 threads answered at p50
-# 3.2 s against 4.3 s on 1 thread. Its threads meet at a barrier after every op, so on a
-# machine that is oversubscribed by other work a descheduled thread stalls the rest: at
-# load average ~20, 1 thread gave first clause 2.9-6.5 s and 2 threads 18.7-58.5 s. Set
-# it to 1 on a box the LLM shares with heavy work.
+# llama.cpp threads: 1 by default, for the prompt and for the reply's tokens. Its
+# threads meet at a barrier after every op, so when other work takes a core a
+# descheduled thread stalls the rest (at load average ~20: first clause 2.9-6.5 s on 1
+# thread, 18.7-58.5 s on 2). `pipeswitch demo --turns 5`, interleaved on the shared
+# 2-core box at load average 3-6, two runs each: p50 0.89 / 0.93 s with 1 thread,
+# 1.83 / 2.20 s with the prompt on 2 threads, 3.68 / 5.15 s with both on 2 (LLM first
+# token 0.25-0.83 s vs 0.25-3.2 s). Generating a token is memory-bound: 1 thread made
+# 40 tokens/s, 2 threads 37-45 with a p10 of 3-28. Only the prompt (the caller's words,
+# ~20 tokens) gains from a second thread on an idle box: 0.15 s instead of 0.24 s.
+# $PIPESWITCH_LOCAL_LLM_THREADS sets the prompt threads (2 on a box with a core to
+# spare), $PIPESWITCH_LOCAL_LLM_GEN_THREADS the generation threads (at most as many).
 LLM_THREADS_ENV = "PIPESWITCH_LOCAL_LLM_THREADS"
-DEFAULT_LLM_THREADS = max(1, min(2, os.cpu_count() or 1))
+DEFAULT_LLM_THREADS = 1
+LLM_GEN_THREADS_ENV = "PIPESWITCH_LOCAL_LLM_GEN_THREADS"
+DEFAULT_LLM_GEN_THREADS = 1
 
 
 class LocalServerError(RuntimeError):
@@ -128,8 +135,11 @@ class LocalModelServers:
             thrashing 2 cores).
         piper_warm: phrases to pre-synthesize (and pin in the cache) at start-up, at
             each of ``piper_warm_rates`` (a greeting must be ready at the call's rate).
-        whisper_threads / llm_threads: CPU threads per server (``llm_threads`` None:
-            ``$PIPESWITCH_LOCAL_LLM_THREADS``, else 2; see ``LLM_THREADS_ENV``).
+        whisper_threads / llm_threads: CPU threads per server (``llm_threads``, the
+            LLM's prompt threads, None: ``$PIPESWITCH_LOCAL_LLM_THREADS``, else 1; see
+            ``LLM_THREADS_ENV``).
+        llm_gen_threads: the LLM's threads for generating tokens (None:
+            ``$PIPESWITCH_LOCAL_LLM_GEN_THREADS``, else 1), at most ``llm_threads``.
         whisper_compute_type: CTranslate2 compute type (``int8`` or ``float32``).
         llm_parallel: llama.cpp slots (concurrent conversations).
         llm_ctx: context size in tokens *per slot*.
@@ -154,6 +164,7 @@ class LocalModelServers:
         whisper_threads: int = 2,
         whisper_compute_type: str = "int8",
         llm_threads: int | None = None,
+        llm_gen_threads: int | None = None,
         llm_parallel: int = 2,
         llm_ctx: int = 2048,
         llm_mode: str = "front",
@@ -199,9 +210,16 @@ class LocalModelServers:
         if llm:
             if llm_threads is None:
                 llm_threads = max(1, int(os.environ.get(LLM_THREADS_ENV) or DEFAULT_LLM_THREADS))
+            if llm_gen_threads is None:
+                llm_gen_threads = int(
+                    os.environ.get(LLM_GEN_THREADS_ENV) or DEFAULT_LLM_GEN_THREADS
+                )
+            llm_gen_threads = max(1, min(llm_gen_threads, llm_threads))
             args = [
                 *common,
                 "--threads",
+                str(llm_gen_threads),
+                "--batch-threads",
                 str(llm_threads),
                 "--parallel",
                 str(llm_parallel),
