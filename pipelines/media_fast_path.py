@@ -17,8 +17,10 @@ and feeds
   buffering and usage metrics stay Pipecat's), in 80 ms chunks, flushed before
   the VAD stop goes out so Deepgram's ``Finalize`` follows all of the speech.
 
-While the caller speaks it also pushes :class:`CallerSpeechFrame` per chunk, so
-the barge-in rule can count seconds of speech without audio frames. Services
+While the caller speaks over the bot it also pushes :class:`CallerSpeechFrame`
+per chunk, so the barge-in rule can count seconds of speech without audio frames
+(it counts only speech over the bot: with the bot quiet, the VAD start is the
+turn, and the counts would cross the pipeline for nothing). Services
 that need the audio itself in the pipeline (local Whisper, speech-to-speech,
 the echo guard) keep Pipecat's frame path: :func:`fast_path_supported`.
 """
@@ -150,7 +152,7 @@ class CallerMediaFastPath:
             await self._vad.process_frame(
                 InputAudioRawFrame(audio=chunk, sample_rate=self._rate, num_channels=1)
             )
-            if self._speaking:
+            if self._speaking and self._input.bot_speaking:
                 await self._input.push_frame(CallerSpeechFrame(secs=len(chunk) / (2 * self._rate)))
 
     async def _send_stt(self) -> None:

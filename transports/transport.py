@@ -17,6 +17,8 @@ from aiohttp import WSMessage, WSMsgType
 from loguru import logger
 from pipecat.frames.frames import (
     AggregatedTextFrame,
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
     CancelFrame,
     EndFrame,
     Frame,
@@ -47,6 +49,8 @@ MAX_DRAIN_SECS = 5.0
 UNDERRUN_SECS = 0.02
 # Coalescing dialects flush when no new audio arrived for this long (end of a TTS burst).
 FLUSH_IDLE_SECS = 0.03
+
+
 class CallSocket(Protocol):
     """What the transport needs of the call's media socket.
 
@@ -243,6 +247,20 @@ class FreeSwitchInputTransport(BaseInputTransport):
         # Keys pressed (heard over ESL) before the pipeline runs wait for it (None: running).
         self._early_dtmf: list[InputDTMFFrame] | None = []
         self._media_sink: CallerMediaSink | None = None
+        self._bot_talking = False
+
+    @property
+    def bot_speaking(self) -> bool:
+        """Whether the bot talks, by the Bot{Started,Stopped}SpeakingFrames that come up
+        the pipeline to here (the same frames the barge-in rule goes by)."""
+        return self._bot_talking
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        if isinstance(frame, BotStartedSpeakingFrame):
+            self._bot_talking = True
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self._bot_talking = False
+        await super().process_frame(frame, direction)
 
     def set_media_sink(self, sink: CallerMediaSink) -> None:
         """Send caller audio to ``sink`` instead of down the pipeline (set before the call runs)."""

@@ -19,11 +19,12 @@ from pipecat.frames.frames import (
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.turns.types import ProcessFrameResult
 
+from pipeswitch.bench.emulators.scripts import LLM_SCRIPTS
 from pipeswitch.config.tenants import Tenant
 from pipeswitch.processors.barge_in import BargeInStartStrategy
 from pipeswitch.transports.call_info import CallInfo
 from pipeswitch.transports.frames import CallerSpeechFrame
-from tests.conftest import QUESTION, Served
+from tests.conftest import BARGE_IN, QUESTION, Served
 from tests.e2e.helpers import ask, open_call, wait_bot_quiet
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -90,10 +91,53 @@ async def test_caller_audio_bypasses_the_pipeline_and_the_turn_still_works(
     assert counter.pushes[VADUserStartedSpeakingFrame] >= 1
     assert counter.pushes[VADUserStoppedSpeakingFrame] >= 1
     assert counter.pushes[TranscriptionFrame] >= 1
+    # The caller asked while the bot was quiet: no speech counts for the barge-in rule.
+    assert counter.pushes[CallerSpeechFrame] == 0
     # Deepgram got the caller's audio (all but what was in flight at the hang-up) and a
     # Finalize after the VAD stop.
     assert record.finalizes >= 1
     assert record.audio_s == pytest.approx(sent_secs, abs=0.1)
+
+
+async def test_speech_over_the_bot_is_counted_and_barges_in(served: Served) -> None:
+    """Over the bot's reply the fast path pushes speech counts (the barge-in rule asks
+    for ``barge_in_min_secs`` of them) and the reply stops."""
+    uuid, rate = "fast-path-barge", 8000
+    counter = FrameCounter()
+    sessions = served.app.sessions
+    assert sessions is not None
+
+    def factory(call: CallInfo, tenant: Tenant) -> list[BaseObserver]:
+        return [counter] if call.call_uuid == uuid else []
+
+    question = await served.speech(QUESTION, rate)
+    interrupt = await served.speech(BARGE_IN, rate)
+    chat = served.emu.openai
+    saved = chat.script
+    chat.script = LLM_SCRIPTS["long"]  # type: ignore[assignment]
+    sessions.observer_factories.append(factory)
+    try:
+        stream = await open_call(served.url(uuid=uuid, rate=rate), rate, "json-stream")
+        try:
+            await wait_bot_quiet(stream, timeout_s=10.0)
+            _, answer = await ask(stream, question, rate)
+            assert answer is not None
+            await asyncio.sleep(1.2)  # the long reply is playing
+            asked = counter.pushes[CallerSpeechFrame]
+            stream.queue_caller_audio(interrupt)
+            stream.queue_caller_silence(0.5)
+            await asyncio.sleep(2.5)
+            _, rx = stream.received_audio()
+        finally:
+            await stream.hangup()
+    finally:
+        chat.script = saved
+        sessions.observer_factories.remove(factory)
+    assert asked == 0  # the question was asked with the bot quiet
+    assert counter.pushes[CallerSpeechFrame] >= 1
+    voiced = [a.t for a in rx if a.non_silent and a.t > answer]
+    gaps = [b - a for a, b in zip(voiced, voiced[1:], strict=False)]
+    assert any(g > 0.2 for g in gaps), "the long reply played on over the caller"
 
 
 async def test_fast_path_can_be_turned_off(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
