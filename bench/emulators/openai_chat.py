@@ -338,6 +338,10 @@ class OpenAIChatEmulator:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
             return _error(400, "Request body is not valid JSON.", "invalid_request_error")
+        except ConnectionResetError:
+            # The client gave up mid-upload (a barge-in or a hang-up cancelled the
+            # request): nobody to answer, and not the emulator's error to log.
+            raise web.HTTPBadRequest() from None
         if not isinstance(body, dict):
             return _error(400, "Request body must be a JSON object.", "invalid_request_error")
         rec = ChatRequestRecord(
