@@ -244,17 +244,22 @@ async def _getvar(esl: EslClient, uuid: str, name: str) -> str:
 
 
 async def one_call(
-    app: Pipeswitch, esl: EslClient, args: argparse.Namespace, i: int
+    app: Pipeswitch, esl: EslClient, args: argparse.Namespace, i: int, watcher: EslClient
 ) -> dict[str, Any]:
     """One call through the real switch; what the caller heard and how it ended."""
     a = str(uuidlib.uuid4())
     rec = Path(args.out) / f"{args.build or 'unicast'}-{i}.wav"
     events: list[tuple[str, float]] = []
+    watched: list[tuple[str, float]] = []
 
     def on_event(ev: CallEvent) -> None:
         events.append((ev.kind, ev.t))
 
+    def on_watched(ev: CallEvent) -> None:
+        watched.append((ev.kind, ev.t))
+
     unsubscribe = esl.subscribe(a, on_event)
+    unwatch = watcher.subscribe(a, on_watched)
     variables = {
         "origination_uuid": a,
         "RECORD_STEREO": "true",
@@ -324,15 +329,16 @@ async def one_call(
     server_done_s = time.monotonic() - t_kill
     hangup_done = await _wait(lambda: any(k == "CHANNEL_HANGUP_COMPLETE" for k, _ in events), 10.0)
     gone = (await esl.api(f"uuid_exists {a}")).strip() == "false"
-    channels = ""
-    while time.monotonic() - t_kill < 5.0:  # both legs destroyed, not just hung up
+    t_channels = time.monotonic()
+    while True:  # both legs destroyed, not just hung up
         channels = (await esl.api("show channels count")).strip()
-        if channels.startswith("0 total"):
+        if channels.startswith("0 total") or time.monotonic() - t_channels > 5.0:
             break
         await asyncio.sleep(0.02)
     no_channels_s = time.monotonic() - t_kill
     loris_closed = await loris if loris is not None else None
     unsubscribe()
+    unwatch()
     length = _wav_secs(rec) if rec.exists() else None
     said_segs = voiced_segments(rec, channel=0) if rec.exists() else []
     heard_segs = voiced_segments(rec, channel=1) if rec.exists() else []
@@ -343,7 +349,7 @@ async def one_call(
     transferred = bool(transfer_history) if args.transfer_to else None
 
     def first(kind: str, since: float) -> int | None:
-        t = next((t for k, t in events if k == kind and t >= since), None)
+        t = next((t for k, t in events + watched if k == kind and t >= since), None)
         return None if t is None else round((t - since) * 1000)
 
     connect_ms = first("mod_audio_stream::connect", t_start)
@@ -363,12 +369,17 @@ async def one_call(
         "hangup_complete_after_kill_ms": first("CHANNEL_HANGUP_COMPLETE", t_kill)
         if hangup_done
         else None,
+        # seen by a second ESL connection that also asks for these (the server does not)
+        "channel_hangup_after_kill_ms": first("CHANNEL_HANGUP", t_kill),
+        "channel_destroy_after_kill_ms": first("CHANNEL_DESTROY", t_kill),
         "connect_event_after_start_ms": connect_ms,
         # the 101 as FreeSWITCH saw it (its ::connect event, ~1-20 ms of ESL delay later)
         "greeting_heard_after_connect_ms": greeting_ms - connect_ms
         if greeting_ms is not None and connect_ms is not None
         else None,
-        "channel_gone": gone,
+        # uuid_exists says false as soon as the hangup starts; a stuck channel (the voxcom
+        # deadlock) still shows in `show channels`, so both must agree.
+        "channel_gone": gone and channels.startswith("0 total"),
         "channels_after": channels,
         "no_channels_after_kill_ms": round(no_channels_s * 1000)
         if channels.startswith("0 total")
@@ -450,6 +461,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             assert app.esl is not None
             if not await app.esl.wait_connected(5.0):
                 raise SystemExit("no ESL connection to the switch")
+            # A second connection that sees the hangup's first and last events too.
+            watcher = EslClient(
+                args.esl_host,
+                args.esl_port,
+                events=("CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE", "CHANNEL_DESTROY"),
+            )
+            await watcher.start()
+            if not await watcher.wait_connected(5.0):
+                raise SystemExit("no second ESL connection to the switch")
             out: dict[str, Any] = {
                 "build": args.build,
                 "mode": args.mode,
@@ -460,7 +480,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "calls": [],
             }
             for i in range(args.calls):
-                out["calls"].append(await one_call(app, app.esl, args, i))
+                out["calls"].append(await one_call(app, app.esl, args, i, watcher))
                 await asyncio.sleep(0.5)
             lat = [x for c in out["calls"] for x in c["server_turn_latency_ms"]]
             out["server_turn_latency_median_ms"] = statistics.median(lat) if lat else None
@@ -473,6 +493,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 xs = [c[key] for c in out["calls"] if c[key] is not None]
                 out[f"{key}_median"] = statistics.median(xs) if xs else None
             out["handshakes_reaped"] = dict(app.server.handshakes.reaped) if app.server else {}
+            await watcher.close()
             return out
         finally:
             await app.stop(drain_secs=1.0)
