@@ -20,7 +20,9 @@ from pipecat.frames.frames import EndFrame, ErrorFrame, TTSSpeakFrame
 from pipecat.observers.base_observer import BaseObserver
 from pipecat.observers.user_bot_latency_observer import UserBotLatencyObserver
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.utils.errors import ErrorCategory
+from pipecat.utils.types import NOT_GIVEN
 from pipecat.workers.runner import WorkerRunner
 
 from pipeswitch.config.settings import Settings
@@ -33,6 +35,7 @@ from pipeswitch.pipelines.compose import (
     resolve_builder,
 )
 from pipeswitch.pipelines.greeting_cache import GreetingCache
+from pipeswitch.pipelines.local.warm import llm_warm_body
 from pipeswitch.pipelines.piper_client import WavError
 from pipeswitch.pipelines.recovery import install_apology, is_provider, watchdog_of
 from pipeswitch.pipelines.services import ProviderEndpoints
@@ -160,14 +163,11 @@ class CallSessions:
         )
         return True
 
-    async def _warm_llm(self, tenant: Tenant) -> None:
-        messages: list[dict[str, str]] = [{"role": "system", "content": tenant.system_prompt}]
-        if tenant.first_message:
-            messages.append({"role": "assistant", "content": tenant.first_message})
+    async def _warm_llm(self, tenant: Tenant, context: LLMContext | None) -> None:
+        tools = context.tools if context is not None else NOT_GIVEN
+        body = await llm_warm_body(tenant.system_prompt, tenant.first_message, tools)
         ep = self.endpoints
-        await _post_json(
-            self.http, f"{ep.local_llm_root}/warm", {"messages": messages}, ep.local_api_key
-        )
+        await _post_json(self.http, f"{ep.local_llm_root}/warm", body, ep.local_api_key)
 
     async def end_all(self, goodbye: str, grace_secs: float, cancel_wait_secs: float = 0.5) -> int:
         """End every active call (shutdown): a short goodbye where the pipeline can speak it,
@@ -301,7 +301,7 @@ class CallSessions:
             if self.endpoints.mode == "local" or tenant.providers.llm == "local":
                 # Prefill the tenant's prompt while the greeting plays, so the first
                 # turn's prompt is already in llama.cpp's cache.
-                self._background(self._warm_llm(tenant), log)
+                self._background(self._warm_llm(tenant, cp.context), log)
 
         @transport.event_handler("on_call_metadata")
         async def _on_metadata(_: Any, frame: CallMetadataFrame) -> None:

@@ -10,9 +10,10 @@ Two modes:
     * ``POST /v1/chat/completions`` (``stream`` true or false; SSE ``data: {chunk}`` ...
       ``data: [DONE]``), which is what Pipecat's ``OpenAILLMService`` (openai SDK) sends;
     * ``GET /v1/models``;
-    * ``POST /warm`` ``{"system_prompt": str}`` or ``{"messages": [...]}``: a
+    * ``POST /warm`` ``{"system_prompt": str}`` or ``{"messages": [...], "tools": [...]}``: a
       ``max_tokens=1`` completion with ``cache_prompt`` so a call's first turn finds the
-      tenant's system prompt already in the KV cache;
+      tenant's system prompt (and tools, which the template renders into it) already in
+      the KV cache;
     * ``GET /metrics`` (JSON: TTFT, tokens/s, queue), ``GET /health`` (public).
 
     It adds what llama.cpp's HTTP server lacks: a bounded wait queue (``503`` when full),
@@ -369,6 +370,9 @@ class LLMServer:
             messages = [{"role": "system", "content": body["system_prompt"]}]
         if not isinstance(messages, list) or not messages:
             return self._error(400, "expected {'system_prompt': str} or {'messages': [...]}")
+        tools = body.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            return self._error(400, "'tools' must be an array")
         self.metrics.warm_requests += 1
         if not await self._acquire():
             self.metrics.rejected += 1
@@ -376,6 +380,8 @@ class LLMServer:
         t0 = time.perf_counter()
         try:
             req = {"messages": messages, "max_tokens": 1, "cache_prompt": True, "temperature": 0}
+            if tools:  # rendered into the system turn: part of the prefix to cache
+                req["tools"] = tools
             result = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.engine.handle_chat_completions, req
             )

@@ -18,8 +18,11 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.services.openai.llm import OpenAILLMService
 from pipecat.tests.utils import run_test
 
+from pipeswitch.config.tenants import ToolSettings
 from pipeswitch.pipelines.local.llm_server import MODEL_ID
 from pipeswitch.pipelines.local.supervisor import LocalModelServers
+from pipeswitch.pipelines.local.warm import llm_warm_body
+from pipeswitch.processors.tools import tools_schema
 
 pytestmark = [pytest.mark.local_models, pytest.mark.asyncio(loop_scope="session")]
 
@@ -94,6 +97,41 @@ async def test_warm_caches_system_prompt(local_servers: LocalModelServers) -> No
     assert usage is not None and usage.prompt_tokens_details is not None
     cached = usage.prompt_tokens_details.cached_tokens or 0
     assert cached >= warm["prompt_tokens"] - 5, (cached, warm)
+
+
+async def test_warm_with_tools_caches_the_first_turns_prefix(
+    local_servers: LocalModelServers,
+) -> None:
+    """The chat template renders the tools into the system turn: a call start warms them
+    too, so the first turn (sent by Pipecat's service) prefills only the caller's words."""
+    tools = tools_schema(ToolSettings(enabled=["end_call", "take_message", "business_hours"]))
+    system = SYSTEM + " Take a message when nobody can help."
+    greeting = "Riverside Dental, how can I help?"
+    body = await llm_warm_body(system, greeting, tools)
+    warm = await local_servers._post_json(
+        f"{local_servers.llm_base_url.removesuffix('/v1')}/warm", body, auth=True
+    )
+    assert warm["prompt_tokens"] > 200, warm  # the tools' schemas are in it
+    before = await llm_metrics(local_servers)
+    llm = OpenAILLMService(
+        api_key=local_servers.api_key,
+        base_url=local_servers.llm_base_url,
+        settings=OpenAILLMService.Settings(
+            model=MODEL_ID, system_instruction=system, temperature=0.0, max_tokens=20
+        ),
+    )
+    context = LLMContext(
+        messages=[
+            {"role": "assistant", "content": greeting},
+            {"role": "user", "content": "When do you open tomorrow?"},
+        ],
+        tools=tools,
+    )
+    await run_test(llm, frames_to_send=[LLMContextFrame(context=context)])
+    after = await llm_metrics(local_servers)
+    cached = after["prompt_tokens_cached"] - before["prompt_tokens_cached"]
+    new = after["prompt_tokens"] - before["prompt_tokens"] - cached
+    assert cached >= warm["prompt_tokens"] - 5 and new < 30, (cached, new, warm)
 
 
 async def test_auth_models_and_bad_request(local_servers: LocalModelServers) -> None:
