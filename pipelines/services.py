@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import httpx2
@@ -314,7 +315,8 @@ def tts_retry(fallback_url: str | None, first_byte_secs: float = TTS_FIRST_BYTE_
     async def middleware(
         req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
     ) -> aiohttp.ClientResponse:
-        log = logger.bind(call=req.url.query.get("call", "-"))  # make_tts puts it there
+        # make_tts puts them in the URL: the session is shared by every call and tenant.
+        log = logger.bind(call=req.url.query.get("call", "-"), tenant=req.url.query.get("tenant"))
         try:
             resp = await asyncio.wait_for(handler(req), first_byte_secs)
             if resp.status < 500:
@@ -368,7 +370,9 @@ def make_tts(
     """Piper (in its own GPL process, reached over loopback HTTP)."""
     tts = PiperHttpTTSService(
         # The call id lets the Piper server synthesize earliest-needed sentences first.
-        base_url=ep.piper_for_rate(sample_rate) + (f"&call={call_uuid}" if call_uuid else ""),
+        base_url=ep.piper_for_rate(sample_rate)
+        + (f"&call={call_uuid}" if call_uuid else "")
+        + f"&tenant={quote(tenant.name, safe='')}",
         aiohttp_session=tts_session(session, tenant.providers.tts_fallback_url),
         sample_rate=sample_rate,
         settings=PiperHttpTTSService.Settings(voice=tenant.voice),
