@@ -225,6 +225,8 @@ class CallContext:
                         incomplete_wait=t.incomplete_wait_secs,
                         stt_timeout=t.stt_timeout_secs,
                         speculate=t.speculate,
+                        segmented_stt=self.endpoints.mode == "local"
+                        or self.tenant.providers.stt == "whisper-local",
                     ),
                     on_speculation=count,
                 )

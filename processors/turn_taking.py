@@ -127,6 +127,11 @@ class TurnParams:
     incomplete_wait: float = 0.6
     stt_timeout: float = 0.8
     speculate: bool = True
+    # The STT sends one final per stretch of speech and no interims (local Whisper): a
+    # new VAD start makes the last final stale, as an interim would for Deepgram. Without
+    # this "Hello." (a pause) "What time do you open?" ended 0.6 s after the second VAD
+    # stop on "Hello." alone when Whisper took longer than that (pipeswitch demo, loaded).
+    segmented_stt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +258,10 @@ def update(state: TurnState, event: TurnEvent, p: TurnParams) -> tuple[TurnState
         # The caller carries on: earlier evidence of an ending is stale.
         actions: list[TurnAction] = [CancelTimer()]
         state = _withdraw(state, actions)
-        return replace(state, speaking=True, vad_stopped_at=None, deadline=None), actions
+        finalized = state.finalized and not p.segmented_stt
+        return replace(
+            state, speaking=True, vad_stopped_at=None, deadline=None, finalized=finalized
+        ), actions
     if isinstance(event, VadStopped):
         return _decide(replace(state, speaking=False, vad_stopped_at=event.t), event.t, p)
     if isinstance(event, Interim):

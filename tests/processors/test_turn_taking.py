@@ -24,7 +24,7 @@ from pipeswitch.processors.turn_taking import (
 P = TurnParams(complete_wait=0.0, incomplete_wait=0.6, stt_timeout=0.8)
 
 
-def run(events: list[TurnEvent]) -> list[tuple[float, TurnAction]]:
+def run(events: list[TurnEvent], p: TurnParams = P) -> list[tuple[float, TurnAction]]:
     """Feed events (Timer events are generated from SetTimer actions in time order)."""
     state = TurnState()
     out: list[tuple[float, TurnAction]] = []
@@ -36,7 +36,7 @@ def run(events: list[TurnEvent]) -> list[tuple[float, TurnAction]]:
             timer = None
         else:
             ev = queue.pop(0)
-        state, actions = update(state, ev, P)
+        state, actions = update(state, ev, p)
         for a in actions:
             out.append((ev.t, a))
             if isinstance(a, SetTimer):
@@ -78,6 +78,25 @@ def test_resumed_speech_cancels_the_pending_end() -> None:
         ]
     )
     assert end_times(acts) == [2.05]
+
+
+def test_segmented_stt_waits_for_the_next_segments_transcript() -> None:
+    """Local Whisper: "Hello." (a pause), then the question. Its transcript comes 0.7 s
+    after the second VAD stop; the turn must not end at 0.6 s on "Hello." alone."""
+    events: list[TurnEvent] = [
+        VadStarted(0.0),
+        VadStopped(0.6),
+        Transcript(0.7, "Hello.", True),
+        VadStarted(0.9),
+        VadStopped(2.8),
+        Transcript(3.5, "What time do you open tomorrow?", True),
+    ]
+    segmented = TurnParams(
+        complete_wait=0.0, incomplete_wait=0.6, stt_timeout=0.8, segmented_stt=True
+    )
+    assert end_times(run(events, segmented)) == [3.5]
+    # A streaming STT's final stays settled over a VAD restart (its interims say otherwise).
+    assert end_times(run(events))[0] == 3.4
 
 
 def test_missing_final_transcript_falls_back_to_stt_timeout() -> None:
