@@ -118,6 +118,19 @@ def voiced_segments(
     return segs
 
 
+def first_loud_sample(path: Path, channel: int = 1, peak: int = 300) -> float | None:
+    """Seconds to the first sample above ``peak`` (about -40 dBFS, as the greeting trim
+    counts it) in one leg of a stereo recording: the greeting's onset to the sample,
+    where ``voiced_segments`` has 20 ms steps."""
+    with wave.open(str(path)) as w:
+        rate, channels = w.getframerate(), w.getnchannels()
+        a = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    if channels == 2:
+        a = a[channel::2]
+    loud = np.flatnonzero(np.abs(a.astype(np.int32)) > peak)
+    return float(loud[0]) / rate if loud.size else None
+
+
 def heard_timeline(
     said: list[tuple[float, float]],
     heard: list[tuple[float, float]],
@@ -345,6 +358,9 @@ async def one_call(
     timeline = heard_timeline(
         said_segs, heard_segs, offset_s=t_rec - t_start, barge_at=barge_at, length_s=length
     )
+    onset = first_loud_sample(rec) if rec.exists() else None
+    if onset is not None and heard_segs and onset < heard_segs[0][1]:
+        timeline["greeting_heard_after_start_ms"] = round((onset + t_rec - t_start) * 1000)
     said = [str(m.get("content", "")) for m in (record.messages if record else [])]
     transferred = bool(transfer_history) if args.transfer_to else None
 

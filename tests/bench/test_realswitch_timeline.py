@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeswitch.bench.realswitch import heard_timeline, voiced_segments
+from pipeswitch.bench.realswitch import first_loud_sample, heard_timeline, voiced_segments
 
 RATE = 8000
 
@@ -86,3 +86,10 @@ def test_barge_in_landing_in_a_pause_of_the_reply(tmp_path: Path) -> None:
     assert abs(got["barge_in_stop_ms"] - 240) <= 20
     assert abs(got["bot_silent_after_stop_ms"] - 4200) <= 20
     assert got["bot_talking_at_end"] is True
+
+
+def test_greeting_onset_to_the_sample(tmp_path: Path) -> None:
+    rec = tmp_path / "call.wav"
+    _stereo(rec, 1.0, said=[], heard=[(0.0335, 0.5)])
+    got = first_loud_sample(rec)
+    assert got is not None and abs(got - 0.0335) < 0.001  # 20 ms RMS steps would say 0.02-0.04
