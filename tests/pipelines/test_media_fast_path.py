@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from pipecat.frames.frames import (
+    BotSpeakingFrame,
     BotStartedSpeakingFrame,
     InputAudioRawFrame,
     TranscriptionFrame,
@@ -17,6 +18,7 @@ from pipecat.frames.frames import (
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.turns.types import ProcessFrameResult
 
 from pipeswitch.bench.emulators.scripts import LLM_SCRIPTS
@@ -24,6 +26,7 @@ from pipeswitch.config.tenants import Tenant
 from pipeswitch.processors.barge_in import BargeInStartStrategy
 from pipeswitch.transports.call_info import CallInfo
 from pipeswitch.transports.frames import CallerSpeechFrame
+from pipeswitch.transports.transport import FreeSwitchOutputTransport
 from tests.conftest import BARGE_IN, QUESTION, Served
 from tests.e2e.helpers import ask, open_call, wait_bot_quiet
 
@@ -44,11 +47,19 @@ class FrameCounter(BaseObserver):
     def __init__(self) -> None:
         super().__init__()
         self.pushes: Counter[type] = Counter()
+        # When the output transport sent each BotSpeakingFrame downstream.
+        self.bot_speaking: list[float] = []
 
     async def on_push_frame(self, data: FramePushed) -> None:
         for kind in COUNTED:
             if isinstance(data.frame, kind):
                 self.pushes[kind] += 1
+        if (
+            isinstance(data.frame, BotSpeakingFrame)
+            and isinstance(data.source, FreeSwitchOutputTransport)
+            and data.direction is FrameDirection.DOWNSTREAM
+        ):
+            self.bot_speaking.append(time.monotonic())
 
 
 async def _one_turn(served: Served, uuid: str) -> tuple[FrameCounter, Any, float]:
@@ -138,6 +149,10 @@ async def test_speech_over_the_bot_is_counted_and_barges_in(served: Served) -> N
     voiced = [a.t for a in rx if a.non_silent and a.t > answer]
     gaps = [b - a for a, b in zip(voiced, voiced[1:], strict=False)]
     assert any(g > 0.2 for g in gaps), "the long reply played on over the caller"
+    # The bot talked for over a second: BotSpeakingFrame once a second, not every 0.2 s.
+    ticks = counter.bot_speaking
+    assert len(ticks) >= 2
+    assert min(b - a for a, b in zip(ticks, ticks[1:], strict=False)) >= 0.9
 
 
 async def test_fast_path_can_be_turned_off(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
