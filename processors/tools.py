@@ -47,6 +47,7 @@ from pipeswitch.config.tenants import Tenant, ToolName, ToolSettings
 from pipeswitch.processors.tools_hours import hours_status
 from pipeswitch.transports.call_control import (
     EVENT_CHANNEL_BRIDGE,
+    EVENT_CHANNEL_HANGUP,
     EVENT_CHANNEL_HANGUP_COMPLETE,
     CallControl,
     CallControlError,
@@ -166,8 +167,8 @@ class EslCallActions:
                 return
             if ev.name == EVENT_CHANNEL_BRIDGE:
                 outcome.set_result("answered")
-            elif ev.name == EVENT_CHANNEL_HANGUP_COMPLETE:
-                outcome.set_result("caller_hung_up")
+            elif ev.name in (EVENT_CHANNEL_HANGUP, EVENT_CHANNEL_HANGUP_COMPLETE):
+                outcome.set_result("caller_hung_up")  # the first: a stuck channel never completes
 
         unsubscribe = self.control.subscribe(self.call_uuid, on_event)
         # A unicast call's media stops while the channel is out of park (no-op otherwise).

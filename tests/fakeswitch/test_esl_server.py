@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 
 from pipeswitch.bench.fakeswitch.esl import FakeSwitchEsl, recommended_variables
+from pipeswitch.processors.tools import EslCallActions
 from pipeswitch.transports.call_control import (
     EVENT_CHANNEL_HANGUP,
     EVENT_CHANNEL_HANGUP_COMPLETE,
@@ -371,3 +372,40 @@ async def test_uuid_audio_stream_over_esl(fs: FakeSwitchEsl, esl: EslClient) -> 
         await esl.bgapi("uuid_audio_stream mas-1 stop")
         assert ch.stream is not None and ch.stream.close_record.initiator == "local"
         await fs.hangup("mas-1")
+
+
+async def test_transfer_ends_when_a_stuck_channel_hangs_up(
+    fs: FakeSwitchEsl, esl: EslClient
+) -> None:
+    """The caller hangs up while the transfer rings and the voxcom module sticks in its
+    cleanup: CHANNEL_HANGUP is all the switch sends (as FreeSWITCH 1.10.12 did), and the
+    transfer must report the hangup at once, not wait out the ring time."""
+    variables = recommended_variables("voxcom")
+    variables["STREAM_BUFFER_SIZE"] = "20"
+    uuid = "vox-xfer-stuck"
+    async with FakeServer() as ws:
+        ch = await fs.start_call(
+            ws.url(f"/fs/{uuid}"), call_uuid=uuid, build="voxcom", variables=variables
+        )
+        conn = await ws.conn()
+        st = ch.stream
+        assert st is not None
+        actions = EslCallActions(esl, uuid)
+        transfer = asyncio.ensure_future(actions.transfer("1001", "default", ring_secs=5.0))
+
+        async def server_with_20ms_lead() -> None:
+            conn.send_text(stream_audio(tone(0.02), seq=0))
+            for i in range(1, 100):
+                conn.send_text(stream_audio(tone(0.02), seq=i))
+                await asyncio.sleep(0.02)
+
+        sender = asyncio.ensure_future(server_with_20ms_lead())
+        while not sender.done() and not st._tx_blocked:
+            await asyncio.sleep(0.001)
+        t0 = time.monotonic()
+        await fs.hangup(uuid)
+        sender.cancel()
+        assert ch.stuck
+        assert await asyncio.wait_for(transfer, 2.0) == "caller_hung_up"
+        assert time.monotonic() - t0 < 1.0
+        await fs.kill_switch_channel(uuid)
