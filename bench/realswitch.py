@@ -298,7 +298,9 @@ async def one_call(
             raise RuntimeError(f"unicast refused: {started}")
     else:
         ws = f"ws://127.0.0.1:{app.port}/fs/{a}?domain={domain}&rate={args.rate}"
-        reply = await esl.api(f'uuid_audio_stream {a} start {ws} mono 8k {{"uuid":"{a}"}}')
+        reply = await esl.api(
+            f'uuid_audio_stream {a} start {ws} mono {args.rate // 1000}k {{"uuid":"{a}"}}'
+        )
         if not reply.startswith("+OK"):
             raise RuntimeError(f"uuid_audio_stream failed: {reply.strip()}")
     # Recorded after the stream starts: a media bug added later sees what the stream's
