@@ -235,6 +235,15 @@ class LLMServer:
                 self.metrics.last_decode_tps = float(timings.get("predicted_per_second") or 0.0)
             if timings.get("prompt_per_second"):
                 self.metrics.last_prompt_tps = float(timings["prompt_per_second"])
+        # One line per request: where a turn's LLM time went (prompt reuse, prefill, decode).
+        logger.info(
+            "request: prompt {} tokens ({} cached), prefill {:.0f} ms, {} tokens in {:.0f} ms",
+            usage.get("prompt_tokens"),
+            details.get("cached_tokens"),
+            float(timings.get("prompt_ms") or 0.0),
+            timings.get("predicted_n"),
+            float(timings.get("predicted_ms") or 0.0),
+        )
 
     # ------------------------------------------------------------------ handlers
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
