@@ -313,6 +313,15 @@ class CallSessions:
             record.end_reason = record.end_reason or f"caller closed ({code})"
             await worker.cancel(reason=f"caller hung up: {reason}")
 
+        @worker.event_handler("on_pipeline_started")
+        async def _on_started(*_: Any) -> None:
+            # ESL's CHANNEL_HANGUP can come 0-3 ms after the hangup, before the pipeline
+            # was built and the handler above existed (a real FreeSWITCH, a caller who
+            # hangs up during the greeting): that call must not run until its idle timeout.
+            if transport.closed.is_set():
+                record.end_reason = record.end_reason or "caller closed (before start)"
+                await worker.cancel(reason="caller hung up before the pipeline started")
+
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
         await runner.add_workers(worker)
         # An EndFrame, not worker.end(): the runner answers end() by cancelling, which

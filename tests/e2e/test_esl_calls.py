@@ -252,6 +252,24 @@ async def test_caller_hangup_ends_everything(esl_served: EslServed, linger: bool
     await st.aclose()
 
 
+async def test_a_hangup_before_the_pipeline_runs_ends_the_call(esl_served: EslServed) -> None:
+    """A real FreeSWITCH fires CHANNEL_HANGUP 0-3 ms after the hangup: a caller who hangs up
+    as the stream connects is gone before the call's pipeline is built. The module's socket
+    lingers here (as a stuck one does), so only that event can end the call."""
+    server = esl_served.app.server
+    sessions = esl_served.app.sessions
+    assert server is not None and sessions is not None
+    uuid = "hang-early"
+    ch = await esl_served.call(uuid, "binary")
+    await esl_served.fs.caller_hangup(uuid, close_stream=False)
+    assert uuid not in sessions.active, "the hangup should come before the pipeline runs"
+    assert await until(lambda: server.stats.calls_active == 0, 3.0), (
+        f"the call did not end: {server.stats.calls_active} active, {list(sessions.active)}"
+    )
+    assert ch.stream is not None
+    await ch.stream.aclose()
+
+
 async def test_bot_ends_the_call_then_uuid_kill(esl_served: EslServed) -> None:
     uuid = "limit-kill"
     ch = await esl_served.call(uuid, "file", domain="limit.esl")
