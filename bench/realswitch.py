@@ -316,10 +316,16 @@ async def one_call(
     )
     assert app.sessions is not None
     sessions = app.sessions
-    up = await _wait(lambda: a in sessions.active, 5.0)
-    answered = up and await _wait(
-        lambda: a in sessions.active and bool(sessions.active[a].turn_latencies), 20.0
-    )
+    if args.hangup_at is not None:
+        # The caller hangs up this soon after the stream start (during the greeting, or
+        # before Pipeswitch has even built the call's pipeline).
+        await asyncio.sleep(max(0.0, args.hangup_at - (time.monotonic() - t_start)))
+        up, answered = a in sessions.active, False
+    else:
+        up = await _wait(lambda: a in sessions.active, 5.0)
+        answered = up and await _wait(
+            lambda: a in sessions.active and bool(sessions.active[a].turn_latencies), 20.0
+        )
     t_answered = time.monotonic()
     record = sessions.active.get(a)
     b = await _getvar(esl, a, "other_loopback_leg_uuid")
@@ -334,13 +340,19 @@ async def one_call(
         await asyncio.sleep(max(0.0, args.barge_in_after - (time.monotonic() - t_answered)))
         barge_at = time.monotonic() - t_rec
         await esl.api(f"uuid_broadcast {b} {args.barge_file} aleg")
-    await asyncio.sleep(max(0.0, args.listen_s - (time.monotonic() - t_answered)))
+    if args.hangup_at is None:
+        await asyncio.sleep(max(0.0, args.listen_s - (time.monotonic() - t_answered)))
     latencies = list(record.turn_latencies) if record is not None else []
     await esl.api(f"uuid_record {a} stop {rec}")
     transfer_history = await _getvar(esl, a, "transfer_history") if args.transfer_to else ""
     t_kill = time.monotonic()
     await esl.api(f"uuid_kill {a}")
-    server_done = await _wait(lambda: a not in sessions.active, 10.0)
+    stats = app.server.stats if app.server is not None else None
+    # Not yet in `active` is not "ended" (a hangup before the pipeline was built): the
+    # server's count of live calls says when it let go (calls here are one at a time).
+    server_done = await _wait(
+        lambda: a not in sessions.active and (stats is None or stats.calls_active == 0), 10.0
+    )
     server_done_s = time.monotonic() - t_kill
     hangup_done = await _wait(lambda: any(k == "CHANNEL_HANGUP_COMPLETE" for k, _ in events), 10.0)
     gone = (await esl.api(f"uuid_exists {a}")).strip() == "false"
@@ -539,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
         help="what the far leg says when it barges in (a file on the switch)",
     )
     p.add_argument("--var", action="append", default=[], help="extra channel variable NAME=VALUE")
+    p.add_argument(
+        "--hangup-at",
+        type=float,
+        default=None,
+        help="hang up this many seconds after the stream start (no answer awaited)",
+    )
     p.add_argument("--slow-loris", type=int, default=0, help="trickling sockets per call")
     p.add_argument("--handshake-timeout", type=float, default=5.0)
     p.add_argument("--no-direct-first", action="store_true")
