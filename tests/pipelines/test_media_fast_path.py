@@ -14,6 +14,7 @@ from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     InputAudioRawFrame,
     TranscriptionFrame,
+    UserSpeakingFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
@@ -26,7 +27,7 @@ from pipeswitch.config.tenants import Tenant
 from pipeswitch.processors.barge_in import BargeInStartStrategy
 from pipeswitch.transports.call_info import CallInfo
 from pipeswitch.transports.frames import CallerSpeechFrame
-from pipeswitch.transports.transport import FreeSwitchOutputTransport
+from pipeswitch.transports.transport import FreeSwitchInputTransport, FreeSwitchOutputTransport
 from tests.conftest import BARGE_IN, QUESTION, Served
 from tests.e2e.helpers import ask, open_call, wait_bot_quiet
 
@@ -49,6 +50,8 @@ class FrameCounter(BaseObserver):
         self.pushes: Counter[type] = Counter()
         # When the output transport sent each BotSpeakingFrame downstream.
         self.bot_speaking: list[float] = []
+        # When the input transport sent each UserSpeakingFrame downstream.
+        self.user_speaking: list[float] = []
 
     async def on_push_frame(self, data: FramePushed) -> None:
         for kind in COUNTED:
@@ -60,6 +63,12 @@ class FrameCounter(BaseObserver):
             and data.direction is FrameDirection.DOWNSTREAM
         ):
             self.bot_speaking.append(time.monotonic())
+        if (
+            isinstance(data.frame, UserSpeakingFrame)
+            and isinstance(data.source, FreeSwitchInputTransport)
+            and data.direction is FrameDirection.DOWNSTREAM
+        ):
+            self.user_speaking.append(time.monotonic())
 
 
 async def _one_turn(served: Served, uuid: str) -> tuple[FrameCounter, Any, float]:
@@ -104,6 +113,10 @@ async def test_caller_audio_bypasses_the_pipeline_and_the_turn_still_works(
     assert counter.pushes[TranscriptionFrame] >= 1
     # The caller asked while the bot was quiet: no speech counts for the barge-in rule.
     assert counter.pushes[CallerSpeechFrame] == 0
+    # The question is over a second long: UserSpeakingFrame once a second, not every 0.2 s.
+    ticks = counter.user_speaking
+    assert len(ticks) >= 2
+    assert min(b - a for a, b in zip(ticks, ticks[1:], strict=False)) >= 0.9
     # Deepgram got the caller's audio (all but what was in flight at the hang-up) and a
     # Finalize after the VAD stop.
     assert record.finalizes >= 1
