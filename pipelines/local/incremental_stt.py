@@ -11,8 +11,9 @@ as soon as it is there (usually at the stop), so only Whisper's tail remains. If
 caller goes on, the early result is dropped and a later pause (or the stop) sends the
 whole turn again: Whisper always hears the turn in one piece, so nothing is cut
 mid-phrase (transcribing segments separately dropped short phrases' first words).
-Whisper tiny pads every request to 30 s, so an early request costs what the stop's
-would have; a dropped one is the price of a caller pausing mid-turn.
+An early request costs what the stop's would have (the Whisper server pads each turn to
+10 s; ~0.05-0.1 s of CPU for tiny.en); a dropped one is the price of a caller pausing
+mid-turn.
 """
 
 from __future__ import annotations
