@@ -366,6 +366,16 @@ def _load_builtins() -> None:
         importlib.import_module(name)
 
 
+def load_builtin_builders() -> None:
+    """Import every built-in pipeline kind now (server start-up), not on the first call.
+
+    Importing them is ~0.3-0.6 s of CPU (google-genai's types alone ~0.4 s): done by the
+    first call's ``resolve_builder``, it held that call's greeting back 0.6 s and stalled
+    the event loop, every other call's audio included, for as long.
+    """
+    _load_builtins()
+
+
 def check_tenant(tenant: Tenant) -> None:
     """Refuse, at load, a tenant this build cannot serve (raises :class:`BuilderError`).
 
