@@ -1,8 +1,8 @@
 """Echo bench: does the bot's own voice, echoed by the phone line, interrupt it?
 
-A speech-to-speech call (ElevenLabs Agents pipeline against the ConvAI emulator,
-whose server VAD interrupts the agent on any caller energy, as the real one does)
-is placed by the FreeSWITCH emulator with an echo path on the caller's leg: the
+A call (ElevenLabs Agents against the ConvAI emulator, OpenAI Realtime or Gemini
+Live against theirs, or the cascade; each provider emulator's energy VAD interrupts
+the model on any caller energy, as the real servers do) is placed by the FreeSWITCH emulator with an echo path on the caller's leg: the
 audio FreeSWITCH *played* to the caller comes back into the caller's audio
 ``delay`` (40-120 ms) later, attenuated by the echo return loss (-10 to -25 dB),
 plus line noise. Per echo level, with the echo guard on and off:
@@ -17,6 +17,7 @@ plus line noise. Per echo level, with the echo guard on and off:
 Run::
 
     python -m pipeswitch.bench.echo --levels=-10,-15,-20,-25 --replies 2 --barge-ins 2
+    python -m pipeswitch.bench.echo --pipeline openai-realtime   # or gemini-live, cascade
 
 It starts Piper (caller and agent speech) and the emulators in this process and
 writes ``bench/results/echo-<time>/echo.json`` and ``echo.md``.
@@ -31,7 +32,7 @@ import json
 import random
 import statistics
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from pipeswitch.bench.emulators.elevenlabs_convai import (
     serve_convai,
 )
 from pipeswitch.bench.emulators.latency import LatencyModel
+from pipeswitch.bench.emulators.openai_realtime import SpeechSynth, piper_speech, split_sentences
 from pipeswitch.bench.emulators.runner import EmulatorConfig, run_emulators
 from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream, StreamConfig
 
@@ -70,6 +72,53 @@ CASCADE_REPLY = (
     "On Saturdays we open at ten. We close at two. Parking is free. "
     "The first hour costs nothing. A bus stops outside. The door is on the left."
 )
+
+
+# The calls' pipelines and their tenants' domain suffix (echo-on.<suffix>/echo-off.<suffix>).
+PIPELINES = {
+    "elevenlabs-agent": "test",
+    "cascade": "cascade",
+    "openai-realtime": "openai",
+    "gemini-live": "gemini",
+}
+S2S_RATE = 24000  # OpenAI Realtime's and Gemini Live's reply audio
+
+
+def _s2s_transcript(turn: int) -> str:
+    """What the OpenAI/Gemini emulators 'heard' in the caller's turn ``turn`` of a call."""
+    return ASK_LONG if turn == 0 else BARGE_IN
+
+
+def _s2s_reply(messages: list[dict[str, Any]]) -> str:
+    """The long reply to the question, a short one to anything else (a barge-in, an echo)."""
+    users = [m for m in messages if m.get("role") == "user"]
+    last = str(users[-1].get("content", "")) if users else ""
+    return REPLY if "office" in last else "Sure, take your time."
+
+
+class CachedSpeech:
+    """Piper speech for the emulators, synthesized once per sentence and rate.
+
+    A reply's sentences are made ahead of the trials, so a loaded machine does not
+    turn a slow synthesis into a gap in the reply (a gap looks like a cut).
+    """
+
+    def __init__(self, synth: SpeechSynth) -> None:
+        """Wrap ``synth`` (``piper_speech``)."""
+        self._synth = synth
+        self._cache: dict[tuple[str, int], bytes] = {}
+
+    async def __call__(self, text: str, rate: int) -> bytes:
+        """The sentence's PCM at ``rate``."""
+        key = (text, rate)
+        if key not in self._cache:
+            self._cache[key] = await self._synth(text, rate)
+        return self._cache[key]
+
+    async def reply_secs(self, text: str, rate: int = S2S_RATE) -> float:
+        """Duration of ``text`` spoken sentence by sentence, as the emulators stream it."""
+        pcm = [await self(t, rate) for t in split_sentences(text) or [text]]
+        return sum(len(a) for a in pcm) / (2 * rate)
 
 
 class EchoPath:
@@ -155,6 +204,21 @@ def _tenants() -> Any:
             turns=TurnSettings(echo_guard_cascade=guard),
         )
 
+    def s2s(name: str, pipeline: str, guard: bool) -> Tenant:
+        # The provider's server VAD at its default silence (500 ms ends a turn).
+        return Tenant(
+            name=name,
+            pipeline=pipeline,
+            first_message=None,
+            playback="json-stream",
+            turns=TurnSettings(echo_guard=guard),
+        )
+
+    s2s_tenants = [
+        s2s(f"echo-{'on' if guard else 'off'}.{PIPELINES[p]}", p, guard)
+        for p in ("openai-realtime", "gemini-live")
+        for guard in (True, False)
+    ]
     return StaticTenantLoader(
         [
             Tenant(name="default"),
@@ -162,6 +226,7 @@ def _tenants() -> Any:
             t("echo-off.test", False),
             cascade("echo-on.cascade", True),
             cascade("echo-off.cascade", False),
+            *s2s_tenants,
         ],
         default="default",
     )
@@ -174,6 +239,8 @@ class Bench:
     app: Any
     convai: ElevenLabsConvAIEmulator
     http: aiohttp.ClientSession
+    emu: Any = None  # RunningEmulators: the OpenAI Realtime and Gemini Live emulators
+    s2s_reply_secs: float = 0.0  # the long reply's length as those emulators speak it
     speech: dict[str, bytes] = field(default_factory=dict)
     guards: dict[str, Any] = field(default_factory=dict)
     # Playback cut by an interruption, per finished call (the call record's count).
@@ -197,7 +264,11 @@ class Bench:
 async def running_bench(response: LatencyModel | None = None) -> AsyncIterator[Bench]:
     """Piper, the emulators and a Pipeswitch server with the two echo tenants."""
     from pipeswitch.config.settings import Settings
-    from pipeswitch.pipelines import elevenlabs_agent  # noqa: F401  (registers the builder)
+    from pipeswitch.pipelines import (  # noqa: F401  (registers the builders)
+        elevenlabs_agent,
+        gemini_live,
+        openai_realtime,
+    )
     from pipeswitch.pipelines.app import Pipeswitch
     from pipeswitch.pipelines.emulated import endpoints_for
 
@@ -227,7 +298,17 @@ async def running_bench(response: LatencyModel | None = None) -> AsyncIterator[B
             # The cascade's LLM gives the same long reply to whatever the caller says.
             emu.openai.script = lambda messages: CASCADE_REPLY
             async with aiohttp.ClientSession() as http:
-                bench = Bench(app, convai, http)
+                # OpenAI Realtime and Gemini Live: the long reply in Piper's voice, 300 ms
+                # after the provider's VAD ended the caller's turn.
+                speech = CachedSpeech(piper_speech(app.endpoints.piper_url, session=http))
+                assert emu.realtime is not None and emu.gemini is not None
+                for s2s_emu in (emu.realtime, emu.gemini):
+                    s2s_emu.ttfa = LatencyModel.constant(300)
+                    s2s_emu.script = _s2s_reply
+                    s2s_emu.transcripts = _s2s_transcript
+                    s2s_emu.speech = speech
+                await speech.reply_secs("Sure, take your time.")
+                bench = Bench(app, convai, http, emu, await speech.reply_secs(REPLY))
 
                 async def _record_guard(record: Any, cp: Any) -> None:
                     bench.interruptions[record.call.call_uuid] = len(record.interruptions)
@@ -252,13 +333,23 @@ async def _wait_conversation(b: Bench, n: int) -> ConversationRecord:
 
 
 async def _wait_reply_over(
-    stream: FakeSwitchStream, started: float, timeout: float, conv: ConversationRecord | None
+    stream: FakeSwitchStream,
+    started: float,
+    timeout: float,
+    conv: ConversationRecord | None,
+    cut: Callable[[], bool] | None = None,
 ) -> None:
-    """Until the reply played out (bot quiet for 1.2 s) or the agent was interrupted."""
+    """Until the reply played out (bot quiet for 1.2 s) or the provider was interrupted.
+
+    ``cut``: the provider saw a caller turn nobody spoke (without it, an echo that
+    keeps starting new replies keeps the bot talking until the timeout).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-        if conv is not None and any(t.interrupted_at is not None for t in conv.agent_turns):
+        if (conv is not None and any(t.interrupted_at is not None for t in conv.agent_turns)) or (
+            cut is not None and cut()
+        ):
             await asyncio.sleep(0.5)  # let the cut reach the wire
             return
         last = stream.last_bot_audio_at()
@@ -291,8 +382,8 @@ async def run_trial(
     ask = await b.say(ASK_LONG, rate)
     barge = await b.say(BARGE_IN, rate)
     cascade = pipeline == "cascade"
-    suffix = "cascade" if cascade else "test"
-    domain = f"echo-on.{suffix}" if guard else f"echo-off.{suffix}"
+    convai = pipeline == "elevenlabs-agent"
+    domain = f"echo-{'on' if guard else 'off'}.{PIPELINES[pipeline]}"
     for i in range(replies + (barge_ins if guard else 0)):
         delay = rng.uniform(0.04, 0.12)
         res.delay_ms.append(round(delay * 1000, 1))
@@ -303,15 +394,19 @@ async def run_trial(
             StreamConfig(url=url, uuid=call_id, rate=rate, playback="voxcom"), path
         )
         n = len(b.convai.conversations)
+        n_s2s = _s2s_sessions(b, pipeline)
         await stream.start()
         if not await stream.wait_connected(3.0):
             raise RuntimeError("call did not connect")
         false_trial = i < replies
+        short = False
         try:
-            conv = None if cascade else await _wait_conversation(b, n)
+            conv = await _wait_conversation(b, n) if convai else None
             asked = await _ask(stream, ask)
             if false_trial:
-                await _wait_reply_over(stream, asked, timeout=40.0, conv=conv)
+                await _wait_reply_over(
+                    stream, asked, timeout=40.0, conv=conv, cut=_s2s_cut(b, pipeline, n_s2s)
+                )
                 res.replies += 1
                 played = _bot_speech_secs(stream, asked, rate)
                 res.bot_speech_s += played
@@ -325,6 +420,10 @@ async def run_trial(
                     full = len(b.convai._speech_cache.get((REPLY, 16000), b"")) / 32000
                     if cut or played < full - 1.0:
                         res.replies_cut += 1
+                elif not cascade:
+                    # OpenAI/Gemini: a reply that did not all play was cut, whether or
+                    # not the call record saw an interruption (checked after the hang-up).
+                    short = played < b.s2s_reply_secs - 1.0
             else:
                 first = None
                 while first is None and time.monotonic() - asked < 8.0:
@@ -357,10 +456,42 @@ async def run_trial(
         finally:
             await stream.hangup()
         res.guard_barge_ins += await _guard_barge_ins(b, stream.uuid)
-        if cascade and false_trial and b.interruptions.pop(stream.uuid, 0):
-            # The cascade's playback was cut by a caller turn nobody spoke: false.
-            res.replies_cut += 1
+        if not convai and false_trial:
+            res.server_interruptions += _s2s_interruptions(b, pipeline, n_s2s)
+            if b.interruptions.pop(stream.uuid, 0) or short:
+                # Playback was cut by a caller turn nobody spoke: false.
+                res.replies_cut += 1
     return res
+
+
+def _s2s_sessions(b: Bench, pipeline: str) -> int:
+    """How many sessions the pipeline's provider emulator has logged (0: no emulator)."""
+    emu = {"openai-realtime": "realtime", "gemini-live": "gemini"}.get(pipeline)
+    return len(getattr(b.emu, emu).sessions) if emu and b.emu is not None else 0
+
+
+def _s2s_cut(b: Bench, pipeline: str, since: int) -> Callable[[], bool] | None:
+    """Whether the provider took the echo for a caller turn after the question (None: n/a)."""
+    if pipeline == "openai-realtime":
+        return lambda: any(len(s.speech_started) > 1 for s in b.emu.realtime.sessions[since:])
+    if pipeline == "gemini-live":
+        return lambda: any(
+            s.interruptions or len(s.user_transcripts) > 1 for s in b.emu.gemini.sessions[since:]
+        )
+    return None
+
+
+def _s2s_interruptions(b: Bench, pipeline: str, since: int) -> int:
+    """The provider's own VAD interrupting the model, in sessions opened after ``since``.
+
+    OpenAI: every ``speech_started`` after the caller's question (Pipecat stops the
+    bot's playback on each); Gemini: each ``interrupted`` it sent.
+    """
+    if pipeline == "openai-realtime":
+        return sum(max(0, len(s.speech_started) - 1) for s in b.emu.realtime.sessions[since:])
+    if pipeline == "gemini-live":
+        return sum(s.interruptions for s in b.emu.gemini.sessions[since:])
+    return 0
 
 
 async def _guard_barge_ins(b: Bench, uuid: str) -> int:
@@ -470,15 +601,16 @@ def report(results: Sequence[TrialResult], noise_dbfs: float) -> str:
         f"Echo delay 40-120 ms (uniform), line noise {noise_dbfs:g} dBFS, 8 kHz, json-stream.",
         "",
         "| echo | guard | replies cut / replies | false per min of bot speech | "
-        "barge-in stop p50 / max (ms) | barge-ins missed |",
-        "|---|---|---|---|---|---|",
+        "barge-in stop p50 / max (ms) | barge-ins missed | provider VAD cuts (silent caller) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         stops = r.barge_in_stop_ms
         stop = f"{statistics.median(stops):.0f} / {max(stops):.0f}" if stops else "-"
         lines.append(
             f"| {r.erl_db:g} dB | {'on' if r.guard else 'off'} | {r.replies_cut} / {r.replies} | "
-            f"{r.false_per_min:.2f} | {stop} | {r.barge_ins_missed if r.guard else '-'} |"
+            f"{r.false_per_min:.2f} | {stop} | {r.barge_ins_missed if r.guard else '-'} | "
+            f"{r.server_interruptions} |"
         )
     return "\n".join(lines)
 
@@ -553,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the guard-off runs")
     p.add_argument(
         "--pipeline",
-        choices=("elevenlabs-agent", "cascade"),
+        choices=tuple(PIPELINES),
         default="elevenlabs-agent",
         help="the calls' pipeline (the cascade: Deepgram/Groq emulators, Piper)",
     )

@@ -32,7 +32,7 @@ from google.genai.types import Content, HttpOptions, LiveServerMessage, Part
 from loguru import logger
 from pipecat.frames.frames import BotStoppedSpeakingFrame, Frame, InterruptionFrame
 from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.frame_processor import FrameDirection
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.google.gemini_live.llm import GeminiLiveLLMService, GeminiVADParams
 
 from pipeswitch.pipelines.compose import CallContext, CallPipeline, register_builder
@@ -42,6 +42,7 @@ from pipeswitch.pipelines.s2s_fallback import (
     S2SFallback,
     TransportPlayout,
     heard_words,
+    s2s_echo_guard,
     s2s_instructions,
     s2s_pipeline,
     standby_cascade,
@@ -266,6 +267,7 @@ def make_gemini_live(ctx: CallContext) -> ResumingGeminiService:
 
 async def build_gemini_live(ctx: CallContext) -> CallPipeline:
     """Compose the Gemini Live pipeline for one call (with the cascade on standby)."""
+    guard = s2s_echo_guard(ctx)  # before the first await (the greeting's echo)
     llm = await asyncio.to_thread(make_gemini_live, ctx)
     context = LLMContext()
     llm.receptionist = ctx.receptionist_tools(llm, context, provider_voice=True)
@@ -278,9 +280,13 @@ async def build_gemini_live(ctx: CallContext) -> CallPipeline:
         llm=llm,
         connected=lambda: llm.connected,
         cascade=await standby_cascade(ctx, context),
+        guard=guard,
     )
     llm.fallback = fallback
-    return CallPipeline(pipeline, context, parts={"llm": llm})
+    parts: dict[str, FrameProcessor] = {"llm": llm}
+    if guard is not None:
+        parts["echo_guard"] = guard.input()
+    return CallPipeline(pipeline, context, parts=parts)
 
 
 register_builder("gemini-live", build_gemini_live)

@@ -30,7 +30,7 @@ from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
     LLMUserAggregatorParams,
 )
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pipecat.services.openai.realtime import events
 from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
 from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import (
@@ -43,6 +43,7 @@ from pipeswitch.pipelines.s2s_fallback import (
     ProviderRateAdapter,
     S2SFallback,
     TransportPlayout,
+    s2s_echo_guard,
     s2s_instructions,
     s2s_pipeline,
     standby_cascade,
@@ -272,6 +273,7 @@ def s2s_aggregators(ctx: CallContext, context: LLMContext) -> LLMContextAggregat
 
 async def build_openai_realtime(ctx: CallContext) -> CallPipeline:
     """Compose the OpenAI Realtime pipeline for one call (with the cascade on standby)."""
+    guard = s2s_echo_guard(ctx)  # before the first await (the greeting's echo)
     llm = await asyncio.to_thread(make_openai_realtime, ctx, ctx.tool_schema())
     context = LLMContext()
     llm.receptionist = ctx.receptionist_tools(llm, context, provider_voice=True)
@@ -283,9 +285,13 @@ async def build_openai_realtime(ctx: CallContext) -> CallPipeline:
         llm=llm,
         connected=lambda: llm.connected,
         cascade=await standby_cascade(ctx, context),
+        guard=guard,
     )
     llm.fallback = fallback
-    return CallPipeline(pipeline, context, parts={"llm": llm})
+    parts: dict[str, FrameProcessor] = {"llm": llm}
+    if guard is not None:
+        parts["echo_guard"] = guard.input()
+    return CallPipeline(pipeline, context, parts=parts)
 
 
 register_builder("openai-realtime", build_openai_realtime)

@@ -57,6 +57,7 @@ from pipeswitch.transports.resample import Resampler, edge_resampler
 
 if TYPE_CHECKING:
     from pipeswitch.pipelines.compose import CallContext
+    from pipeswitch.processors.echo_guard import EchoGuard
     from pipeswitch.transports.transport import FreeSwitchCallTransport
 
 
@@ -421,8 +422,13 @@ def s2s_pipeline(
     llm: LLMService[Any],
     connected: Callable[[], bool],
     cascade: tuple[STTService, LLMService[Any], TTSService] | None,
+    guard: EchoGuard | None = None,
 ) -> tuple[Pipeline, S2SFallback | None]:
-    """The call's pipeline: the S2S branch alone, or S2S with the cascade on standby.
+    r"""The call's pipeline: the S2S branch alone, or S2S with the cascade on standby.
+
+    ``guard``: the echo guard's gate heads the S2S branch, before its user aggregator
+    (a local Silero there must not hear the echo either), and its transcript tap
+    follows the provider (backchannels become ``UserBackchannelFrame``\ s).
 
     With a cascade, two ``ServiceSwitcher``s (Pipecat's; switched together) route
     frames either to [S2S user aggregator, edge, watch, S2S service] or to [STT,
@@ -431,13 +437,17 @@ def s2s_pipeline(
     ``LLMContext``, so the cascade starts with the conversation so far.
     """
     t = ctx.transport
+    gate = [guard.input()] if guard is not None else []
+    tap = [guard.reference()] if guard is not None else []
     if cascade is None:
         pipeline = Pipeline(
             [
                 t.input(),
+                *gate,
                 rt_pair.user(),
                 *edge,
                 llm,
+                *tap,
                 ProviderAudioOut(ctx.sample_rate),
                 t.output(),
                 rt_pair.assistant(),
@@ -462,7 +472,9 @@ def s2s_pipeline(
         reply_timeout_secs=p.s2s_reply_timeout_secs,
     )
     rt_user = rt_pair.user()
-    s2s_branch = Pipeline([rt_user, *edge, watch, llm, ProviderAudioOut(ctx.sample_rate)])
+    s2s_branch = Pipeline(
+        [*gate, rt_user, *edge, watch, llm, *tap, ProviderAudioOut(ctx.sample_rate)]
+    )
     probe = CascadeProbe()
     cascade_branch = Pipeline(
         [entry, stt, pair_c.user(), ctx.caller_audio_sink(), llm_c, tts, probe]
@@ -490,6 +502,24 @@ def s2s_pipeline(
     )
     holder.append(fallback)
     return Pipeline([t.input(), head, t.output(), tail]), fallback
+
+
+def s2s_echo_guard(ctx: CallContext) -> EchoGuard | None:
+    """The tenant's echo guard for a speech-to-speech call (``turns.echo_guard``), or None.
+
+    Made before the builder's first await: the cached greeting starts playing then,
+    and its echo must not reach the provider either. The bot's audio is timed where
+    the transport writes it (``audio_out_filter``) and at the greeting's tap.
+    """
+    from pipeswitch.processors.echo_guard import EchoGuard, EchoGuardParams
+
+    if not ctx.tenant.turns.echo_guard:
+        return None
+    guard = EchoGuard(EchoGuardParams())
+    if ctx.transport.params.audio_out_filter is None:
+        ctx.transport.params.audio_out_filter = guard.output_filter()
+    ctx.transport.output().prompt_tap = guard.prompt_tap
+    return guard
 
 
 async def standby_cascade(

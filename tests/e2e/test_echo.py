@@ -42,7 +42,9 @@ async def _trial(b: Bench, pipeline: str, guard: bool, replies: int, barge_ins: 
     )
 
 
-@pytest.mark.parametrize("pipeline", ["cascade", "elevenlabs-agent"])
+@pytest.mark.parametrize(
+    "pipeline", ["cascade", "elevenlabs-agent", "openai-realtime", "gemini-live"]
+)
 async def test_echo_cuts_the_bot_without_the_guard_and_not_with_it(
     bench: Bench, pipeline: str
 ) -> None:
