@@ -188,6 +188,10 @@ class GuardStats:
 _SLOT = 0.02  # the bot timeline's resolution
 
 
+# Learnt frames between two recomputations of the echo path (100 ms of quiet caller).
+_PATH_EVERY = 5
+
+
 class _LagStats:
     """Running mean and spread of (caller level - bot level) at one candidate delay."""
 
@@ -197,15 +201,6 @@ class _LagStats:
         self.mean = 0.0
         self.sq = 0.0
         self.n = 0
-
-    def add(self, d: float, alpha: float) -> None:
-        if self.n == 0:
-            self.mean, self.sq = d, d * d
-        else:
-            a = max(alpha, 1.0 / (self.n + 1))
-            self.mean += a * (d - self.mean)
-            self.sq += a * (d * d - self.sq)
-        self.n += 1
 
     @property
     def std(self) -> float:
@@ -237,6 +232,10 @@ class EchoGuardCore:
         self._n_lags = max(1, round(self.p.max_lag_secs / _SLOT)) + 1
         self._lags = [_LagStats() for _ in range(self._n_lags)]
         self._learnt = 0
+        # The learnt path, recomputed every _PATH_EVERY learnt frames rather than per frame
+        # (a min over every candidate delay; the path moves slowly).
+        self._path: tuple[float, float, float] | None = None
+        self._path_at = -_PATH_EVERY
         self._run = 0.0
         self._gap = 0.0
         self._held = False
@@ -272,6 +271,12 @@ class EchoGuardCore:
         """The learnt echo path: (delay s, ERL dB, spread dB), or None while learning."""
         if self._learnt < self.p.learn_frames:
             return None
+        if self._learnt - self._path_at >= _PATH_EVERY:
+            self._path = self._best_path()
+            self._path_at = self._learnt
+        return self._path
+
+    def _best_path(self) -> tuple[float, float, float] | None:
         best = min(
             (st for st in self._lags if st.n >= self.p.learn_frames // 2),
             key=lambda st: st.std,
@@ -301,10 +306,22 @@ class EchoGuardCore:
         alpha = self.p.learn_alpha
         active = self.p.bot_active_db
         used = False
+        # An exponential mean and mean square per delay, inline: this runs for every
+        # candidate delay of every frame the caller is quiet over the bot.
         for lag, st in enumerate(self._lags):
             b = bot.get(slot - lag)
             if b is not None and b >= active:
-                st.add(level - b, alpha)
+                d = level - b
+                n = st.n
+                if n == 0:
+                    st.mean, st.sq = d, d * d
+                else:
+                    a = 1.0 / (n + 1)
+                    if a < alpha:
+                        a = alpha
+                    st.mean += a * (d - st.mean)
+                    st.sq += a * (d * d - st.sq)
+                st.n = n + 1
                 used = True
         if used:
             self._learnt += 1
