@@ -35,6 +35,11 @@ _LOGS = textwrap.dedent(
     async def main() -> None:
         with logger.contextualize(call="uuid-1", tenant="acme", pipeline="cascade"):
             await asyncio.ensure_future(pipecat_like())
+            api_key = "sk-not-in-any-log"
+            try:
+                raise ValueError("refused")
+            except ValueError:
+                logger.exception("provider refused ({} chars of key)", len(api_key))
         logger.info("outside any call")
 
     asyncio.run(main())
@@ -52,11 +57,16 @@ def _run_logs(mode: str) -> list[str]:
 
 def test_json_lines_bound_to_the_call() -> None:
     lines = _run_logs("json")
-    records = [json.loads(line)["record"] for line in lines]  # every line is one JSON object
+    records = [json.loads(line) for line in lines]  # every line is one flat JSON object
     inside = next(r for r in records if r["message"] == "inside a task")
-    assert inside["extra"] == {"call": "uuid-1", "tenant": "acme", "pipeline": "cascade"}
+    assert (inside["call"], inside["tenant"], inside["pipeline"]) == ("uuid-1", "acme", "cascade")
+    assert inside["level"] == "INFO" and ":pipecat_like:" in inside["where"]
     outside = next(r for r in records if r["message"] == "outside any call")
-    assert outside["extra"] == {"call": "-", "tenant": "-", "pipeline": "-"}
+    assert (outside["call"], outside["tenant"], outside["pipeline"]) == ("-", "-", "-")
+    # The traceback rides in its line, without variable values (the key stays out).
+    failed = next(r for r in records if r["message"].startswith("provider refused"))
+    assert failed["call"] == "uuid-1" and "ValueError: refused" in failed["exception"]
+    assert not any("sk-not-in-any-log" in line for line in lines)
 
 
 def test_terminal_lines_are_readable() -> None:
