@@ -28,6 +28,14 @@ DEFAULT_CHARS_PER_SEC = 16.0
 _MIN_RATE_SAMPLE_SECS = 0.3
 # Seconds of finished speech before the measured rate replaces the default.
 _MIN_RATE_TOTAL_SECS = 1.0
+# A sentence that played out with less than this share of the audio its text needs at the
+# call's speaking rate was cut short at the source (a TTS stream that broke and could not
+# be resumed): only its start was heard. Piper's own pauses only lengthen a sentence.
+TRUNCATED_RATIO = 0.5
+# Too short a sentence to tell a cut from a fast one.
+_MIN_TRUNCATED_EXPECTED_SECS = 0.8
+# Cut sentences waiting for the assistant aggregator to write them (it may do so later).
+_MAX_PENDING_CUTS = 8
 
 
 def heard_prefix(sentence: str, heard_secs: float, chars_per_sec: float) -> str:
@@ -87,6 +95,9 @@ class HeardContextProcessor(FrameProcessor):
         self._pending = ""
         self._pending_sentence = ""
         self.interruptions: list[Interruption] = []
+        # (sentence, heard words) of sentences the TTS cut short, until found in the context.
+        self._cuts: list[tuple[str, str]] = []
+        self.truncations = 0
 
     @property
     def chars_per_sec(self) -> float:
@@ -97,7 +108,11 @@ class HeardContextProcessor(FrameProcessor):
         await super().process_frame(frame, direction)
         if isinstance(frame, PlaybackFinishedFrame):
             self._on_playback(frame)
+            if self._cuts:
+                self._apply_cuts()
             return  # consumed: nothing after us needs it
+        if self._cuts:
+            self._apply_cuts()  # the aggregator may have written the cut sentence by now
         if isinstance(frame, InterruptionFrame) and self._pending_sentence:
             # The aggregator has already written the whole sentences of this turn.
             if self._pending:
@@ -114,6 +129,11 @@ class HeardContextProcessor(FrameProcessor):
         await self.push_frame(frame, direction)
 
     def _on_playback(self, fact: PlaybackFinishedFrame) -> None:
+        if not fact.interrupted and self._cut_short(fact):
+            heard = heard_prefix(fact.text, fact.playback_position, self._rate.chars_per_sec)
+            self._cuts = [*self._cuts[-(_MAX_PENDING_CUTS - 1) :], (fact.text, heard.strip())]
+            self.truncations += 1
+            return  # not a speaking-rate sample either
         if not fact.interrupted:
             self._rate.add(fact.text, fact.duration)
             if fact.outside_pipeline and fact.text:
@@ -124,6 +144,38 @@ class HeardContextProcessor(FrameProcessor):
             fact.text, fact.playback_position, self._rate.chars_per_sec
         ).strip()
         self._pending_sentence = fact.text
+
+    def _cut_short(self, fact: PlaybackFinishedFrame) -> bool:
+        """Whether a sentence that was not interrupted still played only its start."""
+        if fact.outside_pipeline or not fact.text:
+            return False
+        expected = len(fact.text) / self._rate.chars_per_sec
+        return expected >= _MIN_TRUNCATED_EXPECTED_SECS and fact.duration < TRUNCATED_RATIO * (
+            expected
+        )
+
+    def _apply_cuts(self) -> None:
+        """Replace each cut sentence, in the latest assistant message that holds it, by the
+        words heard. Pipecat's aggregator writes whole sentences, possibly after the fact."""
+        messages = self._context.get_messages()
+        for msg in reversed(messages[-4:]):
+            if not (isinstance(msg, dict) and msg.get("role") == "assistant"):
+                continue
+            content = msg.get("content")
+            if not isinstance(content, str):
+                continue
+            left = []
+            for sentence, heard in self._cuts:
+                at = content.rfind(sentence)
+                if at < 0:
+                    left.append((sentence, heard))
+                    continue
+                content = f"{content[:at]}{heard}{content[at + len(sentence) :]}"
+            if len(left) < len(self._cuts):
+                msg["content"] = " ".join(content.split())
+                self._cuts = left
+            if not self._cuts:
+                return
 
     def append_heard(self, text: str) -> None:
         """Extend this turn's assistant message, or add one if none was written."""

@@ -294,3 +294,47 @@ async def test_a_resynthesis_that_drifted_is_joined_where_the_audio_broke_off() 
     # The join lands on the drifted copy of the next sample (within 2 samples).
     starts = [s for s in range(cut + drift - 2, cut + drift + 3) if np.array_equal(rest, b[s:])]
     assert starts, "the rest does not continue the same audio from where it broke off"
+
+
+async def test_a_sentence_cut_beyond_repair_enters_the_context_as_heard(
+    served: Served, proxied: tuple[Pipeswitch, TtsFaultProxy]
+) -> None:
+    """No fallback and every body cut: the resume fails too, so the caller hears only the
+    start of each sentence. The next turn's context must hold those words, not the whole
+    sentences the LLM wrote (the caller never heard them)."""
+    app, proxy = proxied
+    speech = await served.speech(QUESTION, 8000)
+    stream = await open_call(
+        f"ws://127.0.0.1:{app.port}/fs/tts-cut-heard?domain=default&rate=8000", 8000, "json-stream"
+    )
+    chat = served.emu.openai
+    try:
+        await wait_bot_quiet(stream, quiet_s=1.0)
+        n_chat, n_texts = len(chat.requests), len(proxy.texts)
+        proxy.drops, proxy.drop_limit, proxy.kind, proxy.armed = 0, None, "drop", True
+        await ask(stream, speech, 8000, timeout_s=8.0)
+        await wait_bot_quiet(stream, quiet_s=2.0, timeout_s=20.0)
+        proxy.armed = False
+        assert proxy.drops >= 2, "the proxy did not cut the bodies: the fault was not exercised"
+        replies = [r.reply_text for r in chat.requests[n_chat:] if r.reply_text]
+        assert replies, "the LLM never answered the faulted turn"
+        m = len(chat.requests)
+        _, again = await ask(stream, speech, 8000, timeout_s=8.0)
+        assert again is not None, "the next turn was not answered"
+        await wait_bot_quiet(stream, quiet_s=1.0, timeout_s=10.0)
+        said = " ".join(
+            str(msg.get("content", ""))
+            for msg in chat.requests[m].messages
+            if msg.get("role") == "assistant"
+        )
+        said = " ".join(said.split())
+        assert " ".join(replies[-1].split()) not in said, "a reply the caller never heard"
+        # Every sentence long enough to tell (~1.3 s of speech) was cut at ~0.5 s of audio:
+        # at most its first words may be in the context, never the whole of it.
+        cut = {t for _, t in proxy.texts[n_texts:] if len(t) >= 20}
+        assert cut, "no long sentence went to the TTS"
+        assert not [t for t in cut if " ".join(t.split()) in said], said
+    finally:
+        proxy.armed, proxy.drop_limit = False, None
+        with contextlib.suppress(Exception):
+            await stream.hangup()
