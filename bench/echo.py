@@ -81,6 +81,9 @@ PIPELINES = {
     "openai-realtime": "openai",
     "gemini-live": "gemini",
 }
+# A stop sooner than this after the caller's onset is the bot's own pause, not a
+# barge-in (a provider VAD needs 60 ms of speech, the guard 150 ms, before either acts).
+VOID_STOP_SECS = 0.02
 S2S_RATE = 24000  # OpenAI Realtime's and Gemini Live's reply audio
 
 
@@ -447,7 +450,9 @@ async def run_trial(
                     onset = next((f.t for f in stream.sent_frames[sent_before:] if f.voiced), None)
                 await asyncio.sleep(2.0)
                 stop = _stop_after(stream, onset)
-                if stop is None:
+                if stop is None or stop - onset < VOID_STOP_SECS:
+                    # The bot went quiet before anything could have heard the caller:
+                    # its sentence ended as the caller began.
                     res.barge_ins_void += 1
                 elif stop - onset > 1.0:
                     res.barge_ins_missed += 1  # the bot talked on through the caller
