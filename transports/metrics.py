@@ -130,6 +130,11 @@ LOOP_LAG = Histogram(
     "How late the event loop woke a sampler timer (a blocked loop delays every call's audio).",
     buckets=_LAG_BUCKETS,
 )
+GC_PAUSE = Histogram(
+    "pipeswitch_gc_pause_seconds",
+    "Full garbage collections the server runs after ended calls (the event loop waits).",
+    buckets=_LAG_BUCKETS,
+)
 PROCESS_RSS = Gauge(
     "pipeswitch_process_resident_memory_bytes",
     "Resident memory of each server process.",
