@@ -218,3 +218,33 @@ def _pid_of_files(path: Path, exclude: int) -> int:
     pids.discard(exclude)
     assert len(pids) == 1, pids
     return pids.pop()
+
+
+async def test_ended_calls_are_collected_while_other_calls_run(served: Served) -> None:
+    """A server under continuous load is never idle: without a collection every few ended
+    calls, their cycles (buffers, sockets) stayed until the load stopped."""
+    from pipeswitch.pipelines.app import COLLECT_EVERY_CALLS
+
+    assert served.app.sessions is not None
+    keep = await open_call(served.url(uuid="gc-keeps-busy"), 8000, "json-stream")
+    try:
+        for _ in range(50):
+            if "gc-keeps-busy" in served.app.sessions.active:
+                break
+            await asyncio.sleep(0.05)
+        before = gc.get_stats()[2]["collections"]
+        paused = metrics.GC_PAUSE._sum.get()
+        for n in range(COLLECT_EVERY_CALLS):
+            short = await open_call(served.url(uuid=f"gc-short-{n}"), 8000, "json-stream")
+            await asyncio.sleep(0.3)
+            await short.hangup()
+            for _ in range(50):
+                if f"gc-short-{n}" not in served.app.sessions.active:
+                    break
+                await asyncio.sleep(0.05)
+        assert "gc-keeps-busy" in served.app.sessions.active, "the server went idle"
+        await asyncio.sleep(0.2)
+        assert gc.get_stats()[2]["collections"] > before, "no full collection under load"
+        assert metrics.GC_PAUSE._sum.get() > paused
+    finally:
+        await keep.hangup()
