@@ -263,34 +263,29 @@ def openai_client(
     )
 
 
-class OpenAILLM(OpenAILLMService):
+class _SharedTLSClient:
+    """Mixed in before a Pipecat OpenAI-style LLM service: its client (Pipecat builds one
+    per service, so per call) uses the process's TLS context instead of loading the CA
+    bundle again."""
+
+    def create_client(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        organization: str | None = None,
+        project: str | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncOpenAI:
+        return openai_client(api_key, base_url, organization, project, default_headers)
+
+
+class OpenAILLM(_SharedTLSClient, OpenAILLMService):
     """Pipecat's ``OpenAILLMService``; its client uses the process's TLS context."""
 
-    def create_client(
-        self,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        organization: str | None = None,
-        project: str | None = None,
-        default_headers: Mapping[str, str] | None = None,
-        **kwargs: Any,
-    ) -> AsyncOpenAI:
-        return openai_client(api_key, base_url, organization, project, default_headers)
 
-
-class GroqLLM(GroqLLMService):
+class GroqLLM(_SharedTLSClient, GroqLLMService):
     """Pipecat's ``GroqLLMService``; its client uses the process's TLS context."""
-
-    def create_client(
-        self,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        organization: str | None = None,
-        project: str | None = None,
-        default_headers: Mapping[str, str] | None = None,
-        **kwargs: Any,
-    ) -> AsyncOpenAI:
-        return openai_client(api_key, base_url, organization, project, default_headers)
 
 
 # A Piper request with no response headers after this long has stalled. Piper's first
