@@ -48,7 +48,7 @@ from pipeswitch.transports.frames import CallMetadataFrame
 from pipeswitch.transports.transport import FreeSwitchCallTransport
 
 
-async def _reap_leftover_tasks(runner: WorkerRunner, log: Any, rounds: int = 3) -> int:
+async def _reap_leftover_tasks(runner: WorkerRunner, log: Any, rounds: int = 3) -> None:
     """Cancel what the call's processors left running after its pipeline finished.
 
     Pipecat only warns about such tasks ("dangling tasks"); a service reconnect that
@@ -56,7 +56,6 @@ async def _reap_leftover_tasks(runner: WorkerRunner, log: Any, rounds: int = 3) 
     the whole pipeline in memory and a socket open, for as long as the process runs.
     A few rounds, since cancelling one task can be what started another.
     """
-    reaped = 0
     for _ in range(rounds):
         left = [t for t in runner.task_manager.current_tasks() if not t.done()]
         if not left:
@@ -69,8 +68,6 @@ async def _reap_leftover_tasks(runner: WorkerRunner, log: Any, rounds: int = 3) 
         for task in left:
             task.cancel()
         await asyncio.wait(left, timeout=2.0)
-        reaped += len(left)
-    return reaped
 
 
 @dataclass
