@@ -79,6 +79,12 @@ class ResumingGeminiService(GeminiLiveLLMService):
         self._reply_text = ""
         self._reply_open = False
         self._turn_pending = False
+        # Gemini is still sending a generation (no turnComplete/interrupted yet).
+        self._generating = False
+        # A local barge-in cut a generation Gemini has not ended: what it still sends
+        # of it is stale (never played, never "opens" a reply) until it ends it.
+        self._stale = False
+        self.stale_dropped = 0
         self._resume_task: asyncio.Task[None] | None = None
         self.heard_notes: list[str] = []
         self.resumptions = 0
@@ -131,6 +137,10 @@ class ResumingGeminiService(GeminiLiveLLMService):
             self._reply_text = ""
 
     async def _handle_msg_model_turn(self, msg: LiveServerMessage) -> None:
+        if self._stale:
+            self.stale_dropped += 1
+            return
+        self._generating = True
         sc = msg.server_content
         parts = sc.model_turn.parts if sc is not None and sc.model_turn is not None else None
         if parts and parts[0].inline_data is not None and parts[0].inline_data.data:
@@ -139,8 +149,11 @@ class ResumingGeminiService(GeminiLiveLLMService):
         await super()._handle_msg_model_turn(msg)
 
     async def _handle_msg_output_transcription(self, message: LiveServerMessage) -> None:
+        if self._stale:
+            return
         sc = message.server_content
         if sc is not None and sc.output_transcription is not None:
+            self._generating = True
             self._reply_started()
             self._reply_text += sc.output_transcription.text or ""
         await super()._handle_msg_output_transcription(message)
@@ -179,6 +192,7 @@ class ResumingGeminiService(GeminiLiveLLMService):
 
     async def _handle_msg_turn_complete(self, message: LiveServerMessage) -> None:
         self._turn_pending = False
+        self._generating = self._stale = False
         await super()._handle_msg_turn_complete(message)
 
     @property
@@ -188,6 +202,9 @@ class ResumingGeminiService(GeminiLiveLLMService):
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         if isinstance(frame, InterruptionFrame):
+            # Until Gemini ends the cut generation, its audio still in flight must
+            # neither play after the barge-in nor count as a new reply.
+            self._stale = self._generating
             await self._send_heard_note()
         elif isinstance(frame, BotStoppedSpeakingFrame):
             self._reply_open = False  # played to its end
@@ -200,6 +217,7 @@ class ResumingGeminiService(GeminiLiveLLMService):
         if sc is not None and sc.interrupted:
             # Gemini's own VAD cut the reply: measure before the interruption stops playback.
             await self._send_heard_note()
+            self._generating = self._stale = False
         if message.go_away is not None:
             self._on_go_away(message.go_away.time_left)
         await super()._handle_server_message(message)
@@ -216,6 +234,7 @@ class ResumingGeminiService(GeminiLiveLLMService):
         while self.busy and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)  # bounded by the goAway's time left
         self.resumptions += 1
+        self._generating = self._stale = False  # a new connection sends nothing stale
         await self._disconnect()
         await self._connect(session_resumption_handle=self._session_resumption_handle)
 

@@ -77,6 +77,10 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
         self._playout = playout
         self._reply_mark = 0.0
         self.truncations: list[TruncationFact] = []
+        # The response a barge-in cut: its deltas still in flight (sent before the
+        # provider saw our cancel, or its own VAD's) are stale and must not play.
+        self._cut_response_id: str | None = None
+        self.stale_deltas = 0
         # Caller audio said before the session is up (the last 2 s), sent once it is.
         self._held_pcm = bytearray()
         self._held_rate = 0
@@ -123,6 +127,17 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
             return
         await super()._send_user_audio(frame)
 
+    async def _replay_user_audio_preroll(self) -> None:
+        # Pipecat keeps the last int(48000 * secs) bytes, an odd count for some VAD
+        # start windows (0.15 + 0.2 s: 16799): replayed as is, every sample after the
+        # first is byte-shifted noise (the emulator refused it; a real provider hears
+        # garbage where the barge-in's first words were). The tail ends on a sample
+        # boundary, so drop the half sample at its start.
+        buf = self._user_audio_preroll_buffer
+        if len(buf) % 2:
+            del buf[0]
+        await super()._replay_user_audio_preroll()
+
     async def _handle_evt_session_updated(self, evt: Any) -> None:
         await super()._handle_evt_session_updated(evt)
         if self._held_pcm:
@@ -168,16 +183,25 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
             await self.push_error(error_msg="OpenAI Realtime closed the connection")
 
     async def _handle_evt_audio_delta(self, evt: Any) -> None:
+        if self._cut_response_id is not None and evt.response_id == self._cut_response_id:
+            self.stale_deltas += 1
+            return
         if self._current_audio_response is None:
             # First audio of a reply: everything written before it is someone else's.
             self._reply_mark = self._playout.mark()
         await super()._handle_evt_audio_delta(evt)
+
+    async def _handle_evt_audio_transcript_delta(self, evt: Any) -> None:
+        if self._cut_response_id is not None and evt.response_id == self._cut_response_id:
+            return  # words of the cut response the caller never hears
+        await super()._handle_evt_audio_transcript_delta(evt)
 
     async def _truncate_current_audio_response(self) -> None:
         current = self._current_audio_response
         if current is None:
             return
         self._current_audio_response = None
+        self._cut_response_id = current.response_id
         received_ms = self._calculate_audio_duration_ms(current.total_size)
         heard_ms = int(self._playout.heard_since(self._reply_mark) * 1000)
         end_ms = max(0, min(heard_ms, received_ms))

@@ -174,8 +174,13 @@ class GeminiLiveEmulator:
         session_limit_s: float | None = None,
         goaway_lead_s: float = 1.0,
         vad_threshold: float = 400.0,
+        vad_start_lag_s: float = 0.0,
     ) -> None:
-        """Create the emulator; ``session_limit_s`` None = no connection limit."""
+        """Create the emulator; ``session_limit_s`` None = no connection limit.
+
+        ``vad_start_lag_s``: how long the server VAD takes to call a barge-in, during
+        which the cut reply keeps streaming (a client's local VAD is often quicker).
+        """
         self.ttfa = ttfa or GEMINI_LIVE_TTFA.model(seed=0)
         self.script: ChatScript = script or default_reply
         self.transcripts: TranscriptScript = transcripts or DEFAULT_TRANSCRIPTS
@@ -186,6 +191,7 @@ class GeminiLiveEmulator:
         self.session_limit_s = session_limit_s
         self.goaway_lead_s = goaway_lead_s
         self.vad_threshold = vad_threshold
+        self.vad_start_lag_s = vad_start_lag_s
         self.sessions: list[GeminiSession] = []
         self.refused = 0
         self._faulted = 0
@@ -317,6 +323,7 @@ class _Conn:
         self.closing = False
         self._send_lock = asyncio.Lock()
         self._limit_task: asyncio.Task[None] | None = None
+        self._late_starts: set[asyncio.Task[None]] = set()
 
     async def send(self, msg: dict[str, Any]) -> None:
         if self.ws.closed:
@@ -362,7 +369,7 @@ class _Conn:
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
-            for t in (self.turn_task, self._limit_task):
+            for t in (self.turn_task, self._limit_task, *self._late_starts):
                 if t is not None:
                     t.cancel()
             self.rec.close_reason = self.rec.close_reason or "client closed"
@@ -430,7 +437,10 @@ class _Conn:
                     self.last_loud_at = time.monotonic()
                 for kind, _ in events:
                     if kind == "start":
-                        await self.caller_started()
+                        if self.emu.vad_start_lag_s > 0:
+                            self._spawn_late_start(self.emu.vad_start_lag_s)
+                        else:
+                            await self.caller_started()
                     else:
                         await self.caller_stopped()
         if "activity_start" in ri:
@@ -444,6 +454,15 @@ class _Conn:
         if ri.get("text") and str(ri["text"]).strip():
             self.conv.messages.append({"role": "user", "content": str(ri["text"])})
             self.start_turn("text")
+
+    def _spawn_late_start(self, lag: float) -> None:
+        async def late() -> None:
+            await asyncio.sleep(lag)
+            await self.caller_started()
+
+        task = asyncio.ensure_future(late())
+        self._late_starts.add(task)
+        task.add_done_callback(self._late_starts.discard)
 
     async def caller_started(self) -> None:
         task = self.turn_task

@@ -298,6 +298,8 @@ class RealtimeSession:
     items_created: list[dict[str, Any]] = field(default_factory=list)
     user_transcripts: list[str] = field(default_factory=list)
     speech_started: list[float] = field(default_factory=list)
+    # input_audio_buffer.append events refused (not whole 16-bit samples).
+    bad_appends: int = 0
     speech_stopped: list[float] = field(default_factory=list)
     responses: list[ResponseRecord] = field(default_factory=list)
     truncations: list[TruncateRecord] = field(default_factory=list)
@@ -325,8 +327,13 @@ class OpenAIRealtimeEmulator:
         faults: RealtimeFaults | None = None,
         api_key: str | None = None,
         vad_threshold: float = 400.0,
+        cancel_lag_s: float = 0.0,
     ) -> None:
-        """Create the emulator; ``script`` answers chat-style messages (see openai_chat)."""
+        """Create the emulator; ``script`` answers chat-style messages (see openai_chat).
+
+        ``cancel_lag_s``: how long a ``response.cancel`` takes to stop the response (the
+        network and the server), during which its audio keeps streaming.
+        """
         self.ttfa = ttfa or OPENAI_REALTIME_TTFA.model(seed=0)
         self.script: ChatScript = script or default_reply
         self.transcripts: TranscriptScript = transcripts or DEFAULT_TRANSCRIPTS
@@ -335,6 +342,7 @@ class OpenAIRealtimeEmulator:
         self.faults = faults or RealtimeFaults()
         self.api_key = api_key
         self.vad_threshold = vad_threshold
+        self.cancel_lag_s = cancel_lag_s
         self.sessions: list[RealtimeSession] = []
         self.refused = 0
         self._faulted = 0
@@ -563,6 +571,15 @@ class _Conn:
 
     async def on_input_audio_buffer_append(self, evt: dict[str, Any]) -> None:
         pcm = base64.b64decode(evt.get("audio", ""))
+        if len(pcm) % 2:
+            # Not whole 16-bit samples: refuse it as a client error, keep the session.
+            self.rec.bad_appends += 1
+            await self.error(
+                "invalid_request_error",
+                "invalid_audio",
+                f"Audio must be whole 16-bit PCM samples; got {len(pcm)} bytes.",
+            )
+            return
         self.rec.audio_in_ms += len(pcm) * 1000 // (2 * REALTIME_RATE)
         events = self.vad.feed(pcm)
         if self.vad.loud_in_last_feed:
@@ -713,6 +730,8 @@ class _Conn:
         self.start_response("response.create")
 
     async def on_response_cancel(self, evt: dict[str, Any]) -> None:
+        if self.emu.cancel_lag_s > 0:
+            await asyncio.sleep(self.emu.cancel_lag_s)  # the response streams on meanwhile
         if not await self.cancel_response():
             await self.error(
                 "invalid_request_error", "response_cancel_not_active", "No active response."

@@ -89,6 +89,56 @@ async def test_barge_in_truncates_at_played_out_ms(s2s: S2SServed) -> None:
     assert 0 < len(cut.heard_text.split()) < len(reply.text.split()) / 2
 
 
+async def test_cut_response_audio_in_flight_does_not_play(s2s: S2SServed) -> None:
+    """Local turns: our barge-in sends ``response.cancel``; until the provider acts on
+    it (here 1 s, ~4 s of audio at its pace) the cut response keeps streaming. None of
+    that may reach the caller, who is talking (Pipecat alone plays it as a new reply)."""
+    rate = 8000
+    question = await s2s.speech(QUESTION, rate)
+    interrupt = await s2s.speech(BARGE_IN, rate)
+    rt = s2s.realtime
+    saved, saved_speech, saved_lag = rt.script, rt.speech, rt.cancel_lag_s
+    rt.script = LLM_SCRIPTS["long"]
+    rt.speech = tone_speech
+    rt.cancel_lag_s = 1.0
+    n_sessions = len(rt.sessions)
+    stream = await open_call(s2s.url("rt-local.test", rate, "rt-stale"), rate, "binary")
+    try:
+        await wait_bot_quiet(stream, timeout_s=10.0)
+        _, answer = await ask(stream, question, rate, timeout_s=8.0)
+        assert answer is not None
+        await asyncio.sleep(1.5)
+        stream.queue_caller_audio(interrupt)
+        stream.queue_caller_silence(1.0)
+        await wait_bot_quiet(stream, quiet_s=0.3, timeout_s=6.0)
+        deadline = asyncio.get_running_loop().time() + 6.0
+        while len(rt.sessions[n_sessions].responses) < 2:
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"no reply to the barge-in: {rt.sessions[n_sessions].responses}"
+            )
+            await asyncio.sleep(0.05)
+    finally:
+        rt.script, rt.speech, rt.cancel_lag_s = saved, saved_speech, saved_lag
+        await stream.hangup()
+    sess = rt.sessions[n_sessions]
+    cut, after = sess.responses[0], sess.responses[1]
+    assert cut.status == "cancelled"
+    # The barge-in's onset, replayed after the buffer clear, went as whole samples.
+    assert sess.bad_appends == 0
+    onset = next(f.t for f in stream.sent_frames if f.voiced and f.t > answer + 1.0)
+    # From well after the barge-in until the barge-in's own reply: the cut response went
+    # on streaming for 1 s at 4x real time, and none of it may be heard.
+    window_end = after.first_audio_at or after.triggered_at
+    _, rx = stream.received_audio()
+    stale_ms = (
+        sum(a.nbytes for a in rx if onset + 0.6 <= a.t < window_end and a.non_silent)
+        * 1000
+        // (2 * rate)
+    )
+    assert window_end - (onset + 0.6) > 0.5, "the window checked is too short to mean much"
+    assert stale_ms < 100, f"{stale_ms} ms of the cut response played after the barge-in"
+
+
 async def test_tool_call_through_realtime(s2s: S2SServed) -> None:
     """A receptionist tool runs from the realtime model's function call; the model answers."""
     rate = 8000
