@@ -641,7 +641,7 @@ class FakeSwitchEsl:
             st is not None
             and ch.build == "voxcom"
             and st.config.voxcom_blocking_inject
-            and st._tx_blocked
+            and st.hangup_would_deadlock
         ):
             ch.stuck = True
             ch.state = "CS_EXECUTE"

@@ -252,6 +252,7 @@ class FakeSwitchStream:
         self._out_scheduled = False
         self._tx_blocked = False
         self._tx_unblocked = asyncio.Event()
+        self._inject_left = 0  # bytes a blocked injectRawAudio still has to place
         self._tx_unblocked.set()
         self._mask = MaskKeys()
         self._deflate: PerMessageDeflate | None = None
@@ -949,6 +950,14 @@ class FakeSwitchStream:
             return False
         return True
 
+    @property
+    def hangup_would_deadlock(self) -> bool:
+        """voxcom (§15): bot audio blocks libwsc's thread in ``injectRawAudio`` with
+        more left than the buffer can take once a hangup stops playout. A hangup now
+        deadlocks; one a tick later may not (that tick made room, and the thread sees
+        the stop before its next message)."""
+        return self._tx_blocked and self._inject_left > self.playout.buffer.space()
+
     async def _voxcom_inject(self, pcm: bytes) -> None:
         """injectRawAudio: busy-wait (10 ms yields) in the libwsc thread until it all fits.
 
@@ -967,6 +976,7 @@ class FakeSwitchStream:
                 space = po.buffer.space()
                 if space == 0:
                     self._tx_blocked = True
+                    self._inject_left = len(pcm) - off
                     self._tx_unblocked.clear()
                     await asyncio.sleep(0.01)  # switch_yield(10000)
                     if po.dead or self.state is not ConnState.OPEN:
@@ -976,6 +986,7 @@ class FakeSwitchStream:
                 po.buffer.append(view[off : off + n])
                 off += n
         finally:
+            self._inject_left = 0
             if self._tx_blocked:
                 self._tx_blocked = False
                 self._tx_unblocked.set()

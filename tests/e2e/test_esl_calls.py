@@ -356,10 +356,10 @@ async def test_voxcom_hangup_mid_reply_deadlocks_only_without_the_cure(
     assert st is not None and await st.wait_connected(3.0)
     sessions = esl_served.app.sessions
     assert sessions is not None
-    # The greeting is playing: hang up the moment bot audio blocks the module, if it does.
+    # The greeting is playing: hang up the moment a hangup would deadlock, if it can.
     assert await wait_heard(st, st.started_at or 0.0, 5.0) is not None
     deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline and not st._tx_blocked:
+    while time.monotonic() < deadline and not st.hangup_would_deadlock:
         await asyncio.sleep(0.001)
     await esl_served.fs.caller_hangup(uuid)
     server = esl_served.app.server

@@ -273,7 +273,7 @@ async def test_voxcom_hangup_deadlock_is_detectable_and_cured(
 
         sender = asyncio.ensure_future(server_with_20ms_lead())
         # Hang up the moment bot audio blocks the module's receive thread, if it ever does.
-        while not sender.done() and not st._tx_blocked:
+        while not sender.done() and not st.hangup_would_deadlock:
             await asyncio.sleep(0.001)
         await fs.hangup(uuid)
         sender.cancel()
@@ -400,7 +400,7 @@ async def test_transfer_ends_when_a_stuck_channel_hangs_up(
                 await asyncio.sleep(0.02)
 
         sender = asyncio.ensure_future(server_with_20ms_lead())
-        while not sender.done() and not st._tx_blocked:
+        while not sender.done() and not st.hangup_would_deadlock:
             await asyncio.sleep(0.001)
         t0 = time.monotonic()
         await fs.hangup(uuid)
