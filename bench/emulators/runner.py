@@ -31,6 +31,7 @@ import dataclasses
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,6 +300,7 @@ async def run_emulators(config: EmulatorConfig | None = None) -> AsyncIterator[R
     cfg = config or EmulatorConfig()
     deepgram, openai = cfg.build()
     runners: list[web.AppRunner] = []
+    own_tls_dir: str | None = None
     try:
         dg_runner, dg_port = await _serve(
             deepgram.add_routes, cfg.host, cfg.deepgram_port, deepgram.close_all
@@ -316,7 +318,9 @@ async def run_emulators(config: EmulatorConfig | None = None) -> AsyncIterator[R
             realtime.add_routes, cfg.host, cfg.realtime_port, realtime.close_all
         )
         runners.append(rt_runner)
-        tls_dir = cfg.tls_dir or tempfile.mkdtemp(prefix="pipeswitch-tls-")
+        tls_dir = cfg.tls_dir
+        if not tls_dir:
+            tls_dir = own_tls_dir = tempfile.mkdtemp(prefix="pipeswitch-tls-")
         ca = make_test_ca(tls_dir, hosts=(cfg.host, "localhost"))
         gm_runner, gm_port = await serve_gemini(
             gemini, ca.server_context(), cfg.host, cfg.gemini_port
@@ -339,6 +343,8 @@ async def run_emulators(config: EmulatorConfig | None = None) -> AsyncIterator[R
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+        if own_tls_dir is not None:  # the throwaway CA's keys go with the emulators
+            shutil.rmtree(own_tls_dir, ignore_errors=True)
 
 
 # -- child process ------------------------------------------------------------

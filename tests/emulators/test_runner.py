@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+from pathlib import Path
 
 import pytest
 from pipecat.frames.frames import (
@@ -26,6 +27,7 @@ from pipeswitch.bench.emulators import (
     start_emulator_process,
 )
 from pipeswitch.bench.emulators.openai_chat import tokenize
+from pipeswitch.bench.emulators.runner import run_emulators
 from tests.emulators.helpers import running_pipeline, silence, voiced
 
 
@@ -110,3 +112,16 @@ async def test_child_process_serves_real_services_and_exposes_logs() -> None:
     finally:
         code = await asyncio.to_thread(proc.stop)
     assert code == 0
+
+
+async def test_the_throwaway_ca_goes_with_the_emulators(tmp_path: Path) -> None:
+    """The Gemini emulator's test CA (keys included) is removed when the emulators stop,
+    unless the caller gave the folder; 72 such folders once piled up in /tmp."""
+    async with run_emulators() as emu:
+        made = Path(emu.gemini_ca_file).parent
+        assert (made / "server.key").is_file()
+    assert not made.exists()
+    given = tmp_path / "tls"
+    async with run_emulators(EmulatorConfig(tls_dir=str(given))) as emu:
+        assert Path(emu.gemini_ca_file).parent == given
+    assert (given / "ca.pem").is_file(), "a folder the caller gave is the caller's"
