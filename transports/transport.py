@@ -45,6 +45,11 @@ from pipeswitch.transports.serializer import ModAudioStreamSerializer
 
 # How long a closing call waits for queued audio to finish playing at the far end.
 MAX_DRAIN_SECS = 5.0
+# How long a close waits for the module's CLOSE reply: normally, and once ESL said the
+# channel is gone (a module that will answer does so at once; a voxcom module stuck in
+# its hangup never does, and the call's providers and slot would be held for nothing).
+CLOSE_HANDSHAKE_SECS = 2.0
+CLOSE_HANDSHAKE_GONE_SECS = 0.25
 # A gap longer than one 20 ms frame in the middle of an utterance is an underrun.
 UNDERRUN_SECS = 0.02
 # Coalescing dialects flush when no new audio arrived for this long (end of a TTS burst).
@@ -179,6 +184,8 @@ class FreeSwitchCallTransport(BaseTransport):
         self.tenant_label = metrics.tenant_label((log_context or {}).get("tenant", "-"))
         self.closed = asyncio.Event()
         self.close_code: int | None = None
+        # ESL said the channel hung up (the socket may never say so).
+        self.channel_gone = False
         # The pipeline ended on our side (EndFrame, goodbye played out): with call control
         # the channel is then hung up (transports/call_events.py).
         self.ended_by_bot = False
@@ -221,8 +228,9 @@ class FreeSwitchCallTransport(BaseTransport):
     async def close(self, code: int = 1000, reason: str = "call ended") -> None:
         """Close the WebSocket (aiohttp closes TCP right after the closing handshake)."""
         if not self.ws.closed:
+            wait = CLOSE_HANDSHAKE_GONE_SECS if self.channel_gone else CLOSE_HANDSHAKE_SECS
             try:
-                await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), 2.0)
+                await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), wait)
             except (TimeoutError, ConnectionError) as exc:
                 self.log.info("close handshake incomplete: {}", exc)
         await self._mark_closed(code, reason)
@@ -230,6 +238,7 @@ class FreeSwitchCallTransport(BaseTransport):
     async def hung_up(self, reason: str) -> None:
         """The switch says the channel is gone (ESL): end the call now, whatever the
         socket does (a module stuck in cleanup may never close it)."""
+        self.channel_gone = True
         await self._mark_closed(None, reason)
 
     async def _mark_closed(self, code: int | None, reason: str) -> None:

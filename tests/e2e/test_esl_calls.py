@@ -356,8 +356,10 @@ async def test_voxcom_hangup_mid_reply_deadlocks_only_without_the_cure(
     assert st is not None and await st.wait_connected(3.0)
     sessions = esl_served.app.sessions
     assert sessions is not None
-    # The greeting is playing: hang up the moment a hangup would deadlock, if it can.
+    # The greeting is playing and the pipeline runs: hang up the moment a hangup would
+    # deadlock, if it can.
     assert await wait_heard(st, st.started_at or 0.0, 5.0) is not None
+    assert await until(lambda: uuid in sessions.active, 5.0)
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline and not st.hangup_would_deadlock:
         await asyncio.sleep(0.001)
@@ -368,7 +370,8 @@ async def test_voxcom_hangup_mid_reply_deadlocks_only_without_the_cure(
         assert ch.stuck and any("deadlock" in h for h in ch.hazards)
         # The switch cannot lock a channel whose hangup began: to ESL it is gone.
         assert await esl_served.fs.execute_api(f"uuid_exists {uuid}") == "false"
-        assert await until(lambda: server.stats.calls_active == 0, 2.0), (
+        # At once: no waiting for the CLOSE reply a stuck module never sends (2 s, once).
+        assert await until(lambda: server.stats.calls_active == 0, 1.5), (
             "a stuck channel's call must end on CHANNEL_HANGUP "
             f"({server.stats.calls_active} active, {list(sessions.active)})"
         )
