@@ -79,12 +79,13 @@ class ResumingGeminiService(GeminiLiveLLMService):
         self._reply_text = ""
         self._reply_open = False
         self._turn_pending = False
-        # Gemini is still sending a generation (no turnComplete/interrupted yet).
+        # Gemini is still sending a generation (no turnComplete/interrupted yet). Ours,
+        # not Pipecat's _bot_is_responding: it is cleared before Gemini's own
+        # `interrupted` is broadcast, so that interruption never marks a generation stale.
         self._generating = False
         # A local barge-in cut a generation Gemini has not ended: what it still sends
         # of it is stale (never played, never "opens" a reply) until it ends it.
         self._stale = False
-        self.stale_dropped = 0
         self._resume_task: asyncio.Task[None] | None = None
         self.heard_notes: list[str] = []
         self.resumptions = 0
@@ -138,7 +139,6 @@ class ResumingGeminiService(GeminiLiveLLMService):
 
     async def _handle_msg_model_turn(self, msg: LiveServerMessage) -> None:
         if self._stale:
-            self.stale_dropped += 1
             return
         self._generating = True
         sc = msg.server_content

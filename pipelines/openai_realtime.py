@@ -80,7 +80,6 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
         # The response a barge-in cut: its deltas still in flight (sent before the
         # provider saw our cancel, or its own VAD's) are stale and must not play.
         self._cut_response_id: str | None = None
-        self.stale_deltas = 0
         # Caller audio said before the session is up (the last 2 s), sent once it is.
         self._held_pcm = bytearray()
         self._held_rate = 0
@@ -184,8 +183,7 @@ class PlayedOutRealtimeService(OpenAIRealtimeLLMService):
 
     async def _handle_evt_audio_delta(self, evt: Any) -> None:
         if self._cut_response_id is not None and evt.response_id == self._cut_response_id:
-            self.stale_deltas += 1
-            return
+            return  # the cut response, still in flight: never played
         if self._current_audio_response is None:
             # First audio of a reply: everything written before it is someone else's.
             self._reply_mark = self._playout.mark()

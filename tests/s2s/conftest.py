@@ -30,6 +30,7 @@ from pipeswitch.bench.emulators.openai_realtime import (
 from pipeswitch.bench.emulators.runner import EmulatorConfig, RunningEmulators, run_emulators
 from pipeswitch.bench.emulators.scripts import resolve_llm_script
 from pipeswitch.bench.emulators.tls import make_test_ca
+from pipeswitch.bench.fakeswitch.stream import FakeSwitchStream
 from pipeswitch.config.loaders import StaticTenantLoader
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import ProviderSettings, Tenant, ToolSettings
@@ -38,6 +39,7 @@ from pipeswitch.pipelines.app import Pipeswitch
 from pipeswitch.pipelines.emulated import EMULATED_KEY, endpoints_for
 from pipeswitch.pipelines.piper_client import wav_pcm
 from tests.conftest import trim_silence
+from tests.e2e.helpers import ask, wait_bot_quiet
 
 QUESTION = "What are your opening hours on Saturday?"
 BARGE_IN = "Sorry, can you hold on a second?"
@@ -190,3 +192,23 @@ def reset_faults(s: S2SServed) -> None:
 
 
 __all__ = ["BARGE_IN", "QUESTION", "S2SServed", "reset_faults", "s2s", "web"]
+
+
+async def answer_then_barge_in(
+    stream: FakeSwitchStream,
+    question: bytes,
+    interrupt: bytes,
+    rate: int,
+    *,
+    heard_s: float,
+    silence_s: float = 0.6,
+) -> float:
+    """After the greeting, ask; let ``heard_s`` of the answer play, then talk over it
+    (and fall silent). Returns when the answer was first heard."""
+    await wait_bot_quiet(stream, timeout_s=10.0)
+    _, answer = await ask(stream, question, rate, timeout_s=8.0)
+    assert answer is not None
+    await asyncio.sleep(heard_s)
+    stream.queue_caller_audio(interrupt)
+    stream.queue_caller_silence(silence_s)
+    return answer

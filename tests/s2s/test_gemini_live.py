@@ -10,7 +10,7 @@ from pipeswitch.bench.emulators.openai_chat import ToolCall, keyword_script
 from pipeswitch.bench.emulators.openai_realtime import tone_speech
 from pipeswitch.bench.emulators.scripts import LLM_SCRIPTS
 from tests.e2e.helpers import ask, is_speech_like, open_call, wait_bot_quiet
-from tests.s2s.conftest import BARGE_IN, QUESTION, S2SServed
+from tests.s2s.conftest import BARGE_IN, QUESTION, S2SServed, answer_then_barge_in
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -61,12 +61,8 @@ async def test_barge_in_tells_gemini_what_was_heard(s2s: S2SServed) -> None:
     n = len(gm.sessions)
     stream = await open_call(s2s.url("gm-binary.test", rate, "gm-barge"), rate, "binary")
     try:
-        await wait_bot_quiet(stream, timeout_s=10.0)
-        _, answer = await ask(stream, question, rate, timeout_s=8.0)
-        assert answer is not None
-        await asyncio.sleep(2.0)  # ~2 s heard of a ~20 s reply that has all been sent
-        stream.queue_caller_audio(interrupt)
-        stream.queue_caller_silence(0.6)
+        # ~2 s heard of a ~20 s reply that has all been sent
+        await answer_then_barge_in(stream, question, interrupt, rate, heard_s=2.0)
         await wait_bot_quiet(stream, quiet_s=0.3, timeout_s=5.0)
         await asyncio.sleep(0.5)
     finally:

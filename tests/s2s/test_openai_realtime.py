@@ -10,7 +10,7 @@ from pipeswitch.bench.emulators.openai_chat import ToolCall, keyword_script
 from pipeswitch.bench.emulators.openai_realtime import tone_speech
 from pipeswitch.bench.emulators.scripts import LLM_SCRIPTS
 from tests.e2e.helpers import ask, is_speech_like, open_call, wait_bot_quiet
-from tests.s2s.conftest import BARGE_IN, QUESTION, S2SServed
+from tests.s2s.conftest import BARGE_IN, QUESTION, S2SServed, answer_then_barge_in
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -61,12 +61,8 @@ async def test_barge_in_truncates_at_played_out_ms(s2s: S2SServed) -> None:
     n_sessions = len(rt.sessions)
     stream = await open_call(s2s.url("rt-binary.test", rate, "rt-barge"), rate, "binary")
     try:
-        await wait_bot_quiet(stream, timeout_s=10.0)
-        _, answer = await ask(stream, question, rate, timeout_s=8.0)
-        assert answer is not None
-        await asyncio.sleep(2.0)  # ~2 s of a ~20 s reply heard; all of it already received
-        stream.queue_caller_audio(interrupt)
-        stream.queue_caller_silence(0.6)
+        # ~2 s of a ~20 s reply heard; all of it already received
+        answer = await answer_then_barge_in(stream, question, interrupt, rate, heard_s=2.0)
         await wait_bot_quiet(stream, quiet_s=0.3, timeout_s=5.0)
         await asyncio.sleep(0.5)
     finally:
@@ -104,12 +100,9 @@ async def test_cut_response_audio_in_flight_does_not_play(s2s: S2SServed) -> Non
     n_sessions = len(rt.sessions)
     stream = await open_call(s2s.url("rt-local.test", rate, "rt-stale"), rate, "binary")
     try:
-        await wait_bot_quiet(stream, timeout_s=10.0)
-        _, answer = await ask(stream, question, rate, timeout_s=8.0)
-        assert answer is not None
-        await asyncio.sleep(1.5)
-        stream.queue_caller_audio(interrupt)
-        stream.queue_caller_silence(1.0)
+        answer = await answer_then_barge_in(
+            stream, question, interrupt, rate, heard_s=1.5, silence_s=1.0
+        )
         await wait_bot_quiet(stream, quiet_s=0.3, timeout_s=6.0)
         deadline = asyncio.get_running_loop().time() + 6.0
         while len(rt.sessions[n_sessions].responses) < 2:
