@@ -19,8 +19,10 @@ EXPERIMENTS: dict[str, str] = {
     "Finalize) instead of one WebSocket message per 20 ms frame",
     "gc-gen2-rare": "full (gen-2) collections 10x rarer: gc.set_threshold(700, 10, 100) - "
     "under load the capacity bench's loop stalls match its gen-2 pauses",
-    "gc-every-call": "the full collection after every ended call, not every 4: shorter pauses "
-    "(each frees one call's cycles) against json-stream's 20 ms lead, more of them",
+    "gc-every-call": "the full collection after every ended call: shorter pauses (each frees "
+    "one call's cycles) against json-stream's 20 ms lead, more of them",
+    "keep-call-cycles": "finished calls left whole (not taken apart by pipelines/dismantle.py) "
+    "and a full collection every 4 ended calls, as before 1 Dec 2026",
 }
 
 
@@ -82,8 +84,17 @@ def _gc_every_call() -> None:
     app.COLLECT_EVERY_CALLS = 1
 
 
+def _keep_call_cycles() -> None:
+    import pipeswitch.pipelines.app as app
+    import pipeswitch.pipelines.session as session
+
+    session.DISMANTLE_CALLS = False
+    app.COLLECT_EVERY_CALLS = 4
+
+
 _PATCHES: dict[str, Callable[[], None]] = {
     "stt-batch-100ms": _stt_batch,
     "gc-gen2-rare": _gc_gen2_rare,
     "gc-every-call": _gc_every_call,
+    "keep-call-cycles": _keep_call_cycles,
 }

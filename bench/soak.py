@@ -59,6 +59,76 @@ def _type_counts() -> Counter[str]:
     return Counter(type(o).__qualname__ for o in gc.get_objects())
 
 
+def _describe(o: Any) -> str:
+    """A short name for one object in a cycle: its type, or a function's qualified name."""
+    fn = getattr(o, "__func__", o)
+    name = getattr(fn, "__qualname__", None)
+    if callable(o) and isinstance(name, str):
+        return f"{type(o).__name__}:{getattr(fn, '__module__', '?')}.{name}"
+    return f"{type(o).__module__}.{type(o).__qualname__}"
+
+
+def _cycle_summary(objs: list[Any], top: int = 400) -> list[dict[str, Any]]:
+    """The strongly connected components among ``objs`` (the cycles themselves, not what
+    merely hangs off them), largest first, each as its type counts."""
+    index = {id(o): i for i, o in enumerate(objs)}
+    edges = [[index[id(r)] for r in gc.get_referents(o) if id(r) in index] for o in objs]
+    n = len(objs)
+    order = [-1] * n
+    low = [0] * n
+    on_stack = [False] * n
+    stack: list[int] = []
+    comps: list[list[int]] = []
+    counter = 0
+    for root in range(n):
+        if order[root] != -1:
+            continue
+        work = [(root, 0)]
+        while work:
+            v, i = work.pop()
+            if i == 0:
+                order[v] = low[v] = counter
+                counter += 1
+                stack.append(v)
+                on_stack[v] = True
+            if i < len(edges[v]):
+                work.append((v, i + 1))
+                w = edges[v][i]
+                if order[w] == -1:
+                    work.append((w, 0))
+                elif on_stack[w]:
+                    low[v] = min(low[v], order[w])
+                continue
+            if low[v] == order[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack[w] = False
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    comps.append(comp)
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[v])
+    comps.sort(key=len, reverse=True)
+    return [
+        {
+            "size": len(c),
+            "types": Counter(type(objs[i]).__qualname__ for i in c).most_common(25),
+            "members": sorted(
+                {
+                    _describe(objs[i])
+                    for i in c
+                    if type(objs[i]).__module__ != "builtins" or callable(objs[i])
+                }
+            )[:80],
+        }
+        for c in comps[:top]
+    ]
+
+
 class SoakDebug:
     """Loopback debug endpoints of the soak server: process facts and allocation diffs."""
 
@@ -75,6 +145,8 @@ class SoakDebug:
         api.router.add_get("/soak/diff", self._diff)
         api.router.add_post("/soak/trim", self._trim)
         api.router.add_get("/soak/tasks", self._tasks)
+        api.router.add_post("/soak/cycles", self._cycles_arm)
+        api.router.add_get("/soak/cycles", self._cycles)
         self._runner = web.AppRunner(api, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -123,6 +195,35 @@ class SoakDebug:
                 }
             )
         return web.json_response({"count": len(tasks), "tasks": tasks})
+
+    async def _cycles_arm(self, _: web.Request) -> web.Response:
+        """From now on keep what the collector finds unreachable (``DEBUG_SAVEALL``)."""
+        gc.collect()
+        gc.garbage.clear()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        return web.json_response({"ok": True})
+
+    async def _cycles(self, _: web.Request) -> web.Response:
+        """What ended calls left in reference cycles since ``POST /soak/cycles``: objects
+        only a full collection frees (and a full collection's pause grows with)."""
+        gc.collect()
+        found = Counter(type(o).__qualname__ for o in gc.garbage)
+        by_module = Counter(
+            getattr(type(o), "__module__", "?") for o in gc.garbage
+        )
+        total = len(gc.garbage)
+        sccs = _cycle_summary(gc.garbage)
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.collect()
+        return web.json_response(
+            {
+                "objects": total,
+                "types": found.most_common(60),
+                "modules": by_module.most_common(40),
+                "cycles": sccs,
+            }
+        )
 
     async def _trim(self, _: web.Request) -> web.Response:
         """``malloc_trim(0)``: how much of the RSS is memory glibc holds free (thread arenas
@@ -302,6 +403,12 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
         "--tracemalloc",
         action="store_true",
         help="trace allocations in the server after warm-up (slower, RSS inflated)",
+    )
+    p.add_argument(
+        "--cycles",
+        action="store_true",
+        help="after warm-up keep what the collector finds unreachable, and report what the "
+        "calls left in reference cycles (objects per call, the cycles themselves; RSS inflated)",
     )
     p.add_argument("--dialect", default="json-stream", choices=["json-stream", "binary", "file"])
     p.add_argument("--log-level", default="WARNING", help="the server's log level")
@@ -539,6 +646,9 @@ async def _baseline(http: aiohttp.ClientSession, debug: str, args: argparse.Name
     q = "?tracemalloc=1" if args.tracemalloc else ""
     async with http.post(f"{debug}/soak/baseline{q}") as r:
         r.raise_for_status()
+    if args.cycles:
+        async with http.post(f"{debug}/soak/cycles") as r:
+            r.raise_for_status()
 
 
 async def _run_concurrent(
@@ -675,12 +785,23 @@ async def run_soak(args: argparse.Namespace) -> int:
                     result.diff = await r.json()
             async with http.get(f"{debug}/soak/tasks") as r:
                 (out / "tasks.json").write_text(json.dumps(await r.json(), indent=1))
+            if args.cycles and len(result.samples) > args.warmup:
+                async with http.get(f"{debug}/soak/cycles") as r:
+                    cycles = await r.json()
+                (out / "cycles.json").write_text(json.dumps(cycles, indent=1))
+                per_call = cycles["objects"] / (len(result.samples) - args.warmup)
+                result.notes.append(
+                    f"left in reference cycles: {per_call:.0f} objects per call after warm-up "
+                    f"({len(cycles['cycles'])} cycles; cycles.json lists them)"
+                )
     finally:
         if proc is not None:
             await asyncio.to_thread(_stop_server, proc)
         await asyncio.to_thread(emu.stop)
     _write(out, result, args)
     print(summary(result, args.warmup))
+    for note in result.notes:
+        print(note)
     print(f"results in {out}")
     return 0 if all(not s.error for s in result.samples) else 1
 

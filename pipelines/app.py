@@ -38,7 +38,7 @@ from pipeswitch.pipelines.local.models import (
 )
 from pipeswitch.pipelines.local.supervisor import LocalModelServers
 from pipeswitch.pipelines.memtrim import trim_free_memory
-from pipeswitch.pipelines.services import ProviderEndpoints
+from pipeswitch.pipelines.services import ProviderEndpoints, close_shared_clients
 from pipeswitch.pipelines.session import CallSessions
 from pipeswitch.pipelines.startup import (
     StartupError,
@@ -169,9 +169,13 @@ def endpoints_with_local(ep: ProviderEndpoints, models: LocalModelServers) -> Pr
 
 
 # Ended calls between two full collections while calls run (and at every idle moment).
-# The pause is mostly freeing the garbage (~1,300 objects a call): quiet machine, 4 calls
-# 10-15 ms, 8 calls 23-31 ms; json-stream plays out with a 20 ms lead at the far end.
-COLLECT_EVERY_CALLS = 4
+# A full collection stalls every call for as long as it takes to traverse the live calls'
+# objects (~0.8 ms a call here, 30-60 ms at 20-40 calls: longer than json-stream's 20 ms
+# playout lead, so every one is heard as a gap). Finished calls are taken apart
+# (pipelines/dismantle.py) and leave ~120 objects in cycles instead of ~1,700 - mostly
+# SDK clients' own cycles (Deepgram's per-call HTTP client, ~1 MB with its TLS context) -
+# so the collections can be 4x rarer than when they had to free whole calls (every 4).
+COLLECT_EVERY_CALLS = 16
 
 
 class Pipeswitch:
@@ -435,6 +439,7 @@ class Pipeswitch:
         if self._http is not None:
             await self._http.close()
             self._http = None
+        await close_shared_clients()
         if models is not None:
             await models
 
@@ -442,8 +447,8 @@ class Pipeswitch:
         """Collect finished calls' reference cycles when the last call ends, and every
         :data:`COLLECT_EVERY_CALLS` ended calls while others run.
 
-        A call leaves ~1,500 objects in cycles (Pipecat processors, tasks, event handlers)
-        holding its buffers and sockets. With start-up frozen and the thresholds at
+        A call used to leave ~1,700 objects in cycles (Pipecat processors, tasks, event
+        handlers) holding its buffers and sockets; taken apart it leaves ~120. With start-up frozen and the thresholds at
         (700, 10, 100), a full collection comes only every ~700 k net allocations: under
         continuous load (a server never idle) RSS climbed ~1 MB and one descriptor per call
         for 300 calls (``bench soak --concurrency 5``: 210 -> 608 MB, 36 -> 324 fds in

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer
 from pipecat.audio.vad.vad_controller import VADController
@@ -74,6 +74,9 @@ def fast_path_supported(stt: STTService) -> bool:
 
 class CallerMediaFastPath:
     """A :class:`~pipeswitch.transports.transport.CallerMediaSink` for one call."""
+
+    # Its VAD controller is the call's alone: taken apart with the call (dismantle.py).
+    call_owned: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -155,8 +155,10 @@ class ResumingBody:
         budget_secs: float = RESUME_BUDGET_SECS,
     ) -> None:
         self._stream: aiohttp.StreamReader = first.content
-        self._resp = first
-        self._first = first
+        # Only a resumed response is held: the first one holds this body (its
+        # ``content``), and a reference back would make the pair a cycle that only a
+        # full collection frees.
+        self._resumed: aiohttp.ClientResponse | None = None
         self._sources = sources
         self._log = log
         self._budget = budget_secs
@@ -187,8 +189,8 @@ class ResumingBody:
         """The response was released (or failed): stop, and release a resumed one."""
         self._exc = exc
         self._sources = []
-        if self._resp is not self._first:
-            self._resp.release()
+        if self._resumed is not None:
+            self._resumed.release()
 
     async def readany(self) -> bytes:
         return await self.read(_READ_ALL)
@@ -279,9 +281,9 @@ class ResumingBody:
                 if resp is not None:
                     resp.release()
                 raise
-            if self._resp is not self._first:
-                self._resp.release()
-            self._resp, self._stream, self._pending = resp, resp.content, rest
+            if self._resumed is not None:
+                self._resumed.release()
+            self._resumed, self._stream, self._pending = resp, resp.content, rest
             self.resumes += 1
             self._log.info(
                 "TTS resumed on {} after {:.0f} ms: the {:.2f}s already played skipped, joined"

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+import threading
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote
@@ -240,6 +242,15 @@ def tls_context() -> ssl.SSLContext:
     return httpx2.create_ssl_context()
 
 
+# The event loop a call's services are built for. They are built in a worker thread
+# (``asyncio.to_thread`` copies this into it); clients are shared per loop.
+CALL_LOOP: ContextVar[asyncio.AbstractEventLoop | None] = ContextVar(
+    "pipeswitch_call_loop", default=None
+)
+_OPENAI_CLIENTS: dict[asyncio.AbstractEventLoop, dict[tuple[Any, ...], AsyncOpenAI]] = {}
+_OPENAI_CLIENTS_LOCK = threading.Lock()
+
+
 def openai_client(
     api_key: str | None,
     base_url: str | None,
@@ -247,7 +258,48 @@ def openai_client(
     project: str | None = None,
     default_headers: Mapping[str, str] | None = None,
 ) -> AsyncOpenAI:
-    """Pipecat's ``BaseOpenAILLMService.create_client``, with the shared TLS context."""
+    """Pipecat's ``BaseOpenAILLMService.create_client``, one client per process and key.
+
+    Pipecat builds a client per service, so per call: a new HTTP connection pool (a TCP
+    and TLS handshake before each call's first reply) and a reference cycle (~50
+    objects, the pool included) that only a full collection frees. Pipecat never
+    closes its client, so calls with the same provider, key and headers share one, on
+    the loop they run on (connections belong to a loop).
+    """
+    loop = CALL_LOOP.get()
+    if loop is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return _new_openai_client(api_key, base_url, organization, project, default_headers)
+    key = (api_key, base_url, organization, project, tuple(sorted((default_headers or {}).items())))
+    with _OPENAI_CLIENTS_LOCK:
+        for gone in [lp for lp in _OPENAI_CLIENTS if lp.is_closed()]:
+            del _OPENAI_CLIENTS[gone]
+        clients = _OPENAI_CLIENTS.setdefault(loop, {})
+        client = clients.get(key)
+        if client is None or client.is_closed():
+            client = _new_openai_client(api_key, base_url, organization, project, default_headers)
+            clients[key] = client
+        return client
+
+
+async def close_shared_clients() -> None:
+    """Close the shared LLM clients of the running loop (server shutdown)."""
+    loop = asyncio.get_running_loop()
+    with _OPENAI_CLIENTS_LOCK:
+        clients = list(_OPENAI_CLIENTS.pop(loop, {}).values())
+    for client in clients:
+        await client.close()
+
+
+def _new_openai_client(
+    api_key: str | None,
+    base_url: str | None,
+    organization: str | None,
+    project: str | None,
+    default_headers: Mapping[str, str] | None,
+) -> AsyncOpenAI:
     return AsyncOpenAI(
         api_key=api_key,
         base_url=base_url,
@@ -265,8 +317,7 @@ def openai_client(
 
 class _SharedTLSClient:
     """Mixed in before a Pipecat OpenAI-style LLM service: its client (Pipecat builds one
-    per service, so per call) uses the process's TLS context instead of loading the CA
-    bundle again."""
+    per service, so per call) is the process's shared one (:func:`openai_client`)."""
 
     def create_client(
         self,
@@ -281,11 +332,11 @@ class _SharedTLSClient:
 
 
 class OpenAILLM(_SharedTLSClient, OpenAILLMService):
-    """Pipecat's ``OpenAILLMService``; its client uses the process's TLS context."""
+    """Pipecat's ``OpenAILLMService``; its client is shared by the process's calls."""
 
 
 class GroqLLM(_SharedTLSClient, GroqLLMService):
-    """Pipecat's ``GroqLLMService``; its client uses the process's TLS context."""
+    """Pipecat's ``GroqLLMService``; its client is shared by the process's calls."""
 
 
 # A Piper request with no response headers after this long has stalled. Piper's first

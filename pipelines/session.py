@@ -34,11 +34,12 @@ from pipeswitch.pipelines.compose import (
     ServiceFactory,
     resolve_builder,
 )
+from pipeswitch.pipelines.dismantle import dismantle
 from pipeswitch.pipelines.greeting_cache import GreetingCache
 from pipeswitch.pipelines.local.warm import llm_warm_body
 from pipeswitch.pipelines.piper_client import WavError
 from pipeswitch.pipelines.recovery import install_apology, is_provider, watchdog_of
-from pipeswitch.pipelines.services import ProviderEndpoints
+from pipeswitch.pipelines.services import CALL_LOOP, ProviderEndpoints
 from pipeswitch.pipelines.tenancy import endpoints_for_tenant
 from pipeswitch.pipelines.tracing import tracing_wanted
 from pipeswitch.transports import metrics
@@ -91,6 +92,10 @@ class CallRecord:
 
 
 CallFinishedHook = Callable[[CallRecord, CallPipeline], Awaitable[None]]
+
+# Take each finished call apart (pipelines/dismantle.py) so it needs no full collection.
+# Off only for the bench's A/B (experiment ``keep-call-cycles``).
+DISMANTLE_CALLS = True
 
 
 async def _post_json(http: aiohttp.ClientSession, url: str, body: dict[str, Any], key: str) -> None:
@@ -213,6 +218,8 @@ class CallSessions:
             await transport.close(1011, f"pipeline {tenant.pipeline} unavailable")
             return
         rate = transport.params.audio_in_sample_rate or 8000
+        # Services are built in worker threads; their shared clients belong to this loop.
+        CALL_LOOP.set(asyncio.get_running_loop())
         # The greeting starts while the pipeline is still being built and connected.
         greeting = asyncio.ensure_future(self._play_greeting(tenant, transport, rate, log))
         endpoints = endpoints_for_tenant(self.endpoints, tenant)  # the tenant's own keys win
@@ -375,3 +382,9 @@ class CallSessions:
                     await hook(record, cp)
                 except Exception as exc:
                     log.warning("call-finished hook failed: {}", exc)
+            if DISMANTLE_CALLS:
+                # Freed by reference counting as this returns, not by a full collection
+                # that would stall every other call (pipelines/dismantle.py). The
+                # transport stays whole: the server closes it after this returns.
+                roots = (worker, runner, cp, transport.input(), transport.output())
+                dismantle(roots, keep=(transport,), inspect=cp.parts.values())

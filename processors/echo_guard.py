@@ -39,7 +39,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pipecat.audio.filters.base_audio_filter import BaseAudioFilter
@@ -407,6 +407,9 @@ class EchoGuard:
     in speech-to-speech pipelines, the provider's transcripts).
     """
 
+    # The call's alone: unwired with the call's processors (pipelines/dismantle.py).
+    call_owned: ClassVar[bool] = True
+
     def __init__(self, params: EchoGuardParams | None = None, *, interrupt: bool = True) -> None:
         """``interrupt``: broadcast Pipecat's interruption on a barge-in (speech-to-speech).
 
@@ -528,6 +531,9 @@ class EchoGatedSink:
     the STT socket; the gate decides there, frame by frame, exactly as
     :class:`EchoGuardInput` does in the pipeline: echo reaches neither as speech.
     """
+
+    # Wraps the call's own media sink: taken apart with the call (pipelines/dismantle.py).
+    call_owned: ClassVar[bool] = True
 
     def __init__(self, guard: EchoGuard, inner: CallerMediaSink) -> None:
         """Gate ``inner``'s audio with ``guard``."""

@@ -35,7 +35,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
@@ -110,6 +110,9 @@ class WatchdogParams:
 
 class TurnWatchdog:
     """One call's turn state, shared by the four processors."""
+
+    # The call's alone: unwired with the call's processors (pipelines/dismantle.py).
+    call_owned: ClassVar[bool] = True
 
     def __init__(
         self,

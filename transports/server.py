@@ -302,6 +302,8 @@ class CallServer:
             if bridge is not None:
                 await bridge.finish()
             log.info("call down after {:.1f}s", time.monotonic() - t0)
+            if transport is not None:
+                transport.release()
         return ws
 
     def _transport(

@@ -235,6 +235,15 @@ class FreeSwitchCallTransport(BaseTransport):
                 self.log.info("close handshake incomplete: {}", exc)
         await self._mark_closed(code, reason)
 
+    def release(self) -> None:
+        """Forget everything once the server is done with the call (its last step).
+
+        The call's event handlers (closures over its pipeline), the input and output
+        halves and the ESL bridge all point back here: left whole, the call would wait
+        for a full collection, which stalls every other call (pipelines/dismantle.py).
+        """
+        vars(self).clear()
+
     async def hung_up(self, reason: str) -> None:
         """The switch says the channel is gone (ESL): end the call now, whatever the
         socket does (a module stuck in cleanup may never close it)."""

@@ -30,14 +30,17 @@ def _tenant() -> Tenant:
 
 
 async def test_calls_share_one_tls_context_and_still_stream() -> None:
-    """Each call's LLM clients use the process's one TLS context (not one CA load per
-    client, ~18 ms of CPU each), and the services still stream from the wire."""
+    """Calls share the process's LLM client per provider key (one TLS context, one
+    connection pool: no CA load and no handshake per call), and the services still
+    stream from the wire."""
     async with run_emulators(EmulatorConfig(llm_ttft_median_ms=20.0)) as emu:
         ep = endpoints_for(emu)
         first, second = make_llm(_tenant(), ep), make_llm(_tenant(), ep)
         backup = make_fallback_llm(_tenant(), ep)
         assert backup is not None
-        assert first._client is not second._client  # a client per call, as before
+        # One client (and connection pool) per process and provider key, not per call.
+        assert first._client is second._client
+        assert backup._client is not first._client
         for llm in (first, second, backup):
             assert _ssl_context(llm) is tls_context()
         question: list[Any] = [{"role": "user", "content": "What time do you close today?"}]
