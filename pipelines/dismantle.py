@@ -9,8 +9,8 @@ stops the event loop - every call's audio - for as long as it takes to traverse
 every *live* call's objects: ~0.8 ms per call here, 30-60 ms at 20-40 calls,
 longer than json-stream's 20 ms playout lead. Emptying the instance dicts of
 the call's Pipecat objects once nothing of the call runs any more (and cutting
-only the links of the parts that hooks may still read) breaks those cycles, so the call is freed the moment :meth:`CallSessions.run_call` returns
-and the server can run full collections rarely (:data:`app.COLLECT_EVERY_CALLS`).
+only the links of the parts that hooks may still read) breaks those cycles, so
+the call is freed the moment :meth:`CallSessions.run_call` returns can run full collections rarely (:data:`app.COLLECT_EVERY_CALLS`).
 
 Only objects reached from the call's own roots through Pipecat objects are
 touched, and only through Pipecat objects, bound methods, event handlers and
@@ -85,9 +85,10 @@ def _is_wiring(value: Any) -> bool:
 _WIRING = (BaseObject, EventHandler, MethodType, FunctionType)
 
 
-def _call_objects(roots: Iterable[Any]) -> list[BaseObject]:
+def _call_objects(roots: Iterable[Any]) -> list[Any]:
+    """The call's Pipecat objects and ``call_owned`` helpers reachable from ``roots``."""
     seen: set[int] = set()
-    found: list[BaseObject] = []
+    found: list[Any] = []
     todo: deque[tuple[Any, int]] = deque()
     for root in roots:
         if isinstance(root, BaseObject):
