@@ -10,7 +10,8 @@ every *live* call's objects: ~0.8 ms per call here, 30-60 ms at 20-40 calls,
 longer than json-stream's 20 ms playout lead. Emptying the instance dicts of
 the call's Pipecat objects once nothing of the call runs any more (and cutting
 only the links of the parts that hooks may still read) breaks those cycles, so
-the call is freed the moment :meth:`CallSessions.run_call` returns can run full collections rarely (:data:`app.COLLECT_EVERY_CALLS`).
+the call is freed the moment :meth:`CallSessions.run_call` returns, and the
+server can run full collections rarely (:data:`app.COLLECT_EVERY_CALLS`).
 
 Only objects reached from the call's own roots through Pipecat objects are
 touched, and only through Pipecat objects, bound methods, event handlers and
