@@ -183,15 +183,7 @@ class ModAudioStreamSerializer(FrameSerializer):
     async def serialize(self, frame: Frame) -> str | bytes | None:
         """A frame to one wire message, in the tenant's dialect."""
         if isinstance(frame, AudioRawFrame):
-            pcm = frame.audio
-            if frame.sample_rate != self.stream_rate:
-                r = self._out_resampler
-                if r is None or r.in_rate != frame.sample_rate:
-                    r = self._out_resampler = StreamResampler(frame.sample_rate, self.stream_rate)
-                pcm = r.process(pcm)
-            if not pcm:
-                return None
-            return self._dialect.encode_audio(pcm, self.stream_rate)
+            return self.encode_audio(frame.audio, frame.sample_rate)
         if isinstance(frame, InterruptionFrame):
             self._dialect.discard()
             return self._dialect.encode_clear()
@@ -200,6 +192,21 @@ class ModAudioStreamSerializer(FrameSerializer):
                 return None
             return json.dumps(frame.message, separators=(",", ":"), ensure_ascii=True)
         return None
+
+    def encode_audio(self, pcm: bytes, sample_rate: int) -> str | bytes | None:
+        """Bot audio (mono s16le at ``sample_rate``) to one wire message, or None if held.
+
+        The output transport cuts its chunks into 20 ms wire frames and encodes each
+        here, without a Pipecat frame per piece.
+        """
+        if sample_rate != self.stream_rate:
+            r = self._out_resampler
+            if r is None or r.in_rate != sample_rate:
+                r = self._out_resampler = StreamResampler(sample_rate, self.stream_rate)
+            pcm = r.process(pcm)
+        if not pcm:
+            return None
+        return self._dialect.encode_audio(pcm, self.stream_rate)
 
     def flush(self) -> list[str]:
         """Messages for audio a coalescing dialect still holds."""

@@ -33,7 +33,11 @@ from pipeswitch.transports.call_info import BadCallRequest, CallInfo, parse_call
 from pipeswitch.transports.dialects import make_dialect
 from pipeswitch.transports.handshake import HandshakeWatchdog
 from pipeswitch.transports.serializer import ModAudioStreamSerializer, pipeline_rate_for
-from pipeswitch.transports.transport import FreeSwitchCallTransport, PlaybackControl
+from pipeswitch.transports.transport import (
+    BOT_CHUNK_10MS,
+    FreeSwitchCallTransport,
+    PlaybackControl,
+)
 
 if TYPE_CHECKING:
     from loguru import Logger
@@ -326,7 +330,7 @@ class CallServer:
             audio_in_sample_rate=prate,
             audio_out_enabled=True,
             audio_out_sample_rate=prate,
-            audio_out_10ms_chunks=2,  # 20 ms frames, as FreeSWITCH plays them
+            audio_out_10ms_chunks=BOT_CHUNK_10MS,  # written as 20 ms wire frames
             audio_out_end_silence_secs=0,
         )
         return FreeSwitchCallTransport(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from aiohttp import WSMessage, WSMsgType
@@ -30,6 +30,7 @@ from pipecat.frames.frames import (
     OutputTransportMessageFrame,
     OutputTransportMessageUrgentFrame,
     StartFrame,
+    TTSStoppedFrame,
     TTSTextFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
@@ -41,6 +42,7 @@ from pipeswitch.transports import metrics
 from pipeswitch.transports.call_events import DtmfDeduplicator, keypad_entry
 from pipeswitch.transports.call_info import CallInfo
 from pipeswitch.transports.frames import CallMetadataFrame, PlaybackFinishedFrame
+from pipeswitch.transports.pacer import PlayoutLane
 from pipeswitch.transports.serializer import ModAudioStreamSerializer
 
 # How long a closing call waits for queued audio to finish playing at the far end.
@@ -52,6 +54,13 @@ CLOSE_HANDSHAKE_SECS = 2.0
 CLOSE_HANDSHAKE_GONE_SECS = 0.25
 # A gap longer than one 20 ms frame in the middle of an utterance is an underrun.
 UNDERRUN_SECS = 0.02
+# Bot audio leaves in 20 ms wire frames, as FreeSWITCH plays them. Pipecat's media sender
+# hands the transport chunks of up to BOT_CHUNK_10MS x 10 ms: its per-chunk machinery (a
+# task and a timer for the queue get, another for the write) then runs once per 100 ms
+# instead of once per frame. Audio that trickles in is not held back to fill a chunk:
+# whole frames are queued as soon as the sender would otherwise wait (_queue_whole_frames).
+WIRE_FRAME_SECS = 0.02
+BOT_CHUNK_10MS = 10
 # Coalescing dialects flush when no new audio arrived for this long (end of a TTS burst).
 FLUSH_IDLE_SECS = 0.03
 # Pipecat broadcasts a BotSpeakingFrame every 0.2 s while the bot talks: up and down
@@ -235,6 +244,17 @@ class FreeSwitchCallTransport(BaseTransport):
                 self.log.info("close handshake incomplete: {}", exc)
         await self._mark_closed(code, reason)
 
+    def write_backlog(self) -> int:
+        """Bytes written to the socket that the kernel has not taken yet (0 if unknown).
+
+        The playout clock skips a call whose peer stopped reading rather than block on
+        it. aiohttp's socket keeps its asyncio transport on its writer; other sockets
+        (UDP media) never block.
+        """
+        writer = getattr(self.ws, "_writer", None)
+        tr = getattr(writer, "transport", None)
+        return tr.get_write_buffer_size() if tr is not None else 0
+
     def release(self) -> None:
         """Forget everything once the server is done with the call (its last step).
 
@@ -415,8 +435,13 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         super().__init__(params, **kw)
         self._t = transport
         self._lead = transport.serializer.playout_lead_secs
-        # Wall-clock time at which the far end finishes playing what we have sent.
-        self._play_until = 0.0
+        # Streaming dialects: encoded 20 ms frames wait here for the process's playout
+        # clock (transports/pacer.py), which also keeps the far end's play-out time.
+        self._lane = PlayoutLane(
+            transport.send, self._on_sent, self._lead, backlog=transport.write_backlog
+        )
+        # Whether the chunk being written may be cut by a barge-in (Pipecat's flag).
+        self._writing_interruptible = True
         self._audio_since_clear = False
         self._flush_handle: asyncio.TimerHandle | None = None
         # The utterance being played (a sentence's text arrives just before its audio)
@@ -430,6 +455,15 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         # Called with the prompt's audio (the greeting) as it is written: it bypasses the
         # pipeline's audio_out_filter, and an echo canceller must still hear it.
         self.prompt_tap: Callable[[bytes, int], None] | None = None
+
+    @property
+    def _play_until(self) -> float:
+        """Wall-clock time at which the far end finishes playing what we have sent."""
+        return self._lane.play_until
+
+    @_play_until.setter
+    def _play_until(self, value: float) -> None:
+        self._lane.play_until = value
 
     async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         await super().setup(setup)
@@ -452,15 +486,16 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
 
     async def _play_prompt(self, pcm: bytes, sample_rate: int, text: str) -> None:
         self._sentence, self._sentence_secs, self._sentence_outside = text, 0.0, True
-        step = int(sample_rate * 0.02) * 2
+        step = self._wire_step(sample_rate, 1) * BOT_CHUNK_10MS // 2
         for i in range(0, len(pcm), step):
             frame = OutputAudioRawFrame(
                 audio=pcm[i : i + step], sample_rate=sample_rate, num_channels=1
             )
+            if self.prompt_tap is not None:
+                # As it is handed over, like the output filter: its first frame leaves now.
+                self.prompt_tap(frame.audio, sample_rate)
             if not await self._write(frame):
                 return
-            if self.prompt_tap is not None:
-                self.prompt_tap(frame.audio, sample_rate)
         await self._flush()
         self._prompt_done = self._finish_sentence()
         if self._started:
@@ -496,6 +531,7 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
 
     async def cancel(self, frame: CancelFrame) -> None:
         await super().cancel(frame)
+        self._lane.clear()
         self._cancel_flush()
         if self._prompt_task is not None:
             self._prompt_task.cancel()
@@ -503,6 +539,8 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         if isinstance(frame, InterruptionFrame):
+            if self._writing_interruptible:
+                self._lane.clear()  # nothing more of the cut reply leaves from here on
             await self._report_interrupted()
         await super().process_frame(frame, direction)
         if isinstance(frame, InterruptionFrame):
@@ -543,8 +581,9 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
 
     def queued_secs(self) -> float:
         """Audio sent that the far end has not played yet, whatever the dialect (a tool
-        that hangs up or transfers after an announcement waits this long)."""
-        return max(0.0, self._play_until - time.monotonic())
+        that hangs up or transfers after an announcement waits this long), and what
+        waits in the playout lane to be sent."""
+        return max(0.0, self._play_until - time.monotonic()) + self._lane.pending_secs
 
     async def _report_interrupted(self) -> None:
         """Report how much of the cut utterance reached the caller (a playback fact)."""
@@ -571,12 +610,67 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         if self._prompt_task is not None and not self._prompt_task.done():
             await asyncio.wait({self._prompt_task})  # the pipeline speaks after the greeting
-        return await self._write(frame)
+        ok = await self._write(frame)
+        sender = self._media_senders.get(frame.transport_destination)
+        if ok and sender is not None and not sender._audio_queue.has_frame(OutputAudioRawFrame):
+            # The sender is about to wait for a full chunk: hand it the whole frames it holds.
+            await self._queue_whole_frames(sender)
+        return ok
 
     async def _handle_frame(self, frame: Frame) -> None:
-        if isinstance(frame, OutputAudioRawFrame) and await self._write_first_now(frame):
+        sender = self._media_senders.get(frame.transport_destination)
+        if isinstance(frame, OutputAudioRawFrame):
+            if await self._write_first_now(frame):
+                return
+            await super()._handle_frame(frame)
+            if sender is not None and self._sender_idle(sender):
+                await self._queue_whole_frames(sender)
             return
+        if sender is not None and not isinstance(frame, (InterruptionFrame, TTSStoppedFrame)):
+            # Audio that arrived before this frame (a sentence's text) plays before it.
+            await self._queue_whole_frames(sender)
         await super()._handle_frame(frame)
+
+    @staticmethod
+    def _sender_idle(sender: BaseOutputTransport.MediaSender) -> bool:
+        """No audio queued and nothing being written: new audio would wait for a chunk."""
+        queue = sender._audio_queue
+        in_flight: int = getattr(queue, "_unfinished_tasks", 1) - queue.qsize()
+        return not in_flight and not queue.has_frame(OutputAudioRawFrame)
+
+    async def _queue_whole_frames(self, sender: BaseOutputTransport.MediaSender) -> None:
+        """Queue the whole 20 ms frames the sender holds short of a full chunk.
+
+        Pipecat's sender queues audio only in full chunks (and the rest at TTSStopped).
+        A provider that streams at about real time would leave the far end dry while a
+        100 ms chunk fills; whole frames go now, a partial one waits for more audio.
+        """
+        runs = sender._audio_runs
+        if not runs:
+            return
+        step = self._wire_step(sender.sample_rate, self._params.audio_out_channels)
+        total = sum(len(audio) for audio, _ in runs)
+        take = total - total % step
+        if take <= 0:
+            return
+        chunk = bytearray()
+        uninterruptible = False
+        while len(chunk) < take:
+            audio, flag = runs[0]
+            uninterruptible = uninterruptible or flag
+            need = take - len(chunk)
+            if len(audio) <= need:
+                chunk += audio
+                runs.popleft()
+            else:
+                chunk += audio[:need]
+                del audio[:need]
+        await sender._enqueue_audio_chunk(bytes(chunk), uninterruptible)
+
+    @staticmethod
+    def _wire_step(sample_rate: int, channels: int) -> int:
+        """Bytes in one 20 ms wire frame."""
+        return int(sample_rate * WIRE_FRAME_SECS) * 2 * channels
 
     async def _write_first_now(self, frame: OutputAudioRawFrame) -> bool:
         """Bot audio straight to the wire while the sender is idle and the lead has room.
@@ -592,8 +686,8 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         the rest is queued as usual, behind them.
         """
         sender = self._media_senders.get(frame.transport_destination)
-        step = self.audio_chunk_size
-        secs = step / (2 * frame.sample_rate * frame.num_channels)
+        step = self._wire_step(frame.sample_rate, frame.num_channels)
+        secs = WIRE_FRAME_SECS
         queue = sender._audio_queue if sender is not None else None
         ahead: list[Frame] = list(getattr(queue, "_queue", ())) if queue is not None else []
         # Frames taken by the audio task but not handled yet count too (task_done after).
@@ -627,6 +721,7 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
             off += step
         if off < len(frame.audio):
             await sender.handle_audio_frame(_piece(frame, frame.audio[off:]))
+            await self._queue_whole_frames(sender)  # the sender is idle: no chunk to fill
         return True
 
     def _fits_lead(self, secs: float) -> bool:
@@ -635,39 +730,72 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         return max(self._play_until, now) + secs - self._lead <= now + 1e-3
 
     async def _write(self, frame: OutputAudioRawFrame) -> bool:
+        """Write a chunk of bot audio as 20 ms wire frames, paced to the far end.
+
+        Streaming dialects hand the frames to the call's playout lane and wait once for
+        the chunk; a barge-in drops what of an interruptible chunk has not left yet.
+        """
         t = self._t
         if not t.is_open:
             return False
-        step = int(frame.sample_rate * 0.02) * 2 * frame.num_channels
-        short = len(frame.audio) % step
-        if short and t.serializer.streaming:
-            # Playback builds consume whole 20 ms frames: a partial one at the end of an
-            # utterance would sit in their buffer until the next utterance. Pad it.
-            frame = OutputAudioRawFrame(
-                audio=frame.audio + bytes(step - short),
-                sample_rate=frame.sample_rate,
-                num_channels=frame.num_channels,
-            )
-        payload = await t.serializer.serialize(frame)
-        if payload is not None and not await t.send(payload):
-            return False
-        nbytes = len(frame.audio)
-        secs = nbytes / (2 * frame.sample_rate * frame.num_channels)
+        audio = frame.audio
+        rate, channels = frame.sample_rate, frame.num_channels
+        if not t.serializer.streaming:
+            return await self._write_piece(audio, rate, channels)
+        step = self._wire_step(rate, channels)
+        end = len(audio)
+        if end > step and self._ends_speech(frame):
+            # Pipecat pads the last chunk of a reply with silence to a full chunk: send
+            # the frames that carry speech, not up to 80 ms of padding after them.
+            while end - step > 0 and audio.count(0, end - step, end) == step:
+                end -= step
+        pieces: list[tuple[str | bytes, float]] = []
+        for off in range(0, end, step):
+            pcm = audio[off : min(off + step, end)]
+            if len(pcm) < step:
+                # Playback builds consume whole 20 ms frames: a partial one at the end of
+                # an utterance would sit in their buffer until the next utterance. Pad it.
+                pcm = pcm + bytes(step - len(pcm))
+            payload = t.serializer.encode_audio(pcm, rate)
+            if payload is not None:
+                pieces.append((payload, WIRE_FRAME_SECS))
+        self._writing_interruptible = frame.interruptible
+        try:
+            return await self._lane.play(pieces)
+        finally:
+            self._writing_interruptible = True
+
+    def _on_sent(self, secs: float, dry_secs: float) -> None:
+        """A wire frame left (the lane's report): count it and what the caller heard."""
+        t = self._t
         t.stats.audio_out_secs += secs
-        mid_utterance = self._sentence_secs > 0
+        if dry_secs > UNDERRUN_SECS and self._sentence_secs > 0:
+            # The far end ran dry in the middle of a sentence: the caller heard a gap.
+            t.stats.underruns += 1
+            metrics.PLAYBACK_UNDERRUNS.labels(t.tenant_label).inc()
         self._sentence_secs += secs
         self._audio_since_clear = True
-        if not t.serializer.streaming:
-            self._arm_flush()
-        # Pace: keep at most `lead` of audio queued at the far end.
+
+    def _ends_speech(self, frame: OutputAudioRawFrame) -> bool:
+        """Whether the sender's next frame ends the bot's turn (its chunk was padded)."""
+        sender = self._media_senders.get(frame.transport_destination)
+        ahead: Sequence[Frame] = getattr(sender._audio_queue, "_queue", ()) if sender else ()
+        return bool(ahead) and isinstance(ahead[0], (TTSStoppedFrame, EndFrame))
+
+    async def _write_piece(self, pcm: bytes, rate: int, channels: int) -> bool:
+        """Coalescing dialects: hand audio to the serializer, wait while the far end is
+        more than the (seconds-long) lead ahead."""
+        t = self._t
+        payload = t.serializer.encode_audio(pcm, rate)
+        if payload is not None and not await t.send(payload):
+            return False
+        secs = len(pcm) / (2 * rate * channels)
+        t.stats.audio_out_secs += secs
+        self._sentence_secs += secs
+        self._audio_since_clear = True
+        self._arm_flush()
         now = time.monotonic()
-        if self._play_until < now:
-            if mid_utterance and t.serializer.streaming and now - self._play_until > UNDERRUN_SECS:
-                # The far end ran dry in the middle of a sentence: the caller heard a gap.
-                t.stats.underruns += 1
-                metrics.PLAYBACK_UNDERRUNS.labels(t.tenant_label).inc()
-            self._play_until = now  # the far end ran dry (or this is a new utterance)
-        self._play_until += secs
+        self._play_until = max(self._play_until, now) + secs
         wait = self._play_until - self._lead - now
         if wait > 0:
             await asyncio.sleep(wait)
@@ -676,6 +804,8 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
     async def _stop_playback(self) -> None:
         """Barge-in: drop buffered audio and tell FreeSWITCH to stop playing."""
         self._cancel_flush()
+        if self._writing_interruptible:
+            self._lane.clear()
         if self._prompt_task is not None and not self._prompt_task.done():
             self._prompt_task.cancel()
         self._play_until = 0.0

@@ -27,6 +27,8 @@ from pipecat.frames.frames import (
     InterruptionFrame,
     OutputAudioRawFrame,
     TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
     TTSTextFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
@@ -40,7 +42,7 @@ from pipeswitch.transports.call_info import CallInfo
 from pipeswitch.transports.dialects import make_dialect
 from pipeswitch.transports.frames import PlaybackFinishedFrame
 from pipeswitch.transports.serializer import ModAudioStreamSerializer
-from pipeswitch.transports.transport import FreeSwitchCallTransport
+from pipeswitch.transports.transport import BOT_CHUNK_10MS, FreeSwitchCallTransport
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -135,7 +137,7 @@ async def fake_call_factory() -> AsyncIterator[Any]:
             audio_in_sample_rate=RATE,
             audio_out_enabled=True,
             audio_out_sample_rate=RATE,
-            audio_out_10ms_chunks=2,
+            audio_out_10ms_chunks=BOT_CHUNK_10MS,
             audio_out_end_silence_secs=0,
         )
         playback = BreakRecorder()
@@ -320,12 +322,49 @@ async def test_the_first_chunk_of_a_reply_is_written_at_once_the_rest_in_order(
     await _wait(lambda: len(call.audio()) == 5)
     assert [m[0] for _, m in call.audio()] == [1, 2, 3, 4, 5]
     # The first 60 ms (the binary playout lead) left from the transport's own frame
-    # path, not the audio task's queue; the rest queued behind them.
-    assert queued == [False, False, False, True, True]
+    # path, not the audio task's queue; the rest queued behind them, as one chunk of
+    # whole frames (not held back until a full 100 ms chunk).
+    assert queued == [False, False, False, True]
     await _wait(lambda: call.after_output.of(BotStartedSpeakingFrame))
     # With the lead full, the next delta waits its turn in the queue.
     await call.worker.queue_frame(TTSAudioRawFrame(audio=delta, sample_rate=RATE, num_channels=1))
     await _wait(lambda: len(call.audio()) == 10)
-    assert queued[5:] == [True] * 5
+    assert queued[4:] == [True]  # one 100 ms chunk, five wire frames
     assert [m[0] for _, m in call.audio()][5:] == [1, 2, 3, 4, 5]
     assert len(call.after_output.of(BotStartedSpeakingFrame)) == 1
+
+
+async def test_audio_that_trickles_in_is_not_held_back_to_fill_a_chunk(
+    fake_call_factory: Any,
+) -> None:
+    """A provider streaming a little faster than real time (20 ms every 15 ms): each
+    frame goes out as it comes, not once Pipecat's sender has a whole 100 ms chunk."""
+    call: FakeCall = await fake_call_factory("trickle-1", "json-stream")
+    out = call.transport.output()
+    await _wait(lambda: None in out._media_senders)
+    tone = b"\x10\x20" * (FRAME_BYTES // 2)
+    for _ in range(40):
+        await call.worker.queue_frame(TTSAudioRawFrame(audio=tone, sample_rate=RATE, num_channels=1))
+        await asyncio.sleep(0.015)
+    await _wait(lambda: len(call.texts()) == 40)
+    arrivals = [t for t, _ in call.received]
+    # Held for a chunk, the far end would sit dry ~55 ms after the first frame.
+    assert max(b - a for a, b in zip(arrivals, arrivals[1:], strict=False)) < 0.045
+
+
+async def test_the_silence_padding_after_a_reply_is_not_sent(fake_call_factory: Any) -> None:
+    """Pipecat pads a reply's last chunk to a full chunk (up to 80 ms of silence here):
+    the wire gets the frames with speech in them, the last one padded to 20 ms."""
+    call: FakeCall = await fake_call_factory("pad-1", "binary")
+    out = call.transport.output()
+    await _wait(lambda: None in out._media_senders)
+    speech = b"\x10\x20" * (FRAME_BYTES * 13 // 4)  # 130 ms: 6.5 wire frames
+    await call.worker.queue_frame(TTSStartedFrame())
+    await call.worker.queue_frame(TTSAudioRawFrame(audio=speech, sample_rate=RATE, num_channels=1))
+    await call.worker.queue_frame(TTSStoppedFrame())
+    await _wait(lambda: len(call.audio()) >= 7)
+    await asyncio.sleep(0.2)
+    frames = [m for _, m in call.audio()]
+    assert len(frames) == 7 and all(len(m) == FRAME_BYTES for m in frames)
+    assert frames[-1][: FRAME_BYTES // 2] == speech[-FRAME_BYTES // 2 :]  # speech, then pad
+    assert frames[-1][FRAME_BYTES // 2 :] == bytes(FRAME_BYTES // 2)
