@@ -34,6 +34,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_fault_arguments(sub.add_parser("faults", help="provider fault matrix: what callers hear"))
 
     add_soak_arguments(sub.add_parser("soak", help="sequential calls: RSS, tasks, fds over time"))
+    from pipeswitch.bench.playout import add_playout_arguments
+
+    add_playout_arguments(sub.add_parser("playout", help="CPU of the bot-audio path alone"))
 
 
 async def run_bench(args: argparse.Namespace) -> int:
@@ -58,6 +61,10 @@ async def run_bench(args: argparse.Namespace) -> int:
         from pipeswitch.bench.soak import run_soak
 
         return await run_soak(args)
+    if args.bench_command == "playout":
+        from pipeswitch.bench.playout import run_playout
+
+        return await run_playout(args)
     raise SystemExit(f"unknown bench command {args.bench_command!r}")
 
 

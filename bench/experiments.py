@@ -23,6 +23,8 @@ EXPERIMENTS: dict[str, str] = {
     "one call's cycles) against json-stream's 20 ms lead, more of them",
     "keep-call-cycles": "finished calls left whole (not taken apart by pipelines/dismantle.py) "
     "and a full collection every 4 ended calls, as before 1 Dec 2026",
+    "collect-every-16": "a full collection every 16 ended calls while calls run, as from 1 Dec "
+    "2026 until the Deepgram SDK client was unlinked (now every 256)",
 }
 
 
@@ -92,9 +94,16 @@ def _keep_call_cycles() -> None:
     app.COLLECT_EVERY_CALLS = 4
 
 
+def _collect_every_16() -> None:
+    import pipeswitch.pipelines.app as app
+
+    app.COLLECT_EVERY_CALLS = 16
+
+
 _PATCHES: dict[str, Callable[[], None]] = {
     "stt-batch-100ms": _stt_batch,
     "gc-gen2-rare": _gc_gen2_rare,
     "gc-every-call": _gc_every_call,
     "keep-call-cycles": _keep_call_cycles,
+    "collect-every-16": _collect_every_16,
 }

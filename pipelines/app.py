@@ -170,12 +170,14 @@ def endpoints_with_local(ep: ProviderEndpoints, models: LocalModelServers) -> Pr
 
 # Ended calls between two full collections while calls run (and at every idle moment).
 # A full collection stalls every call for as long as it takes to traverse the live calls'
-# objects (~0.8 ms a call here, 30-60 ms at 20-40 calls: longer than json-stream's 20 ms
+# objects (~1.5 ms a call here: 30-70 ms at 20-40 calls, longer than json-stream's 20 ms
 # playout lead, so every one is heard as a gap). Finished calls are taken apart
-# (pipelines/dismantle.py) and leave ~120 objects in cycles instead of ~1,700 - mostly
-# SDK clients' own cycles (Deepgram's per-call HTTP client, ~1 MB with its TLS context) -
-# so the collections can be 4x rarer than when they had to free whole calls (every 4).
-COLLECT_EVERY_CALLS = 16
+# (pipelines/dismantle.py) and their Deepgram SDK client unlinked
+# (services.release_sdk_client): a call leaves ~18 small objects in cycles (CPython's
+# selector-transport self-cycle, importlib.metadata's cache in the Deepgram SDK's
+# headers), a few KB, instead of ~1,700 objects and ~1 MB. So while calls run a full
+# collection is needed only rarely (it was every 4 ended calls, then every 16).
+COLLECT_EVERY_CALLS = 256
 
 
 class Pipeswitch:
@@ -448,8 +450,9 @@ class Pipeswitch:
         :data:`COLLECT_EVERY_CALLS` ended calls while others run.
 
         A call used to leave ~1,700 objects in cycles (Pipecat processors, tasks, event
-        handlers) holding its buffers and sockets; taken apart it leaves ~120. With start-up frozen and the thresholds at
-        (700, 10, 100), a full collection comes only every ~700 k net allocations: under
+        handlers) holding its buffers and sockets; taken apart it leaves ~18. With start-up
+        frozen and the thresholds at (700, 10, 100), a full collection comes only every
+        ~700 k net allocations: before calls were taken apart, under
         continuous load (a server never idle) RSS climbed ~1 MB and one descriptor per call
         for 300 calls (``bench soak --concurrency 5``: 210 -> 608 MB, 36 -> 324 fds in
         10 minutes) until the idle point. A full collection now costs only the live calls

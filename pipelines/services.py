@@ -145,6 +145,23 @@ def make_stt(tenant: Tenant, ep: ProviderEndpoints, sample_rate: int) -> STTServ
     )
 
 
+def release_sdk_client(stt: object) -> None:
+    """Let a finished call's Deepgram SDK client be freed by reference counting.
+
+    Pipecat's ``DeepgramSTTService`` builds an SDK client per call (an httpx client
+    and its TLS context, ~1 MB) that the streaming socket never uses. The SDK's
+    wrapper holds that HTTP client, which holds the wrapper's bound methods: a
+    reference cycle, so each call's client waited for a full collection, which
+    stalls every other call. Unlinking the HTTP client breaks the cycle. Only for a
+    call whose pipeline is over (the client is not shared).
+    """
+    if type(stt) is not DeepgramSTTService:
+        return
+    wrapper = getattr(getattr(stt, "_client", None), "_client_wrapper", None)
+    if wrapper is not None and hasattr(wrapper, "httpx_client"):
+        wrapper.httpx_client = None
+
+
 def stt_failover(stt: STTService, tenant: Tenant, ep: ProviderEndpoints, sample_rate: int) -> Any:
     """A ``() -> awaitable[bool]`` that moves ``stt`` to ``providers.stt_fallback_url``
     (once; False when there is none or it already moved), or None.
@@ -166,6 +183,7 @@ def stt_failover(stt: STTService, tenant: Tenant, ep: ProviderEndpoints, sample_
         moved = True
         at_url = replace(ep, deepgram_url=url)
         twin = await asyncio.to_thread(make_stt, tenant, at_url, sample_rate)
+        release_sdk_client(stt)  # the first endpoint's client is done with
         stt._client = twin._client  # type: ignore[attr-defined]
         return True
 

@@ -39,7 +39,7 @@ from pipeswitch.pipelines.greeting_cache import GreetingCache
 from pipeswitch.pipelines.local.warm import llm_warm_body
 from pipeswitch.pipelines.piper_client import WavError
 from pipeswitch.pipelines.recovery import install_apology, is_provider, watchdog_of
-from pipeswitch.pipelines.services import CALL_LOOP, ProviderEndpoints
+from pipeswitch.pipelines.services import CALL_LOOP, ProviderEndpoints, release_sdk_client
 from pipeswitch.pipelines.tenancy import endpoints_for_tenant
 from pipeswitch.pipelines.tracing import tracing_wanted
 from pipeswitch.transports import metrics
@@ -386,5 +386,7 @@ class CallSessions:
                 # Freed by reference counting as this returns, not by a full collection
                 # that would stall every other call (pipelines/dismantle.py). The
                 # transport stays whole: the server closes it after this returns.
+                for part in cp.parts.values():
+                    release_sdk_client(part)
                 roots = (worker, runner, cp, transport.input(), transport.output())
                 dismantle(roots, keep=(transport,), inspect=cp.parts.values())

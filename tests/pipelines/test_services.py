@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 from pipecat.frames.frames import LLMContextFrame, LLMFullResponseEndFrame, LLMTextFrame
@@ -13,8 +15,11 @@ from pipeswitch.config.tenants import ProviderSettings, Tenant
 from pipeswitch.pipelines.emulated import endpoints_for
 from pipeswitch.pipelines.services import (
     DEFAULT_FALLBACK_MODELS,
+    ProviderEndpoints,
     make_fallback_llm,
     make_llm,
+    make_stt,
+    release_sdk_client,
     tls_context,
 )
 from tests.emulators.helpers import running_pipeline
@@ -53,3 +58,30 @@ async def test_calls_share_one_tls_context_and_still_stream() -> None:
     assert groq.model == _tenant().providers.llm_model
     assert openai.model == DEFAULT_FALLBACK_MODELS["openai"]
     assert groq.messages[0] == {"role": "system", "content": _tenant().system_prompt}
+
+
+def test_a_finished_calls_deepgram_client_is_freed_without_a_collection() -> None:
+    """Pipecat builds a Deepgram SDK client per call (an HTTP client and its TLS context);
+    the SDK's wrapper and that client point at each other. Released, it goes as soon
+    as the call lets go of it; left as it is, only a full collection frees it."""
+    ep = ProviderEndpoints(
+        mode="real", piper_url="", deepgram_api_key="k", deepgram_url="http://127.0.0.1:9"
+    )
+    tenant = Tenant(name="t")
+    freed: dict[bool, bool] = {}
+    gc.collect()
+    gc.disable()
+    try:
+        for release in (True, False):
+            stt = make_stt(tenant, ep, 8000)
+            wrapper = stt._client._client_wrapper  # type: ignore[attr-defined]
+            http = weakref.ref(wrapper.httpx_client.httpx_client)
+            del wrapper
+            if release:
+                release_sdk_client(stt)
+            stt._client = None  # type: ignore[attr-defined]  # what taking the call apart does
+            freed[release] = http() is None
+    finally:
+        gc.enable()
+    assert freed == {True: True, False: False}
+    gc.collect()
