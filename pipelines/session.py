@@ -237,6 +237,9 @@ class CallSessions:
         latency = UserBotLatencyObserver()
         provider_metrics = metrics.ProviderMetricsObserver(tenant.name)
         traced = tracing_wanted(self.settings)
+        # Observers from outside (the console, tests) may be read after the call: taking
+        # the call apart leaves their data (pipelines/dismantle.py, ``inspect``).
+        extra_observers = [o for make in self.observer_factories for o in make(call, tenant)]
         worker = PipelineWorker(
             cp.pipeline,
             params=PipelineParams(
@@ -248,7 +251,7 @@ class CallSessions:
             observers=[
                 latency,
                 provider_metrics,
-                *(o for make in self.observer_factories for o in make(call, tenant)),
+                *extra_observers,
             ],
             enable_rtvi=False,
             # Pipecat's turn tracker observes every frame push; only tracing reads it.
@@ -389,4 +392,5 @@ class CallSessions:
                 for part in cp.parts.values():
                     release_sdk_client(part)
                 roots = (worker, runner, cp, transport.input(), transport.output())
-                dismantle(roots, keep=(transport,), inspect=cp.parts.values())
+                readable = [*cp.parts.values(), *extra_observers]
+                dismantle(roots, keep=(transport,), inspect=readable)
