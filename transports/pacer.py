@@ -42,7 +42,6 @@ class PlayoutLane:
     """
 
     __slots__ = (
-        "__weakref__",
         "_drained",
         "_frames",
         "_pacer",
@@ -151,7 +150,7 @@ class PlayoutPacer:
         self._wake: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._wake_at = float("inf")
-        # Rounds run and frames sent: the bench reads them.
+        # Rounds run (one per wake-up): the bench reads them.
         self.rounds = 0
 
     @classmethod

@@ -632,11 +632,15 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         await super()._handle_frame(frame)
 
     @staticmethod
-    def _sender_idle(sender: BaseOutputTransport.MediaSender) -> bool:
+    def _in_flight(queue: asyncio.Queue[Any]) -> int:
+        """Frames the audio task has taken but not finished (``task_done`` comes after)."""
+        unfinished: int = getattr(queue, "_unfinished_tasks", 1)
+        return unfinished - queue.qsize()
+
+    def _sender_idle(self, sender: BaseOutputTransport.MediaSender) -> bool:
         """No audio queued and nothing being written: new audio would wait for a chunk."""
         queue = sender._audio_queue
-        in_flight: int = getattr(queue, "_unfinished_tasks", 1) - queue.qsize()
-        return not in_flight and not queue.has_frame(OutputAudioRawFrame)
+        return not self._in_flight(queue) and not queue.has_frame(OutputAudioRawFrame)
 
     async def _queue_whole_frames(self, sender: BaseOutputTransport.MediaSender) -> None:
         """Queue the whole 20 ms frames the sender holds short of a full chunk.
@@ -690,8 +694,7 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         secs = WIRE_FRAME_SECS
         queue = sender._audio_queue if sender is not None else None
         ahead: list[Frame] = list(getattr(queue, "_queue", ())) if queue is not None else []
-        # Frames taken by the audio task but not handled yet count too (task_done after).
-        in_flight: int = getattr(queue, "_unfinished_tasks", 1) - len(ahead)
+        in_flight = self._in_flight(queue) if queue is not None else 1
         if (
             sender is None
             or queue is None
