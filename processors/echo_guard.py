@@ -290,15 +290,22 @@ class EchoGuardCore:
         """The echo level expected in the caller frame ending ``now`` (None: no bot)."""
         slot = round(now / _SLOT)
         bot = self._bot
+        window = [bot[s] for s in range(slot - self._n_lags, slot + 1) if s in bot]
+        if not window:
+            return None
+        cautious = max(window) + self.p.initial_erl_db + 4.0
         path = self.path
         if path is None:
-            levels = [bot[s] for s in range(slot - self._n_lags, slot + 1) if s in bot]
-            return max(levels) + self.p.initial_erl_db + 4.0 if levels else None
+            return cautious
         lag = round(path[0] / _SLOT)
         levels = [bot[s] for s in range(slot - lag - 1, slot - lag + 2) if s in bot]
         if not levels:
             return None
-        return max(levels) + path[1] + self.p.spread_factor * path[2]
+        # Learning may only make a barge-in easier than the cautious rule. Soft caller
+        # speech under the threshold is learnt as if it were echo; a "path" fitted to
+        # it wanders by tens of dB and would put the threshold above full scale, so a
+        # caller who spoke over the greeting could never be heard until it ended.
+        return min(cautious, max(levels) + path[1] + self.p.spread_factor * path[2])
 
     def _learn(self, now: float, level: float) -> None:
         slot = round(now / _SLOT)

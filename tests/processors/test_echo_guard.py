@@ -100,6 +100,27 @@ def test_caller_over_bot_barges_in_after_min_speech() -> None:
     assert core.stats.barge_ins == 1
 
 
+def test_soft_speech_learnt_as_echo_never_raises_the_bar_above_the_cautious_rule() -> None:
+    # The caller talks over the greeting, a little softer than the bot, on a line with
+    # no echo: what falls under the threshold is learnt as if it were echo, and the
+    # "path" fitted to their voice says the echo is nearly as loud as the bot.
+    core = EchoGuardCore()
+    bot_levels = speech_envelope(200, seed=3)
+    for lv in bot_levels:
+        core.bot_audio(0.0, F, lv)
+    caller = [-96.0] * 10 + [lv - 4.0 for lv in speech_envelope(110, seed=7)]
+    run_frames(core, 0.0, caller)
+    assert core.path is not None
+    # Still over the bot: speech louder than the loudest bot audio in the delay window
+    # by the margin interrupts, as it would have before anything was learnt.
+    t = len(caller) * F
+    cautious = max(bot_levels) + core.p.initial_erl_db + 4.0
+    echo = core.expected_echo(t + F)
+    assert echo is not None and echo <= cautious + 1e-9
+    loud = cautious + core.p.echo_margin_db + 1.0
+    assert Verdict.BARGE_IN in run_frames(core, t, [loud] * 10)
+
+
 def test_short_burst_over_bot_is_rejected() -> None:
     core = EchoGuardCore()
     bot_speaks(core, 0.0, 4.0)
