@@ -169,6 +169,7 @@ async def _run_step(
         ),
     }
     st["workers"] = worker_figures(sr.loaded, sr.server_health)
+    st["piper"] = sr.extra.get("piper")
     st["why_not"] = evaluate(st, args.overhead_budget_ms)
     st["holds"] = not st["why_not"]
     st["near_clean"] = evaluate_near_clean(st, args.overhead_budget_ms)

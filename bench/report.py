@@ -283,8 +283,8 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
         lines += [
             f"## {SERVER_LABELS.get(kind, kind)}",
             "",
-            "| N | turns (lost, premature) | wire | overhead | barge stop | server CPU (main) | Piper CPU "
-            "| RSS server / Piper | CPU / call | RSS / call | underruns [stalled loop] (playout) | max gap "
+            "| N | turns (lost, premature) | wire | overhead | barge stop | server CPU (main) "
+            "| Piper CPU (syntheses / shared / 503s) | RSS server / Piper | CPU / call | RSS / call | underruns [stalled loop] (playout) | max gap "
             "| jitter p99 | upgrade loaded p50 / p99 (probes) | greeting | loop lag p99 / max "
             "| GC2 max | load gen CPU / lag p99 | emulators / other / VM steal CPU | holds |",
             "|" + "---|" * 20,
@@ -311,6 +311,16 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _piper_counts(p: dict[str, Any] | None) -> str:
+    """Piper's syntheses, requests that shared one, and queue-full rejections in a step."""
+    if not p:
+        return ""
+    return (
+        f" ({p.get('cache_misses', '-')} / {p.get('coalesced', '-')} / "
+        f"{p.get('rejected_queue_full', '-')})"
+    )
+
+
 def _capacity_row(st: dict[str, Any]) -> str:
     s, c, pr = st["summary"], st["connections"], st["process"]
     srv, pip = pr["loaded"].get("server", {}), pr["loaded"].get("piper", {})
@@ -325,7 +335,8 @@ def _capacity_row(st: dict[str, Any]) -> str:
         f"| {_pp(s['overhead_ms'], ('p50', 'p95'))} "
         f"| {_pp(s['barge_in']['stop_ms'], ('p50', 'p95'))} "
         f"| {_f(srv.get('cpu_pct'))} ({_f(srv.get('main_thread_cpu_pct'))}) "
-        f"| {_f(pip.get('cpu_pct'))} | {_f(srv.get('rss_mb_max'))} / {_f(pip.get('rss_mb_max'))} "
+        f"| {_f(pip.get('cpu_pct'))}{_piper_counts(st.get('piper'))} "
+        f"| {_f(srv.get('rss_mb_max'))} / {_f(pip.get('rss_mb_max'))} "
         f"| {_f(st['per_call'].get('cpu_pct'), 1)} | {_f(st['per_call'].get('rss_mb'), 1)} "
         f"| {_underruns(s)} | {_f(s['max_gap_ms'])} "
         f"| {_f((s['interarrival_p99_ms'] or {}).get('p95'), 1)} "

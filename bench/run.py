@@ -20,7 +20,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import psutil
 from loguru import logger
 
@@ -89,6 +91,36 @@ class SessionOptions:
     warmup: bool = True
     experiments: list[str] = field(default_factory=list)  # bench.experiments (Pipeswitch only)
     workers: int = 1  # Pipeswitch only: N processes on one port, as `serve --workers N`
+
+
+# Piper server counters a session reports (deltas over the loaded window and the tail).
+PIPER_COUNTERS = (
+    "requests",
+    "cache_hits",
+    "cache_misses",
+    "coalesced",
+    "rejected_queue_full",
+    "sentences",
+    "errors",
+)
+
+
+async def _piper_metrics(piper_url: str) -> dict[str, Any]:
+    """The Piper server's ``/metrics`` ({} when the server has none or it cannot be read)."""
+    if not piper_url:
+        return {}
+    parts = urlsplit(piper_url)
+    url = f"{parts.scheme}://{parts.netloc}/metrics"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+            http.get(url) as resp,
+        ):
+            data: dict[str, Any] = await resp.json()
+            return data
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        logger.warning("piper metrics unavailable at {}: {}", url, exc)
+        return {}
 
 
 @dataclass
@@ -227,6 +259,7 @@ async def run_session(
         await asyncio.sleep(opts.idle_window_s)
         idle = await idle_sampler.end()
         await server.reset()
+        piper_before = await _piper_metrics(info.piper_url)
         delay = start_delay_s + (3.0 if opts.loadgen_procs > 1 else 0.0)
         load = build_load(server.url_base, time.monotonic() + delay)
         begin, end = window(load)
@@ -250,6 +283,13 @@ async def run_session(
         await asyncio.sleep(0.5)  # let the server finish the calls' records
         calls = await server.get("/bench/calls")
         health = await server.get("/bench/health")
+        piper_after = await _piper_metrics(info.piper_url)
+        if piper_before and piper_after:
+            extra["piper"] = {
+                k: piper_after[k] - piper_before.get(k, 0)
+                for k in PIPER_COUNTERS
+                if isinstance(piper_after.get(k), int)
+            }
         streams = await asyncio.to_thread(emu.stt_streams)
         requests = await asyncio.to_thread(emu.llm_requests)
     finally:

@@ -158,6 +158,7 @@ class Metrics:
     disconnects: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    coalesced: int = 0
     queue_waits: int = 0
     queue_wait_seconds: float = 0.0
     sentences: int = 0
@@ -220,6 +221,50 @@ class QueueFullError(Exception):
     """Too many requests are waiting for a synthesis slot."""
 
 
+class Flight:
+    """One synthesis that every request for the same text shares while it runs.
+
+    Many calls ask for the same sentence at once ("Anything else?", a tenant's stock
+    answer): without this each missed the cache until the first finished, and all
+    synthesized it, filling the queue until callers got 503s. The synthesis runs in
+    its own task, so a requester that hangs up (a barge-in) does not cut the audio
+    short for the others; it stops when the last one leaves.
+    """
+
+    __slots__ = ("_changed", "done", "error", "listeners", "parts", "task")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.done = False
+        self.error: str | None = None  # "full" (not admitted) or "failed"
+        self.listeners = 0
+        self.task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    def add(self, pcm: bytes) -> None:
+        self.parts.append(pcm)
+        self._wake()
+
+    def finish(self, error: str | None = None) -> None:
+        self.done, self.error = True, error
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def follow(self) -> AsyncIterator[bytes]:
+        """The synthesis's PCM from its start, then as it is produced."""
+        i = 0
+        while True:
+            while i < len(self.parts):
+                yield self.parts[i]
+                i += 1
+            if self.done:
+                return
+            await self._changed.wait()
+
+
 class PiperServer:
     """aiohttp application around one or more loaded Piper voices."""
 
@@ -236,6 +281,7 @@ class PiperServer:
         self._waiting = 0
         self._in_flight = 0
         self._in_flight_synth = 0
+        self._flights: dict[tuple[str, int, str], Flight] = {}
         self._started = time.time()
 
     # ------------------------------------------------------------------ loading
@@ -371,51 +417,83 @@ class PiperServer:
             await resp.write_eof()
             return resp
 
-        self.metrics.cache_misses += 1
-        self._in_flight += 1
-        parts: list[bytes] = []
-        complete = False
-        try:
-            gen = self.synthesize(voice, text, rate, request.query.get("call"))
-            try:
-                async for pcm in gen:
-                    if not parts:
-                        await resp.prepare(request)
-                        await resp.write(header + pcm)
-                        self.metrics.ttfa.add(time.perf_counter() - t_start)
-                    else:
-                        await resp.write(pcm)
-                    parts.append(pcm)
-            finally:
-                await gen.aclose()
-            complete = True
-        except QueueFullError:
-            self.metrics.rejected += 1
-            return web.json_response(
-                {"error": "piper queue full"}, status=503, headers={"Retry-After": "1"}
+        flight = self._flights.get(key)
+        if flight is None:
+            self.metrics.cache_misses += 1
+            flight = Flight()
+            self._flights[key] = flight
+            flight.task = asyncio.create_task(
+                self._produce(flight, key, voice, request.query.get("call"))
             )
+        else:
+            self.metrics.coalesced += 1
+        self._in_flight += 1
+        flight.listeners += 1
+        try:
+            async for pcm in flight.follow():
+                if not resp.prepared:
+                    await resp.prepare(request)
+                    await resp.write(header + pcm)
+                    self.metrics.ttfa.add(time.perf_counter() - t_start)
+                else:
+                    await resp.write(pcm)
         except ConnectionResetError:
-            # Caller hung up (e.g. barge-in): stop synthesising the remaining sentences.
+            # Caller hung up (e.g. barge-in): the others sharing the synthesis go on.
             self.metrics.disconnects += 1
             return resp
         except asyncio.CancelledError:
             self.metrics.disconnects += 1
             raise
-        except Exception:
-            self.metrics.errors += 1
-            logger.exception("synthesis failed")
-            if not resp.prepared:
-                return web.json_response({"error": "synthesis failed"}, status=500)
-            raise
         finally:
             self._in_flight -= 1
-            if complete and len(text) <= self.cfg.cache_max_chars:
-                self.cache.put(key, b"".join(parts))
-        if not resp.prepared:  # text had no speakable sentences
-            await resp.prepare(request)
+            flight.listeners -= 1
+            if not flight.listeners and not flight.done and flight.task is not None:
+                flight.task.cancel()  # nobody left to hear the remaining sentences
+        if flight.error is not None and resp.prepared:
+            # Cut short: abort the chunked body rather than end it as if it were whole.
+            raise RuntimeError(f"synthesis of {len(text)} chars failed mid-stream")
+        if not resp.prepared:
+            if flight.error == "full":
+                self.metrics.rejected += 1
+                return web.json_response(
+                    {"error": "piper queue full"}, status=503, headers={"Retry-After": "1"}
+                )
+            if flight.error is not None:
+                return web.json_response({"error": "synthesis failed"}, status=500)
+            await resp.prepare(request)  # text had no speakable sentences
             await resp.write(header)
         await resp.write_eof()
         return resp
+
+    async def _produce(
+        self, flight: Flight, key: tuple[str, int, str], voice: LoadedVoice, call: str | None
+    ) -> None:
+        """Synthesize into ``flight``; cache the whole audio when it completes."""
+        _, rate, text = key
+        try:
+            gen = self.synthesize(voice, text, rate, call)
+            try:
+                async for pcm in gen:
+                    flight.add(pcm)
+            finally:
+                await gen.aclose()
+        except QueueFullError:
+            flight.finish("full")
+            return
+        except asyncio.CancelledError:
+            flight.finish("failed")
+            raise
+        except Exception:
+            self.metrics.errors += 1
+            logger.exception("synthesis failed")
+            flight.finish("failed")
+            return
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        flight.finish()
+        if len(text) <= self.cfg.cache_max_chars:
+            self.cache.put(key, b"".join(flight.parts))
 
     async def warm(self, texts: list[str], rate: int | None, voice_name: Any) -> dict[str, Any]:
         voice = self.resolve_voice(voice_name)
@@ -495,6 +573,7 @@ class PiperServer:
                 "disconnects": m.disconnects,
                 "cache_hits": m.cache_hits,
                 "cache_misses": m.cache_misses,
+                "coalesced": m.coalesced,
                 "cache_entries": len(self.cache),
                 "cache_bytes": self.cache.bytes,
                 "cache_evictions": self.cache.evictions,

@@ -226,3 +226,32 @@ async def test_hangup_mid_stream_stops_synthesis(piper_servers: LocalModelServer
     assert after["disconnects"] == before["disconnects"] + 1
     assert after["sentences"] - before["sentences"] < 12, "kept synthesising after hang-up"
     assert status == 200 and rms(wav_pcm(body)[0]) > 500
+
+
+async def test_identical_requests_share_one_synthesis(piper_servers: LocalModelServers) -> None:
+    """Calls asking for the same sentence at once get one synthesis, not one each (they
+    used to fill the queue until callers got 503s); one hanging up does not cut the
+    others' audio short."""
+    url = piper_servers.piper_url(8000)
+    text = "Our front desk is open until six tonight. Shall I book you in for tomorrow?"
+    async with aiohttp.ClientSession() as session:
+        before = await metrics(session, piper_servers)
+
+        async def hang_up_after_first_chunk() -> None:
+            async with session.post(url, json={"text": text}) as resp:
+                assert (await resp.content.readany()).startswith(b"RIFF")
+                resp.close()
+
+        results, _ = await asyncio.gather(
+            asyncio.gather(*(post_tts(session, url, text) for _ in range(5))),
+            hang_up_after_first_chunk(),
+        )
+        after = await metrics(session, piper_servers)
+        status, again = await post_tts(session, url, text)
+    bodies = [body for _, body in results]
+    assert all(s == 200 for s, _ in results)
+    assert len(set(bodies)) == 1 and rms(wav_pcm(bodies[0])[0]) > 500
+    assert after["cache_misses"] == before["cache_misses"] + 1
+    assert after["coalesced"] == before["coalesced"] + 5
+    assert after["sentences"] - before["sentences"] == 2  # synthesized once
+    assert status == 200 and again == bodies[0]  # and cached whole
