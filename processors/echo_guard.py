@@ -190,6 +190,11 @@ _SLOT = 0.02  # the bot timeline's resolution
 
 # Learnt frames between two recomputations of the echo path (100 ms of quiet caller).
 _PATH_EVERY = 5
+# Once this many frames were learnt (3.2 s of echo at the defaults) the path is settled:
+# one quiet frame in this many updates it (a pass over every candidate delay was 21 us
+# a frame, ~10 % of a cascade call's main-thread CPU; the statistics' memory is ~20 updates).
+_SETTLED_FRAMES = 160
+_LEARN_EVERY_SETTLED = 3
 
 
 class _LagStats:
@@ -232,6 +237,8 @@ class EchoGuardCore:
         self._n_lags = max(1, round(self.p.max_lag_secs / _SLOT)) + 1
         self._lags = [_LagStats() for _ in range(self._n_lags)]
         self._learnt = 0
+        self._quiet_frames = 0  # caller frames quiet over the bot (the learning candidates)
+        self._forgotten_to: int | None = None  # bot slots before this one are dropped
         # The learnt path, recomputed every _PATH_EVERY learnt frames rather than per frame
         # (a min over every candidate delay; the path moves slowly).
         self._path: tuple[float, float, float] | None = None
@@ -261,10 +268,20 @@ class EchoGuardCore:
         self._play_until = min(self._play_until, now)
 
     def _forget(self, now: float) -> None:
+        """Drop bot levels too old to echo now: the slots passed since the last call (a
+        scan of the whole map, which holds a reply's future slots, only after a gap)."""
         old = round(now / _SLOT) - self._n_lags - 50
-        if len(self._bot) > 4 * (self._n_lags + 50):
-            for slot in [s for s in self._bot if s < old]:
-                del self._bot[slot]
+        start = self._forgotten_to
+        if start is not None and old <= start:
+            return
+        bot = self._bot
+        if start is None or old - start > len(bot):
+            for slot in [s for s in bot if s < old]:
+                del bot[slot]
+        else:
+            for slot in range(start, old):
+                bot.pop(slot, None)
+        self._forgotten_to = old
 
     @property
     def path(self) -> tuple[float, float, float] | None:
@@ -290,22 +307,24 @@ class EchoGuardCore:
         """The echo level expected in the caller frame ending ``now`` (None: no bot)."""
         slot = round(now / _SLOT)
         bot = self._bot
-        window = [bot[s] for s in range(slot - self._n_lags, slot + 1) if s in bot]
-        if not window:
-            return None
-        cautious = max(window) + self.p.initial_erl_db + 4.0
+        cautious_erl = self.p.initial_erl_db + 4.0
         path = self.path
-        if path is None:
-            return cautious
-        lag = round(path[0] / _SLOT)
-        levels = [bot[s] for s in range(slot - lag - 1, slot - lag + 2) if s in bot]
-        if not levels:
-            return None
-        # Learning may only make a barge-in easier than the cautious rule. Soft caller
-        # speech under the threshold is learnt as if it were echo; a "path" fitted to
-        # it wanders by tens of dB and would put the threshold above full scale, so a
-        # caller who spoke over the greeting could never be heard until it ended.
-        return min(cautious, max(levels) + path[1] + self.p.spread_factor * path[2])
+        if path is not None:
+            lag = round(path[0] / _SLOT)
+            levels = [bot[s] for s in range(slot - lag - 1, slot - lag + 2) if s in bot]
+            if not levels:
+                return None
+            erl = path[1] + self.p.spread_factor * path[2]
+            if erl <= cautious_erl:
+                return max(levels) + erl
+            # Learning may only make a barge-in easier than the cautious rule. Soft caller
+            # speech under the threshold is learnt as if it were echo; a "path" fitted to
+            # it wanders by tens of dB and would put the threshold above full scale, so a
+            # caller who spoke over the greeting could never be heard until it ended.
+            window = [bot[s] for s in range(slot - self._n_lags, slot + 1) if s in bot]
+            return min(max(levels) + erl, max(levels + window) + cautious_erl)
+        window = [bot[s] for s in range(slot - self._n_lags, slot + 1) if s in bot]
+        return max(window) + cautious_erl if window else None
 
     def _learn(self, now: float, level: float) -> None:
         slot = round(now / _SLOT)
@@ -376,7 +395,9 @@ class EchoGuardCore:
             self._held = False
             self._run = self._gap = 0.0
             return Verdict.MUTE
-        self._learn(now, level)
+        self._quiet_frames += 1
+        if self._learnt < _SETTLED_FRAMES or not self._quiet_frames % _LEARN_EVERY_SETTLED:
+            self._learn(now, level)
         return Verdict.MUTE
 
     def _confirm(self, now: float) -> Verdict:
