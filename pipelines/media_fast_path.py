@@ -45,6 +45,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSet
 from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.stt_service import STTService
 
+from pipeswitch.pipelines.services import send_uncompressed
 from pipeswitch.transports.frames import CallerSpeechFrame
 from pipeswitch.transports.transport import FreeSwitchInputTransport
 
@@ -110,6 +111,7 @@ class CallerMediaFastPath:
         self._history: deque[tuple[float, bytes]] = deque(
             maxlen=max(1, round(HISTORY_SECS / stt_chunk_secs))
         )
+        self._stt_conn: object | None = None  # the STT stream last seen (a new one: undeflate)
 
     async def setup(self, setup: FrameProcessorSetup) -> None:
         """Take the pipeline rate; set up the VAD controller (Pipecat's)."""
@@ -168,6 +170,12 @@ class CallerMediaFastPath:
         chunk = bytes(self._stt_buf)
         self._stt_buf.clear()
         self._history.append((time.monotonic(), chunk))
+        conn = getattr(self._stt, "_connection", None)
+        if conn is not self._stt_conn:
+            # A new stream (the first, or after a reconnect): audio goes undeflated.
+            self._stt_conn = conn
+            if conn is not None:
+                send_uncompressed(conn)
         await self._stt.process_audio_frame(
             InputAudioRawFrame(audio=chunk, sample_rate=self._rate, num_channels=1),
             FrameDirection.DOWNSTREAM,

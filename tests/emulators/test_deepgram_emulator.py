@@ -217,3 +217,38 @@ async def test_drop_with_1011_close_is_reported() -> None:
             await stream_task
     assert "1011" in err.error
     assert emu.deepgram.streams[0].close_reason == "fault: drop_after_s"
+
+
+async def test_caller_audio_goes_undeflated_and_the_stream_still_transcribes() -> None:
+    """The SDK's client negotiates permessage-deflate (the emulator accepts, as servers
+    may); ``send_uncompressed`` makes it send audio as stored blocks, and the server
+    still reads every message of the stream."""
+    import zlib
+
+    from websockets.extensions.permessage_deflate import PerMessageDeflate
+
+    from pipeswitch.pipelines.services import send_uncompressed
+
+    async with run_emulators(_config()) as emu:
+        stt = DeepgramSTTService(api_key="emulated", base_url=emu.deepgram_url, sample_rate=SR)
+        async with running_pipeline(stt, SR) as h:
+            connection = stt._connection
+            assert connection is not None
+            [ext] = [
+                e for e in connection._websocket.extensions if isinstance(e, PerMessageDeflate)
+            ]
+            zeros = bytes(3200)
+
+            def sent_size() -> int:
+                enc = ext.encoder.copy()  # what the next message would be, on a copy
+                return len(enc.compress(zeros) + enc.flush(zlib.Z_SYNC_FLUSH))
+
+            deflated = sent_size()
+            assert send_uncompressed(connection)
+            assert deflated < 100 < len(zeros) <= sent_size()  # it did compress; not now
+            await h.stream_audio(voiced(1.0, SR))
+            silence_task = asyncio.create_task(h.stream_audio(silence(0.8, SR)))
+            [(_, frame)] = await h.down.wait_for(TranscriptionFrame, 2.0)
+            await silence_task
+    assert frame.text == "What are your opening hours?"
+    assert not send_uncompressed(object())  # nothing to change on something else
