@@ -25,6 +25,8 @@ EXPERIMENTS: dict[str, str] = {
     "and a full collection every 4 ended calls, as before 1 Dec 2026",
     "collect-every-16": "a full collection every 16 ended calls while calls run, as from 1 Dec "
     "2026 until the Deepgram SDK client was unlinked (now every 256)",
+    "deflate-caller-audio": "caller audio to Deepgram deflated by the SDK's websockets client "
+    "(its default where the server accepts), as before 1 Dec 2026 (now level 0)",
 }
 
 
@@ -100,10 +102,17 @@ def _collect_every_16() -> None:
     app.COLLECT_EVERY_CALLS = 16
 
 
+def _deflate_caller_audio() -> None:
+    import pipeswitch.pipelines.media_fast_path as fast_path
+
+    fast_path.send_uncompressed = lambda connection: False
+
+
 _PATCHES: dict[str, Callable[[], None]] = {
     "stt-batch-100ms": _stt_batch,
     "gc-gen2-rare": _gc_gen2_rare,
     "gc-every-call": _gc_every_call,
     "keep-call-cycles": _keep_call_cycles,
     "collect-every-16": _collect_every_16,
+    "deflate-caller-audio": _deflate_caller_audio,
 }
