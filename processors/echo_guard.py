@@ -321,10 +321,14 @@ class EchoGuardCore:
             # speech under the threshold is learnt as if it were echo; a "path" fitted to
             # it wanders by tens of dB and would put the threshold above full scale, so a
             # caller who spoke over the greeting could never be heard until it ended.
-            window = [bot[s] for s in range(slot - self._n_lags, slot + 1) if s in bot]
-            return min(max(levels) + erl, max(levels + window) + cautious_erl)
-        window = [bot[s] for s in range(slot - self._n_lags, slot + 1) if s in bot]
+            return min(max(levels) + erl, max(levels + self._window(slot)) + cautious_erl)
+        window = self._window(slot)
         return max(window) + cautious_erl if window else None
+
+    def _window(self, slot: int) -> list[float]:
+        """Bot levels over the whole delay window ending at ``slot``."""
+        bot = self._bot
+        return [bot[s] for s in range(slot - self._n_lags, slot + 1) if s in bot]
 
     def _learn(self, now: float, level: float) -> None:
         slot = round(now / _SLOT)
