@@ -35,6 +35,7 @@ from pipeswitch.bench.report import results_dir, write_outputs
 from pipeswitch.bench.run import ProviderProfile, SessionOptions, run_session
 from pipeswitch.bench.servers import ServerKind, wait_for_quiet_machine
 from pipeswitch.bench.stats import per_call
+from pipeswitch.pipelines.event_loop import resolve as resolve_loop
 
 SETTLE_S = 2.0  # after the ramp, before the steady window opens
 
@@ -242,7 +243,7 @@ async def run_capacity(args: argparse.Namespace) -> int:
     opts = SessionOptions(
         dialect=args.dialect,
         log_level=args.server_log_level,
-        uvloop=args.uvloop,
+        event_loop=args.loop,
         loadgen_procs=args.loadgen_procs,
         log_dir=out_dir,
         warmup=not args.no_warmup,
@@ -352,6 +353,7 @@ async def run_capacity(args: argparse.Namespace) -> int:
             "loadgen_procs": args.loadgen_procs,
             "workers": args.workers,
             "server_experiments": args.server_experiment,
+            "event_loop": resolve_loop(args.loop),
         },
         "servers": servers,
         "ceilings": ceilings,

@@ -36,6 +36,7 @@ from pipeswitch.bench.options import add_common_arguments, providers_from, serve
 from pipeswitch.bench.report import results_dir, write_outputs
 from pipeswitch.bench.run import SessionOptions, SessionResult, run_session
 from pipeswitch.bench.servers import ServerKind
+from pipeswitch.pipelines.event_loop import resolve as resolve_loop
 
 
 def add_latency_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,7 +70,7 @@ async def run_latency(args: argparse.Namespace) -> int:
     opts = SessionOptions(
         dialect=args.dialect,
         log_level=args.server_log_level,
-        uvloop=args.uvloop,
+        event_loop=args.loop,
         log_dir=out_dir,
         warmup=not args.no_warmup,
         experiments=args.server_experiment,
@@ -134,6 +135,7 @@ async def run_latency(args: argparse.Namespace) -> int:
             "providers": asdict(providers),
             "gate_overhead_p95_ms": args.gate_overhead_p95_ms,
             "server_experiments": args.server_experiment,
+            "event_loop": resolve_loop(args.loop),
         },
         "servers": results,
     }

@@ -26,7 +26,13 @@ def add_common_arguments(p: argparse.ArgumentParser, *, replies: str) -> None:
     p.add_argument("--llm-ttft-ms", default="98,217", help="Groq TTFT median,p95")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--server-log-level", default="WARNING")
-    p.add_argument("--uvloop", action="store_true", help="run the servers on uvloop")
+    p.add_argument(
+        "--loop",
+        default="auto",
+        choices=["auto", "uvloop", "asyncio"],
+        help="both servers' event loop; auto is what `pipeswitch serve` and uvicorn (Pipecat's "
+        "runner) pick: uvloop where installed",
+    )
     p.add_argument(
         "--server-experiment",
         action="append",

@@ -187,7 +187,7 @@ async def run_profile(args: argparse.Namespace) -> int:
     opts = SessionOptions(
         dialect=args.dialect,
         log_level=args.server_log_level,
-        uvloop=args.uvloop,
+        event_loop=args.loop,
         log_dir=out_dir,
         warmup=not args.no_warmup,
         experiments=args.server_experiment,

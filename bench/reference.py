@@ -29,7 +29,6 @@ line on stdout, then serves until SIGTERM / stdin EOF.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import enum
 import json
@@ -360,7 +359,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeswitch.bench.reference", description=__doc__)
     p.add_argument("--emulators", required=True, help="JSON with deepgram_url, groq_base_url")
     p.add_argument("--log-level", default="WARNING")
-    p.add_argument("--uvloop", action="store_true")
+    p.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"])
     return p.parse_args(argv)
 
 
@@ -428,11 +427,10 @@ async def _amain(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     args = _parse(argv)
-    if args.uvloop:
-        import uvloop
+    from pipeswitch.pipelines import event_loop
 
-        uvloop.install()
-    asyncio.run(_amain(args))
+    # auto: what uvicorn (Pipecat's runner) does, uvloop where installed.
+    event_loop.run(_amain(args), args.loop)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def latency_markdown(doc: dict[str, Any]) -> str:
         f"{p['providers']['stt_ttfs_ms'][1]:.0f} ms, LLM TTFT "
         f"{p['providers']['llm_ttft_ms'][0]:.0f}/{p['providers']['llm_ttft_ms'][1]:.0f} ms "
         f"(median/p95); wall {doc['wall_s']:.0f} s."
+        + (f" Event loop: {p['event_loop']}." if p.get("event_loop") else "")
         + (
             f" Server experiments (bench-only patches): {', '.join(p['server_experiments'])}."
             if p.get("server_experiments")
@@ -270,6 +271,7 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
         f"seed {p['seed']}. Budget: server overhead p95 ≤ {p['overhead_budget_ms']:.0f} ms and "
         f"zero underruns (wire gap > 40 ms while the bot talks), no lost or premature turns, no failed calls. "
         f"Wall {doc['wall_s']:.0f} s."
+        + (f" Event loop: {p['event_loop']}." if p.get("event_loop") else "")
         + (
             f" Server experiments (bench-only patches): {', '.join(p['server_experiments'])}."
             if p.get("server_experiments")

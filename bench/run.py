@@ -82,7 +82,7 @@ class SessionOptions:
 
     dialect: str = "json-stream"
     log_level: str = "WARNING"
-    uvloop: bool = False
+    event_loop: str = "auto"
     loadgen_procs: int = 1
     idle_window_s: float = 2.0
     log_dir: Path | None = None
@@ -236,7 +236,7 @@ async def run_session(
         dialect=opts.dialect,
         log_level=opts.log_level,
         log_path=log_path,
-        uvloop=opts.uvloop,
+        event_loop=opts.event_loop,
         experiments=opts.experiments,
         workers=opts.workers if kind == "pipeswitch" else 1,
     )

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from pipeswitch.bench.probe import BenchProbe, breakdown_dict, user_texts, wait_for_stop_signal
+from pipeswitch.pipelines import event_loop
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -32,7 +33,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dialect", default="json-stream", choices=["json-stream", "binary", "file"])
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--max-calls", type=int, default=1000)
-    p.add_argument("--uvloop", action="store_true")
+    p.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"])
     p.add_argument(
         "--workers",
         type=int,
@@ -183,6 +184,7 @@ async def _amain(args: argparse.Namespace) -> None:
         "policy_wait_secs": tenant.turns.complete_wait_secs,
         "experiments": experiments,
         "tenant_overrides": overrides,
+        "event_loop": event_loop.describe(),
     }
     print(json.dumps(ready), flush=True)
     try:
@@ -224,7 +226,7 @@ async def serve_workers(args: argparse.Namespace, settings: Any, tenant: Any, ep
         *("--log-level", args.log_level, "--max-calls", str(args.max_calls)),
         *("--port", str(port), "--worker"),
         *[x for name in args.experiment for x in ("--experiment", name)],
-        *(["--uvloop"] if args.uvloop else []),
+        *("--loop", args.loop),
     ]
     procs = [
         await asyncio.create_subprocess_exec(
@@ -389,11 +391,7 @@ class _MergedProbe:
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     args = _parse(argv)
-    if args.uvloop:
-        import uvloop
-
-        uvloop.install()
-    asyncio.run(_amain(args))
+    event_loop.run(_amain(args), args.loop)  # as `pipeswitch serve --loop` runs
     sys.exit(0)
 
 

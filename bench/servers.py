@@ -60,7 +60,7 @@ class ServerProcess:
         dialect: str = "json-stream",
         log_level: str = "WARNING",
         log_path: Path | None = None,
-        uvloop: bool = False,
+        event_loop: str = "auto",
         start_timeout_s: float = 90.0,
         experiments: list[str] | None = None,
         workers: int = 1,
@@ -71,7 +71,7 @@ class ServerProcess:
         self.dialect = dialect
         self.log_level = log_level
         self.log_path = log_path
-        self.uvloop = uvloop
+        self.event_loop = event_loop
         self.start_timeout_s = start_timeout_s
         self.experiments = list(experiments or [])
         self.proc: subprocess.Popen[bytes] | None = None
@@ -107,8 +107,7 @@ class ServerProcess:
                 cmd += ["--experiment", name]
             if self.workers > 1:
                 cmd += ["--workers", str(self.workers)]
-        if self.uvloop:
-            cmd.append("--uvloop")
+        cmd += ["--loop", self.event_loop]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"

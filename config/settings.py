@@ -13,6 +13,8 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ProviderMode = Literal["real", "emulated", "local"]
+# auto: uvloop where installed (pipelines/event_loop.py says why), else asyncio's own.
+EventLoopKind = Literal["auto", "uvloop", "asyncio"]
 
 
 class Settings(BaseSettings):
@@ -32,6 +34,10 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
     log_json: bool = False
+    event_loop: EventLoopKind = Field(
+        default="auto",
+        description="auto: uvloop where installed (a fifth less CPU per call), else asyncio",
+    )
     # OpenTelemetry: one trace per call, a span per turn, exported over OTLP (the [otel]
     # extra; OTEL_EXPORTER_OTLP_ENDPOINT alone also turns it on).
     tracing: bool = False

@@ -28,6 +28,7 @@ from pipeswitch.config.loaders import (
 )
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import Tenant
+from pipeswitch.pipelines import event_loop
 from pipeswitch.pipelines.compose import BuilderError, check_tenant, load_builtin_builders
 from pipeswitch.pipelines.local.models import (
     STT_MODEL_ENV,
@@ -365,11 +366,12 @@ class Pipeswitch:
         # experiment gc-gen2-rare). The cycles are still collected when the last call ends.
         gc.set_threshold(700, 10, 100)
         logger.info(
-            "pipeswitch listening on {}:{} (providers={}, models: {})",
+            "pipeswitch listening on {}:{} (providers={}, models: {}, event loop: {})",
             s.host,
             self.port,
             s.providers,
             ", ".join(self._local.children) if self._local else "shared",
+            event_loop.describe(),
         )
 
     async def _start_esl(self) -> EslClient | None:

@@ -75,6 +75,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         default=1,
         help="server processes sharing the port (one event loop per core)",
     )
+    p.add_argument(
+        "--loop",
+        choices=["auto", "uvloop", "asyncio"],
+        default=None,
+        help="event loop (default auto: uvloop where installed, or $PIPESWITCH_EVENT_LOOP)",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -86,6 +92,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "config_file": args.config,
             "providers": args.providers,
             "log_level": args.log_level,
+            "event_loop": args.loop,
         }.items()
         if v is not None
     }
@@ -196,7 +203,7 @@ LAZY_COMMANDS = {
 
 
 # Modules only the [bench] extra installs (pyproject.toml): missing, they are a usage error.
-BENCH_EXTRA_MODULES = {"psutil", "matplotlib", "tqdm", "uvloop"}
+BENCH_EXTRA_MODULES = {"psutil", "matplotlib", "tqdm"}
 
 
 def _run_lazy(name: str, argv: list[str]) -> int:
@@ -210,6 +217,10 @@ def _run_lazy(name: str, argv: list[str]) -> int:
         add_arguments(parser)
         args = parser.parse_args(argv)
         configure_logging(getattr(args, "log_level", None) or Settings().log_level)
+        if name == "demo":  # the product in-process: on the loop `serve` would use
+            from pipeswitch.pipelines import event_loop
+
+            return event_loop.run(run(args), Settings().event_loop)
         return asyncio.run(run(args))
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in BENCH_EXTRA_MODULES:
@@ -249,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_level, json=settings.log_json)
         _preflight(settings)
         _import_pipecat_quietly()
-        return asyncio.run(_serve(settings, args, argv))
+        from pipeswitch.pipelines import event_loop
+
+        return event_loop.run(_serve(settings, args, argv), settings.event_loop)
     except KeyboardInterrupt:  # a signal before the handlers were installed
         return 130
     except Exception as exc:

@@ -98,6 +98,8 @@ async def test_second_serve_refused_then_sigterm_drains_says_goodbye_and_exits(
         await call.aclose()
         log = server.log()
         assert "ended 1 calls at shutdown" in log, log[-3000:]
+        # As an operator installs it, the server runs on uvloop (pipelines/event_loop.py).
+        assert re.search(r"listening on .*event loop: uvloop \d", log), log[:3000]
         # Loud about answering any domain: at start-up, and per call with the call's uuid.
         assert re.search(r"WARNING .*ANSWERS_ANY_DOMAIN is on", log), log[:3000]
         assert re.search(r"WARNING +drain-call default .*'192\.168\.1\.10' matches no tenant", log)
@@ -118,10 +120,12 @@ async def test_second_signal_ends_now(tmp_path: Path) -> None:
         tmp_path / "serve.log",
         "--providers",
         "emulated",
-        env={"PIPESWITCH_DRAIN_TIMEOUT_SECS": "60"},
+        # The same lifecycle on asyncio's own loop (the fallback where uvloop is missing).
+        env={"PIPESWITCH_DRAIN_TIMEOUT_SECS": "60", "PIPESWITCH_EVENT_LOOP": "asyncio"},
     )
     try:
         await asyncio.to_thread(server.wait_ready)
+        assert "event loop: asyncio)" in server.log()
         call = await _call(port, "impatient")
         assert await call.wait_connected(5.0)
         await asyncio.sleep(0.5)
