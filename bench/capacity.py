@@ -124,6 +124,7 @@ async def _run_step(
             probe_every_s=probe_every,
             probe_from_s=window[0] + (probe_every or 0.0),
             probe_to_s=window[1],
+            line_noise_dbfs=args.line_noise_dbfs,
         )
 
     turns_seen = 0
@@ -171,6 +172,7 @@ async def _run_step(
     }
     st["workers"] = worker_figures(sr.loaded, sr.server_health)
     st["piper"] = sr.extra.get("piper")
+    st["vad"] = (sr.server_health or {}).get("vad")
     st["why_not"] = evaluate(st, args.overhead_budget_ms)
     st["holds"] = not st["why_not"]
     st["near_clean"] = evaluate_near_clean(st, args.overhead_budget_ms)
@@ -354,6 +356,7 @@ async def run_capacity(args: argparse.Namespace) -> int:
             "workers": args.workers,
             "server_experiments": args.server_experiment,
             "event_loop": resolve_loop(args.loop),
+            "line_noise_dbfs": args.line_noise_dbfs,
         },
         "servers": servers,
         "ceilings": ceilings,

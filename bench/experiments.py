@@ -27,6 +27,8 @@ EXPERIMENTS: dict[str, str] = {
     "2026 until the Deepgram SDK client was unlinked (now every 256)",
     "deflate-caller-audio": "caller audio to Deepgram deflated by the SDK's websockets client "
     "(its default where the server accepts), as before 1 Dec 2026 (now level 0)",
+    "vad-score-every-window": "Silero scores every window, silence included, as before 1 Dec "
+    "2026 (now windows within -60 dBFS after a reset are not scored)",
 }
 
 
@@ -108,6 +110,12 @@ def _deflate_caller_audio() -> None:
     fast_path.send_uncompressed = lambda connection: False
 
 
+def _vad_score_every_window() -> None:
+    import pipeswitch.pipelines.vad as vad
+
+    vad.QUIET_PEAK = 0  # no window has every sample within +/-0
+
+
 _PATCHES: dict[str, Callable[[], None]] = {
     "stt-batch-100ms": _stt_batch,
     "gc-gen2-rare": _gc_gen2_rare,
@@ -115,4 +123,5 @@ _PATCHES: dict[str, Callable[[], None]] = {
     "keep-call-cycles": _keep_call_cycles,
     "collect-every-16": _collect_every_16,
     "deflate-caller-audio": _deflate_caller_audio,
+    "vad-score-every-window": _vad_score_every_window,
 }

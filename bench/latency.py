@@ -101,7 +101,14 @@ async def run_latency(args: argparse.Namespace) -> int:
                     )
                     for i in range(args.calls)
                 ]
-                return LoadSpec(url_base, args.rate, args.dialect, calls, t0=t0)
+                return LoadSpec(
+                    url_base,
+                    args.rate,
+                    args.dialect,
+                    calls,
+                    t0=t0,
+                    line_noise_dbfs=args.line_noise_dbfs,
+                )
 
             def on_turn(_: TurnResult) -> None:
                 bar.update(1)
@@ -136,6 +143,7 @@ async def run_latency(args: argparse.Namespace) -> int:
             "gate_overhead_p95_ms": args.gate_overhead_p95_ms,
             "server_experiments": args.server_experiment,
             "event_loop": resolve_loop(args.loop),
+            "line_noise_dbfs": args.line_noise_dbfs,
         },
         "servers": results,
     }

@@ -178,6 +178,7 @@ class LoadSpec:
     probe_from_s: float = 0.0
     probe_to_s: float = 0.0
     temp_dir: str = field(default_factory=tempfile.gettempdir)
+    line_noise_dbfs: float | None = None  # the callers' line noise (None: digital silence)
 
     def to_json(self) -> str:
         """Serialise for a worker process."""
@@ -284,6 +285,7 @@ def _stream_config(load: LoadSpec, uuid: str) -> StreamConfig:
         # injection delay reads (it would couple arrival times to our own clock).
         voxcom_blocking_inject=False,
         temp_dir=load.temp_dir,
+        line_noise_dbfs=load.line_noise_dbfs,
     )
 
 

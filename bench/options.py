@@ -25,6 +25,14 @@ def add_common_arguments(p: argparse.ArgumentParser, *, replies: str) -> None:
     p.add_argument("--stt-ttfs-ms", default="247,298", help="Deepgram TTFS median,p95")
     p.add_argument("--llm-ttft-ms", default="98,217", help="Groq TTFT median,p95")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--line-noise-dbfs",
+        type=float,
+        default=None,
+        metavar="DBFS",
+        help="white noise under the callers' audio at this RMS level (e.g. -50: a noisy line, "
+        "above the VAD's -60 dBFS quiet gate); default digital silence between utterances",
+    )
     p.add_argument("--server-log-level", default="WARNING")
     p.add_argument(
         "--loop",

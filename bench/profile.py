@@ -211,7 +211,14 @@ async def run_profile(args: argparse.Namespace) -> int:
             for i in range(n)
         ]
         return LoadSpec(
-            url_base, args.rate, args.dialect, calls, t0=t0, deadline_s=end, hangup_s=end + 12
+            url_base,
+            args.rate,
+            args.dialect,
+            calls,
+            t0=t0,
+            deadline_s=end,
+            hangup_s=end + 12,
+            line_noise_dbfs=args.line_noise_dbfs,
         )
 
     async def record(server: ServerProcess, load: LoadSpec) -> dict[str, Any]:

@@ -96,6 +96,11 @@ def latency_markdown(doc: dict[str, Any]) -> str:
         f"(median/p95); wall {doc['wall_s']:.0f} s."
         + (f" Event loop: {p['event_loop']}." if p.get("event_loop") else "")
         + (
+            f" Callers' line noise {p['line_noise_dbfs']:.0f} dBFS."
+            if p.get("line_noise_dbfs") is not None
+            else ""
+        )
+        + (
             f" Server experiments (bench-only patches): {', '.join(p['server_experiments'])}."
             if p.get("server_experiments")
             else ""
@@ -273,6 +278,11 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
         f"Wall {doc['wall_s']:.0f} s."
         + (f" Event loop: {p['event_loop']}." if p.get("event_loop") else "")
         + (
+            f" Callers' line noise {p['line_noise_dbfs']:.0f} dBFS."
+            if p.get("line_noise_dbfs") is not None
+            else ""
+        )
+        + (
             f" Server experiments (bench-only patches): {', '.join(p['server_experiments'])}."
             if p.get("server_experiments")
             else ""
@@ -293,6 +303,14 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
         ]
         for st in steps:
             lines.append(_capacity_row(st))
+        vad = [(st["n"], st["vad"]) for st in steps if st.get("vad")]
+        if vad:
+            lines += [
+                "",
+                "Silero windows scored / skipped by the quiet gate (every sample within "
+                "-60 dBFS): "
+                + ", ".join(f"N={n} {v.get('scored', 0)} / {v.get('skipped', 0)}" for n, v in vad),
+            ]
         best = doc["ceilings"].get(kind)
         near = (doc.get("near_clean_ceilings") or {}).get(kind)
         rel = (doc.get("relative_ceilings") or {}).get(kind)

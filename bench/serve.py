@@ -107,6 +107,7 @@ async def _amain(args: argparse.Namespace) -> None:
     from pipeswitch.pipelines.app import Pipeswitch
     from pipeswitch.pipelines.emulated import endpoints_for
     from pipeswitch.pipelines.session import CallRecord
+    from pipeswitch.pipelines.vad import shared_batcher
     from pipeswitch.pipelines.workers import worker_endpoints
 
     configure_logging(args.log_level)
@@ -152,6 +153,8 @@ async def _amain(args: argparse.Namespace) -> None:
         return [_record_dict(r) for r in recs]
 
     spec_base = speculation_counts()
+    vad = shared_batcher()
+    vad_base = (vad.windows, vad.skipped)
 
     def health() -> dict[str, Any]:
         st = server.stats
@@ -163,13 +166,16 @@ async def _amain(args: argparse.Namespace) -> None:
             "upgrade_ms": list(st.upgrade_ms),
             # Since the last reset: the measured window only, not the warm-up call.
             "speculation": {k: int(v - spec_base.get(k, 0.0)) for k, v in now.items()},
+            # Silero windows the model scored, and those below its quiet gate (pipelines/vad.py).
+            "vad": {"scored": vad.windows - vad_base[0], "skipped": vad.skipped - vad_base[1]},
         }
 
     def reset() -> None:
-        nonlocal spec_base
+        nonlocal spec_base, vad_base
         finished.clear()
         server.stats.upgrade_ms.clear()
         spec_base = speculation_counts()
+        vad_base = (vad.windows, vad.skipped)
 
     probe = BenchProbe(calls, health, reset)
     stats_port = await probe.start()
@@ -293,12 +299,15 @@ def merge_health(workers: list[dict[str, Any]]) -> dict[str, Any]:
     """One ``/bench/health`` for N workers: sums, worst-of, and each worker's own view."""
     refused: dict[str, int] = {}
     spec: dict[str, int] = {}
+    vad: dict[str, int] = {}
     gc_ms: dict[str, dict[str, Any]] = {}
     for h in workers:
         for k, v in (h.get("refused") or {}).items():
             refused[k] = refused.get(k, 0) + int(v)
         for k, v in (h.get("speculation") or {}).items():
             spec[k] = spec.get(k, 0) + int(v)
+        for k, v in (h.get("vad") or {}).items():
+            vad[k] = vad.get(k, 0) + int(v)
         for gen, g in (h.get("gc_ms") or {}).items():
             m = gc_ms.setdefault(gen, {"count": 0, "total_ms": 0.0, "p99_ms": None, "max_ms": None})
             m["count"] += g.get("count") or 0
@@ -318,6 +327,7 @@ def merge_health(workers: list[dict[str, Any]]) -> dict[str, Any]:
         "gc_ms": gc_ms,
         "gc_frozen": min((int(h.get("gc_frozen") or 0) for h in workers), default=0),
         "speculation": spec,
+        "vad": vad,
         "workers": [
             {
                 "pid": h.get("pid"),

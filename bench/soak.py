@@ -208,9 +208,7 @@ class SoakDebug:
         only a full collection frees (and a full collection's pause grows with)."""
         gc.collect()
         found = Counter(type(o).__qualname__ for o in gc.garbage)
-        by_module = Counter(
-            getattr(type(o), "__module__", "?") for o in gc.garbage
-        )
+        by_module = Counter(getattr(type(o), "__module__", "?") for o in gc.garbage)
         total = len(gc.garbage)
         sccs = _cycle_summary(gc.garbage)
         gc.set_debug(0)

@@ -29,6 +29,19 @@ from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
 RESET_INTERVAL_SECS = 2.0
 RESET_MAX_CONFIDENCE = 0.1
 RESET_LOW_WINDOWS = 5
+# Once the state has been reset in a silence, a window whose every sample lies within
+# +/-QUIET_PEAK (-60 dBFS) is not scored: its confidence is 0, and when sound comes back the
+# model resumes from the state it would have reached on that many windows of digital silence
+# (a table computed once), so starts and stops are decided as if every window had been
+# scored. Speech on a phone line sits at -45..-10 dBFS; a line's idle noise is below -65 dBm0
+# (ITU-T G.712), and a muted phone, a trunk's silence suppression or a caller listening to
+# the bot sends digital zeros: a listening caller costs no inference, while any audible
+# sound, however quiet the talker, is scored. Noise above it (a car, a fan) is scored as before.
+QUIET_PEAK = 33
+# A reset comes at most every RESET_INTERVAL_SECS of windows (63 at 8 kHz, 32 at 16 kHz).
+SILENCE_TABLE = 64
+WINDOW_SAMPLES = {8000: 256, 16000: 512}
+CONTEXT_SAMPLES = {8000: 32, 16000: 64}
 
 
 def _model_path() -> str:
@@ -64,8 +77,20 @@ class SileroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="silero")
         self._pending: dict[int, list[_Pending]] = {8000: [], 16000: []}
         self._scheduled = False
+        # The state after k windows of digital silence from a reset, per rate.
+        self.silence_states = {sr: self._silence_table(sr) for sr in WINDOW_SAMPLES}
         self.batches = 0
-        self.windows = 0
+        self.windows = 0  # scored by the model
+        self.skipped = 0  # not scored: below QUIET_PEAK
+
+    def _silence_table(self, sr: int) -> list[np.ndarray]:
+        x = np.zeros((1, WINDOW_SAMPLES[sr] + CONTEXT_SAMPLES[sr]), dtype=np.float32)
+        state = np.zeros((2, 1, 128), dtype=np.float32)
+        table = [state]
+        for _ in range(SILENCE_TABLE - 1):
+            _, state = self._run(x, state, sr)
+            table.append(state)
+        return table
 
     def infer(self, st: SileroState, window: bytes) -> asyncio.Future[float]:
         """Confidence for one window (256 samples at 8 kHz, 512 at 16 kHz)."""
@@ -86,7 +111,7 @@ class SileroBatcher:
             if not items:
                 continue
             self._pending[sr] = []
-            ctx = 64 if sr == 16000 else 32
+            ctx = CONTEXT_SAMPLES[sr]
             rows = []
             for st, pcm, _ in items:
                 prev = st.context if st.context is not None else np.zeros(ctx, dtype=np.float32)
@@ -128,6 +153,12 @@ class SileroBatcher:
         self._executor.shutdown(wait=False)
 
 
+def _quiet(window: bytes) -> bool:
+    """Whether every sample of ``window`` (int16 PCM) is within +/-QUIET_PEAK."""
+    pcm = np.frombuffer(window, dtype="<i2")
+    return bool(pcm.max() < QUIET_PEAK and pcm.min() > -QUIET_PEAK)
+
+
 _shared: SileroBatcher | None = None
 
 
@@ -155,12 +186,15 @@ class BatchedSileroVADAnalyzer(VADAnalyzer):
         self._confs: deque[float] = deque()
         self._windows_since_reset = 0
         self._low_windows = 0
+        # Quiet windows skipped since the last reset; None once the model scored one.
+        self._skipped: int | None = 0
 
     def set_sample_rate(self, sample_rate: int) -> None:
         if sample_rate not in (8000, 16000):
             raise ValueError(f"Silero VAD runs at 8000 or 16000 Hz, not {sample_rate}")
         super().set_sample_rate(sample_rate)
         self._silero = SileroState(sample_rate)
+        self._skipped = 0
 
     def num_frames_required(self) -> int:
         return 512 if self.sample_rate == 16000 else 256
@@ -182,8 +216,20 @@ class BatchedSileroVADAnalyzer(VADAnalyzer):
         pending = len(self._vad_buffer) + len(buffer)
         if pending >= need and self._silero is not None:
             joined = self._vad_buffer + buffer
+            st = self._silero
             for i in range(pending // need):
-                conf = await self._batcher.infer(self._silero, joined[i * need : (i + 1) * need])
+                window = joined[i * need : (i + 1) * need]
+                if self._skipped is not None and _quiet(window):
+                    conf = 0.0  # not scored: see QUIET_PEAK
+                    self._skipped += 1
+                    self._batcher.skipped += 1
+                else:
+                    if self._skipped:  # resume as if the silence had been scored
+                        table = self._batcher.silence_states[self.sample_rate]
+                        st.state = table[min(self._skipped, len(table) - 1)]
+                        st.context = None
+                    self._skipped = None
+                    conf = await self._batcher.infer(st, window)
                 self._confs.append(conf)
                 self._maybe_reset(conf)
         return self._run_analyzer(buffer)
@@ -199,3 +245,4 @@ class BatchedSileroVADAnalyzer(VADAnalyzer):
         if due and self._vad_state == VADState.QUIET and self._low_windows >= RESET_LOW_WINDOWS:
             self._silero.reset()
             self._windows_since_reset = 0
+            self._skipped = 0

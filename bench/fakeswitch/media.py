@@ -26,12 +26,28 @@ class CallerSource:
 
     Silence is returned when nothing is queued: a real channel keeps reading
     media while the caller says nothing. A trailing partial frame is zero-padded.
+    ``noise_dbfs`` puts a line's noise (white, that RMS level) under everything the
+    caller sends, silence included; None sends digital silence (a quiet line, a
+    muted phone, silence suppression). Speech is flagged voiced before the noise.
     """
 
-    def __init__(self, frame_bytes: int, rms_threshold: float) -> None:
+    def __init__(
+        self, frame_bytes: int, rms_threshold: float, noise_dbfs: float | None = None
+    ) -> None:
         self.frame_bytes = frame_bytes
         self.silence = bytes(frame_bytes)
         self._rms = rms_threshold
+        self._noise: np.ndarray | None = None
+        self._noise_frames: list[memoryview] = []
+        self._noise_pos = 0
+        if noise_dbfs is not None:
+            # One second, cycled: the 20 ms tick only slices precomputed bytes.
+            rng = np.random.default_rng()
+            n = 50 * (frame_bytes // 2)
+            level = 32768.0 * 10 ** (noise_dbfs / 20)
+            self._noise = np.clip(rng.standard_normal(n) * level, -32768, 32767).astype("<i2")
+            view = memoryview(self._noise.tobytes())
+            self._noise_frames = [view[i : i + frame_bytes] for i in range(0, 2 * n, frame_bytes)]
         self._segments: deque[tuple[bytes, list[bool]]] = deque()
         self._pos = 0
         self._queued = 0
@@ -48,6 +64,11 @@ class CallerSource:
         if pad:
             data += bytes(pad)
         flags = voiced_flags(data, fb // 2, self._rms).tolist()
+        if self._noise is not None:
+            x = np.frombuffer(data, dtype="<i2").astype(np.int32)
+            reps = -(-len(x) // len(self._noise))
+            x += np.tile(self._noise, reps)[: len(x)]
+            data = np.clip(x, -32768, 32767).astype("<i2").tobytes()
         self._segments.append((data, flags))
         self._queued += len(flags)
         self.drained.clear()
@@ -68,6 +89,9 @@ class CallerSource:
     def next(self) -> tuple[bytes | memoryview, bool]:
         """The next frame and whether it is voiced (silence when idle)."""
         if not self._segments:
+            if self._noise_frames:
+                self._noise_pos = (self._noise_pos + 1) % len(self._noise_frames)
+                return self._noise_frames[self._noise_pos], False
             return self.silence, False
         data, flags = self._segments[0]
         i = self._pos

@@ -126,6 +126,7 @@ class StreamConfig:
     temp_dir: str | None = None
     keep_files: bool = False
     voiced_rms: float = 300.0
+    line_noise_dbfs: float | None = None  # white noise under the caller's audio (None: none)
     non_silent_peak: int = 500
     voxcom_blocking_inject: bool = True
     voxcom_honour_sample_rate: bool = False
@@ -227,7 +228,7 @@ class FakeSwitchStream:
 
         c = config
         self._mono_fb = c.mono_frame_bytes
-        self._caller = CallerSource(self._mono_fb, c.voiced_rms)
+        self._caller = CallerSource(self._mono_fb, c.voiced_rms, c.line_noise_dbfs)
         vox_blocking = c.playback == "voxcom" and c.voxcom_blocking_inject
         self.playout = Playout(
             playback=c.playback,
