@@ -154,7 +154,7 @@ async def _amain(args: argparse.Namespace) -> None:
 
     spec_base = speculation_counts()
     vad = shared_batcher()
-    vad_base = (vad.windows, vad.skipped)
+    vad_base = (vad.windows, vad.skipped, vad.batches)
 
     def health() -> dict[str, Any]:
         st = server.stats
@@ -167,7 +167,11 @@ async def _amain(args: argparse.Namespace) -> None:
             # Since the last reset: the measured window only, not the warm-up call.
             "speculation": {k: int(v - spec_base.get(k, 0.0)) for k, v in now.items()},
             # Silero windows the model scored, and those below its quiet gate (pipelines/vad.py).
-            "vad": {"scored": vad.windows - vad_base[0], "skipped": vad.skipped - vad_base[1]},
+            "vad": {
+                "scored": vad.windows - vad_base[0],
+                "skipped": vad.skipped - vad_base[1],
+                "batches": vad.batches - vad_base[2],
+            },
         }
 
     def reset() -> None:
@@ -175,7 +179,7 @@ async def _amain(args: argparse.Namespace) -> None:
         finished.clear()
         server.stats.upgrade_ms.clear()
         spec_base = speculation_counts()
-        vad_base = (vad.windows, vad.skipped)
+        vad_base = (vad.windows, vad.skipped, vad.batches)
 
     probe = BenchProbe(calls, health, reset)
     stats_port = await probe.start()
