@@ -256,6 +256,7 @@ class DeepgramEmulator:
         self.streams: list[StreamRecord] = []
         self.active_streams = 0
         self.rejected = 0
+        self.abandoned_upgrades = 0  # clients gone before the 101
         self._turns: dict[str, int] = {}
         self._next_id = 0
         self._live: set[_Stream] = set()
@@ -332,7 +333,13 @@ class DeepgramEmulator:
             return self._reject(400, "Bad Request", "sample_rate and channels must be positive")
 
         ws = web.WebSocketResponse(protocols=("token",), timeout=2.0, autoping=True)
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError:
+            # The client gave up before our 101 (a call hung up while its STT connected):
+            # nothing to serve, and not an emulator error.
+            self.abandoned_upgrades += 1
+            return ws
         self._next_id += 1
         record = StreamRecord(
             id=self._next_id, query=query, auth_scheme=auth_scheme, opened_at=time.monotonic()
