@@ -30,7 +30,12 @@ from tqdm import tqdm
 from pipeswitch.bench.caller_speech import load_caller_audio
 from pipeswitch.bench.ceilings import evaluate, evaluate_near_clean, relative_ceiling
 from pipeswitch.bench.loadgen import CallSpec, LoadSpec, TurnResult
-from pipeswitch.bench.options import add_common_arguments, providers_from, server_summary
+from pipeswitch.bench.options import (
+    add_common_arguments,
+    load_spec,
+    providers_from,
+    server_summary,
+)
 from pipeswitch.bench.report import results_dir, write_outputs
 from pipeswitch.bench.run import ProviderProfile, SessionOptions, run_session
 from pipeswitch.bench.servers import ServerKind, wait_for_quiet_machine
@@ -113,18 +118,16 @@ async def _run_step(
             )
             for i in range(n)
         ]
-        return LoadSpec(
+        return load_spec(
+            args,
             url_base,
-            args.rate,
-            args.dialect,
             calls,
-            t0=t0,
+            t0,
             deadline_s=window[1],
             hangup_s=window[1] + 12.0,
             probe_every_s=probe_every,
             probe_from_s=window[0] + (probe_every or 0.0),
             probe_to_s=window[1],
-            line_noise_dbfs=args.line_noise_dbfs,
         )
 
     turns_seen = 0

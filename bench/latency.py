@@ -32,7 +32,12 @@ from tqdm import tqdm
 
 from pipeswitch.bench.caller_speech import load_caller_audio
 from pipeswitch.bench.loadgen import CallSpec, LoadSpec, TurnResult
-from pipeswitch.bench.options import add_common_arguments, providers_from, server_summary
+from pipeswitch.bench.options import (
+    add_common_arguments,
+    load_spec,
+    providers_from,
+    server_summary,
+)
 from pipeswitch.bench.report import results_dir, write_outputs
 from pipeswitch.bench.run import SessionOptions, SessionResult, run_session
 from pipeswitch.bench.servers import ServerKind
@@ -101,14 +106,7 @@ async def run_latency(args: argparse.Namespace) -> int:
                     )
                     for i in range(args.calls)
                 ]
-                return LoadSpec(
-                    url_base,
-                    args.rate,
-                    args.dialect,
-                    calls,
-                    t0=t0,
-                    line_noise_dbfs=args.line_noise_dbfs,
-                )
+                return load_spec(args, url_base, calls, t0)
 
             def on_turn(_: TurnResult) -> None:
                 bar.update(1)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeswitch.bench.analysis import build_turn_records, summarize_calls, summarize_turns
+from pipeswitch.bench.loadgen import CallSpec, LoadSpec
 from pipeswitch.bench.run import ProviderProfile, SessionResult
 
 
@@ -110,3 +111,18 @@ def server_summary(kind: str, sr: SessionResult, tokens_per_s: float) -> dict[st
         "notes": notes,
         "turns": [r.to_dict() for r in records],
     }
+
+
+def load_spec(
+    args: argparse.Namespace, url_base: str, calls: list[CallSpec], t0: float, **kw: Any
+) -> LoadSpec:
+    """A load over ``calls`` with what every driver's flags set (rate, dialect, line noise)."""
+    return LoadSpec(
+        url_base,
+        args.rate,
+        args.dialect,
+        calls,
+        t0=t0,
+        line_noise_dbfs=args.line_noise_dbfs,
+        **kw,
+    )

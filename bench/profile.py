@@ -29,7 +29,12 @@ from loguru import logger
 
 from pipeswitch.bench.caller_speech import load_caller_audio
 from pipeswitch.bench.loadgen import CallSpec, LoadSpec
-from pipeswitch.bench.options import add_common_arguments, providers_from, server_summary
+from pipeswitch.bench.options import (
+    add_common_arguments,
+    load_spec,
+    providers_from,
+    server_summary,
+)
 from pipeswitch.bench.report import SERVER_LABELS, results_dir
 from pipeswitch.bench.run import SessionOptions, run_session
 from pipeswitch.bench.servers import ServerKind, ServerProcess
@@ -210,16 +215,7 @@ async def run_profile(args: argparse.Namespace) -> int:
             )
             for i in range(n)
         ]
-        return LoadSpec(
-            url_base,
-            args.rate,
-            args.dialect,
-            calls,
-            t0=t0,
-            deadline_s=end,
-            hangup_s=end + 12,
-            line_noise_dbfs=args.line_noise_dbfs,
-        )
+        return load_spec(args, url_base, calls, t0, deadline_s=end, hangup_s=end + 12)
 
     async def record(server: ServerProcess, load: LoadSpec) -> dict[str, Any]:
         assert server.info is not None
