@@ -29,8 +29,6 @@ EXPERIMENTS: dict[str, str] = {
     "(its default where the server accepts), as before 1 Dec 2026 (now level 0)",
     "vad-score-every-window": "Silero scores every window, silence included, as before 1 Dec "
     "2026 (now windows within -60 dBFS after a reset are not scored)",
-    "observer-proxy-each": "each of a call's observers behind its own Pipecat proxy (a queue and "
-    "a task each), as before 1 Dec 2026 (now one FanInObserver)",
 }
 
 
@@ -118,23 +116,6 @@ def _vad_score_every_window() -> None:
     vad.QUIET_PEAK = 0  # no window has every sample within +/-0
 
 
-def _observer_proxy_each() -> None:
-    import pipeswitch.pipelines.session as session
-    from pipeswitch.pipelines.observer_fanin import FanInObserver
-
-    real = session.PipelineWorker
-
-    def worker(*args: Any, observers: list[Any] | None = None, **kw: Any) -> Any:
-        flat = [
-            child
-            for o in observers or []
-            for child in (o.observers if isinstance(o, FanInObserver) else [o])
-        ]
-        return real(*args, observers=flat, **kw)
-
-    session.PipelineWorker = worker  # type: ignore[misc,assignment]
-
-
 _PATCHES: dict[str, Callable[[], None]] = {
     "stt-batch-100ms": _stt_batch,
     "gc-gen2-rare": _gc_gen2_rare,
@@ -143,5 +124,4 @@ _PATCHES: dict[str, Callable[[], None]] = {
     "collect-every-16": _collect_every_16,
     "deflate-caller-audio": _deflate_caller_audio,
     "vad-score-every-window": _vad_score_every_window,
-    "observer-proxy-each": _observer_proxy_each,
 }

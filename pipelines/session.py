@@ -37,7 +37,6 @@ from pipeswitch.pipelines.compose import (
 from pipeswitch.pipelines.dismantle import dismantle
 from pipeswitch.pipelines.greeting_cache import GreetingCache
 from pipeswitch.pipelines.local.warm import llm_warm_body
-from pipeswitch.pipelines.observer_fanin import FanInObserver
 from pipeswitch.pipelines.piper_client import WavError
 from pipeswitch.pipelines.recovery import install_apology, is_provider, watchdog_of
 from pipeswitch.pipelines.services import CALL_LOOP, ProviderEndpoints, release_sdk_client
@@ -249,8 +248,11 @@ class CallSessions:
                 enable_metrics=True,
                 send_initial_empty_metrics=False,
             ),
-            # One observer proxy for all of them (pipelines/observer_fanin.py).
-            observers=[FanInObserver([latency, provider_metrics, *extra_observers])],
+            observers=[
+                latency,
+                provider_metrics,
+                *extra_observers,
+            ],
             enable_rtvi=False,
             # Pipecat's turn tracker observes every frame push; only tracing reads it.
             enable_turn_tracking=traced,
