@@ -13,6 +13,7 @@ from typing import Any
 from pipeswitch.bench.analysis import build_turn_records, summarize_calls, summarize_turns
 from pipeswitch.bench.loadgen import CallSpec, LoadSpec
 from pipeswitch.bench.run import ProviderProfile, SessionResult
+from pipeswitch.pipelines.event_loop import EVENT_LOOP_KINDS
 
 
 def add_common_arguments(p: argparse.ArgumentParser, *, replies: str) -> None:
@@ -38,7 +39,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, replies: str) -> None:
     p.add_argument(
         "--loop",
         default="auto",
-        choices=["auto", "uvloop", "asyncio"],
+        choices=EVENT_LOOP_KINDS,
         help="both servers' event loop; auto is what `pipeswitch serve` and uvicorn (Pipecat's "
         "runner) pick: uvloop where installed",
     )

@@ -43,6 +43,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from pipeswitch.bench.probe import BenchProbe, breakdown_dict, user_texts, wait_for_stop_signal
+from pipeswitch.pipelines import event_loop
 
 VAD_STOP_SECS = 0.2
 USER_SPEECH_TIMEOUT = 0.2
@@ -359,7 +360,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeswitch.bench.reference", description=__doc__)
     p.add_argument("--emulators", required=True, help="JSON with deepgram_url, groq_base_url")
     p.add_argument("--log-level", default="WARNING")
-    p.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"])
+    p.add_argument("--loop", default="auto", choices=event_loop.EVENT_LOOP_KINDS)
     return p.parse_args(argv)
 
 
@@ -427,8 +428,6 @@ async def _amain(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     args = _parse(argv)
-    from pipeswitch.pipelines import event_loop
-
     # auto: what uvicorn (Pipecat's runner) does, uvloop where installed.
     event_loop.run(_amain(args), args.loop)
 

@@ -80,6 +80,14 @@ def _ratio_s(a: float | None, b: float | None) -> str:
 # -- latency -------------------------------------------------------------------------------
 
 
+def _run_conditions(p: dict[str, Any]) -> str:
+    """The event loop and the callers' line noise, where the run recorded them."""
+    out = f" Event loop: {p['event_loop']}." if p.get("event_loop") else ""
+    if p.get("line_noise_dbfs") is not None:
+        out += f" Callers' line noise {p['line_noise_dbfs']:.0f} dBFS."
+    return out
+
+
 def latency_markdown(doc: dict[str, Any]) -> str:
     """The latency report."""
     p = doc["params"]
@@ -94,12 +102,7 @@ def latency_markdown(doc: dict[str, Any]) -> str:
         f"{p['providers']['stt_ttfs_ms'][1]:.0f} ms, LLM TTFT "
         f"{p['providers']['llm_ttft_ms'][0]:.0f}/{p['providers']['llm_ttft_ms'][1]:.0f} ms "
         f"(median/p95); wall {doc['wall_s']:.0f} s."
-        + (f" Event loop: {p['event_loop']}." if p.get("event_loop") else "")
-        + (
-            f" Callers' line noise {p['line_noise_dbfs']:.0f} dBFS."
-            if p.get("line_noise_dbfs") is not None
-            else ""
-        )
+        + _run_conditions(p)
         + (
             f" Server experiments (bench-only patches): {', '.join(p['server_experiments'])}."
             if p.get("server_experiments")
@@ -276,12 +279,7 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
         f"seed {p['seed']}. Budget: server overhead p95 ≤ {p['overhead_budget_ms']:.0f} ms and "
         f"zero underruns (wire gap > 40 ms while the bot talks), no lost or premature turns, no failed calls. "
         f"Wall {doc['wall_s']:.0f} s."
-        + (f" Event loop: {p['event_loop']}." if p.get("event_loop") else "")
-        + (
-            f" Callers' line noise {p['line_noise_dbfs']:.0f} dBFS."
-            if p.get("line_noise_dbfs") is not None
-            else ""
-        )
+        + _run_conditions(p)
         + (
             f" Server experiments (bench-only patches): {', '.join(p['server_experiments'])}."
             if p.get("server_experiments")

@@ -33,7 +33,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dialect", default="json-stream", choices=["json-stream", "binary", "file"])
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--max-calls", type=int, default=1000)
-    p.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"])
+    p.add_argument("--loop", default="auto", choices=event_loop.EVENT_LOOP_KINDS)
     p.add_argument(
         "--workers",
         type=int,

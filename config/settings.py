@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     log_json: bool = False
     event_loop: EventLoopKind = Field(
         default="auto",
-        description="auto: uvloop where installed (a fifth less CPU per call), else asyncio",
+        description="auto: uvloop where installed, else asyncio's own loop",
     )
     # OpenTelemetry: one trace per call, a span per turn, exported over OTLP (the [otel]
     # extra; OTEL_EXPORTER_OTLP_ENDPOINT alone also turns it on).

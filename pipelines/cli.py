@@ -14,12 +14,12 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from pipeswitch.config.logging import configure_logging
-from pipeswitch.config.settings import Settings
+from pipeswitch.config.settings import EventLoopKind, Settings
 from pipeswitch.pipelines.db_cli import DB_COMMANDS  # names only; DB modules load lazily
 
 DESCRIPTION = (
@@ -77,7 +77,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--loop",
-        choices=["auto", "uvloop", "asyncio"],
+        choices=get_args(EventLoopKind),
         default=None,
         help="event loop (default auto: uvloop where installed, or $PIPESWITCH_EVENT_LOOP)",
     )

@@ -4,8 +4,9 @@ A call is ~100 socket messages a second (caller audio in, bot audio out) and a
 few timers; at 40-60 calls per process most of the main thread is the event
 loop itself: selector wake-ups, transport reads and writes, handle scheduling.
 uvloop (libuv) does that work in C. Measured back to back with the capacity
-bench (README, performance): at 60 calls one process used 93 % of a core on
-asyncio's loop and 73 % on uvloop, and only the uvloop run held its audio.
+bench (README, performance): where one process's loop is saturated (80 calls)
+uvloop halves its lag and the audio underruns 30-40 % less; below that the gain
+is a few points of a core.
 
 ``auto`` (the default) takes uvloop where it is installed, as uvicorn does;
 ``asyncio`` keeps the standard loop (for an A/B, or a platform without uvloop);
@@ -71,7 +72,7 @@ def run(main: Coroutine[Any, Any, T], kind: EventLoopKind = "auto") -> T:
 
 
 def describe(loop: asyncio.AbstractEventLoop | None = None) -> str:
-    """``uvloop 0.21.0`` or ``asyncio``: for the start-up log line and the health endpoint."""
+    """``uvloop 0.21.0`` or ``asyncio``: for the start-up log line and bench results."""
     loop = loop or asyncio.get_running_loop()
     if type(loop).__module__.split(".")[0] == "uvloop":
         import uvloop

@@ -38,7 +38,7 @@ RESET_LOW_WINDOWS = 5
 # the bot sends digital zeros: a listening caller costs no inference, while any audible
 # sound, however quiet the talker, is scored. Noise above it (a car, a fan) is scored as before.
 QUIET_PEAK = 33
-# A reset comes at most every RESET_INTERVAL_SECS of windows (63 at 8 kHz, 32 at 16 kHz).
+# A reset comes at most every RESET_INTERVAL_SECS of windows (63 windows at either rate).
 SILENCE_TABLE = 64
 WINDOW_SAMPLES = {8000: 256, 16000: 512}
 CONTEXT_SAMPLES = {8000: 32, 16000: 64}
@@ -197,7 +197,7 @@ class BatchedSileroVADAnalyzer(VADAnalyzer):
         self._skipped = 0
 
     def num_frames_required(self) -> int:
-        return 512 if self.sample_rate == 16000 else 256
+        return WINDOW_SAMPLES[16000 if self.sample_rate == 16000 else 8000]
 
     def _get_smoothed_volume(self, audio: bytes) -> float:
         # The loudness gate is off by default (config.tenants.TurnSettings.vad_min_volume);
