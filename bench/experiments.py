@@ -17,14 +17,10 @@ from typing import Any
 EXPERIMENTS: dict[str, str] = {
     "stt-batch-100ms": "send caller audio to Deepgram in 100 ms messages (flushed before "
     "Finalize) instead of one WebSocket message per 20 ms frame",
-    "gc-gen2-rare": "full (gen-2) collections 10x rarer: gc.set_threshold(700, 10, 100) - "
-    "under load the capacity bench's loop stalls match its gen-2 pauses",
-    "gc-every-call": "the full collection after every ended call: shorter pauses (each frees "
-    "one call's cycles) against json-stream's 20 ms lead, more of them",
-    "keep-call-cycles": "finished calls left whole (not taken apart by pipelines/dismantle.py) "
-    "and a full collection every 4 ended calls, as before 1 Dec 2026",
-    "collect-every-16": "a full collection every 16 ended calls while calls run, as from 1 Dec "
-    "2026 until the Deepgram SDK client was unlinked (now every 256)",
+    "gc-automatic": "CPython's automatic collection while calls run, thresholds (700, 10, 100), "
+    "as before 1 Dec 2026 (now paused while calls are up; a full collection every minute)",
+    "keep-call-cycles": "finished calls left whole (not taken apart by pipelines/dismantle.py), "
+    "as before 1 Dec 2026",
     "deflate-caller-audio": "caller audio to Deepgram deflated by the SDK's websockets client "
     "(its default where the server accepts), as before 1 Dec 2026 (now level 0)",
     "vad-score-every-window": "Silero scores every window, silence included, as before 1 Dec "
@@ -78,30 +74,19 @@ def _stt_batch() -> None:
     services.DeepgramSTTService = BatchedDeepgramSTTService  # type: ignore[misc]
 
 
-def _gc_gen2_rare() -> None:
+def _gc_automatic() -> None:
     import gc
 
+    import pipeswitch.pipelines.collector as collector
+
+    collector.PAUSE_AUTOMATIC = False
     gc.set_threshold(700, 10, 100)
 
 
-def _gc_every_call() -> None:
-    import pipeswitch.pipelines.app as app
-
-    app.COLLECT_EVERY_CALLS = 1
-
-
 def _keep_call_cycles() -> None:
-    import pipeswitch.pipelines.app as app
     import pipeswitch.pipelines.session as session
 
     session.DISMANTLE_CALLS = False
-    app.COLLECT_EVERY_CALLS = 4
-
-
-def _collect_every_16() -> None:
-    import pipeswitch.pipelines.app as app
-
-    app.COLLECT_EVERY_CALLS = 16
 
 
 def _deflate_caller_audio() -> None:
@@ -118,10 +103,8 @@ def _vad_score_every_window() -> None:
 
 _PATCHES: dict[str, Callable[[], None]] = {
     "stt-batch-100ms": _stt_batch,
-    "gc-gen2-rare": _gc_gen2_rare,
-    "gc-every-call": _gc_every_call,
+    "gc-automatic": _gc_automatic,
     "keep-call-cycles": _keep_call_cycles,
-    "collect-every-16": _collect_every_16,
     "deflate-caller-audio": _deflate_caller_audio,
     "vad-score-every-window": _vad_score_every_window,
 }

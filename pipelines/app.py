@@ -29,6 +29,7 @@ from pipeswitch.config.loaders import (
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import Tenant
 from pipeswitch.pipelines import event_loop
+from pipeswitch.pipelines.collector import CallTimeCollector, collect
 from pipeswitch.pipelines.compose import BuilderError, check_tenant, load_builtin_builders
 from pipeswitch.pipelines.local.models import (
     STT_MODEL_ENV,
@@ -169,18 +170,6 @@ def endpoints_with_local(ep: ProviderEndpoints, models: LocalModelServers) -> Pr
     )
 
 
-# Ended calls between two full collections while calls run (and at every idle moment).
-# A full collection stalls every call for as long as it takes to traverse the live calls'
-# objects (~1.5 ms a call here: 30-70 ms at 20-40 calls, longer than json-stream's 20 ms
-# playout lead, so every one is heard as a gap). Finished calls are taken apart
-# (pipelines/dismantle.py) and their Deepgram SDK client unlinked
-# (services.release_sdk_client): a call leaves ~18 small objects in cycles (CPython's
-# selector-transport self-cycle, importlib.metadata's cache in the Deepgram SDK's
-# headers), a few KB, instead of ~1,700 objects and ~1 MB. So while calls run a full
-# collection is needed only rarely (it was every 4 ended calls, then every 16).
-COLLECT_EVERY_CALLS = 256
-
-
 class Pipeswitch:
     """One server process: start(), then calls are answered until stop()."""
 
@@ -218,11 +207,15 @@ class Pipeswitch:
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.sessions: CallSessions | None = None
-        self._ended_since_collect = 0
+        # While calls are up, cycles are collected on a clock (pipelines/collector.py).
+        self.collector = CallTimeCollector(self._calls_up)
         self.server: CallServer | None = None
         self.port: int = settings.port
         # One ESL connection per process, shared by all calls (call control).
         self.esl: EslClient | None = None
+
+    def _calls_up(self) -> int:
+        return len(self.sessions.active) if self.sessions is not None else 0
 
     @property
     def endpoints(self) -> ProviderEndpoints:
@@ -361,10 +354,9 @@ class Pipeswitch:
         # freezing it keeps gen-2 pauses short while calls run.
         gc.collect()
         gc.freeze()
-        # Full collections 10x rarer: at 20 calls each one stalled the loop (and every call's
-        # audio) up to 635 ms; with (700, 10, 100) the longest was 136 ms (bench capacity,
-        # experiment gc-gen2-rare). The cycles are still collected when the last call ends.
-        gc.set_threshold(700, 10, 100)
+        # While calls are up, automatic collection is paused and cycles are collected on a
+        # clock (pipelines/collector.py): young collections found nothing but stalled audio.
+        self.collector.start()
         logger.info(
             "pipeswitch listening on {}:{} (providers={}, models: {}, event loop: {})",
             s.host,
@@ -432,6 +424,7 @@ class Pipeswitch:
             # so it runs alongside the rest.
             models = asyncio.ensure_future(self._local.stop())
             self._own_local = False
+        await self.collector.stop()  # automatic collection as it was before start()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -448,38 +441,18 @@ class Pipeswitch:
             await models
 
     async def _collect_after_calls(self, _record: Any, _cp: Any) -> None:
-        """Collect finished calls' reference cycles when the last call ends, and every
-        :data:`COLLECT_EVERY_CALLS` ended calls while others run.
+        """Collect finished calls' reference cycles when the last call ends.
 
         A call used to leave ~1,700 objects in cycles (Pipecat processors, tasks, event
-        handlers) holding its buffers and sockets; taken apart it leaves ~18. With start-up
-        frozen and the thresholds at (700, 10, 100), a full collection comes only every
-        ~700 k net allocations: before calls were taken apart, under
-        continuous load (a server never idle) RSS climbed ~1 MB and one descriptor per call
-        for 300 calls (``bench soak --concurrency 5``: 210 -> 608 MB, 36 -> 324 fds in
-        10 minutes) until the idle point. A full collection now costs only the live calls
-        and the garbage since the last one (frozen start-up is skipped): milliseconds.
+        handlers) holding its buffers and sockets; taken apart (pipelines/dismantle.py) it
+        leaves ~18. While other calls run, :class:`CallTimeCollector` collects them on its
+        clock; at the idle point one full collection costs nobody's audio.
         """
-        if self.sessions is None:
+        if self.sessions is None or self.sessions.active:
             return
-        self._ended_since_collect += 1
-        idle = not self.sessions.active
-        if not idle and self._ended_since_collect < COLLECT_EVERY_CALLS:
-            return
-        self._ended_since_collect = 0
-        began = time.perf_counter()
-        freed = gc.collect()
-        pause = time.perf_counter() - began
-        metrics.GC_PAUSE.observe(pause)
-        if pause > 0.02:
-            logger.warning(
-                "full GC after ended calls took {:.0f} ms ({} objects freed, {} calls up)",
-                pause * 1000,
-                freed,
-                len(self.sessions.active),
-            )
-        if idle:
-            await trim_free_memory()  # what glibc kept free in its per-thread arenas
+        collect("idle", 0)
+        self.collector.collected()
+        await trim_free_memory()  # what glibc kept free in its per-thread arenas
 
     async def __aenter__(self) -> Pipeswitch:
         await self.start()

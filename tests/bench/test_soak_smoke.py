@@ -18,6 +18,7 @@ SERVER_TASKS = {
     "wait_for_stop_signal.<locals>._watch",
     "RuntimeSampler._run",
     "HandshakeWatchdog._run",
+    "CallTimeCollector._run",
     "RequestHandler.start",
     "LocalModelServers._watch",
     "LocalModelServers._drain",

@@ -220,37 +220,42 @@ def _pid_of_files(path: Path, exclude: int) -> int:
     return pids.pop()
 
 
-async def test_ended_calls_are_collected_while_other_calls_run(
+async def test_cycles_are_collected_on_a_clock_while_calls_run(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A server under continuous load is never idle: without a collection every so many
-    ended calls, their cycles (buffers, sockets) stayed until the load stopped. (The
-    product's period is 256 ended calls; the rule is the same at 4.)"""
-    import pipeswitch.pipelines.app as app_module
+    """A server under continuous load is never idle: while a call is up, automatic
+    collection is paused and full collections come on the collector's clock (the
+    product's period is a minute; the rule is the same at 0.3 s), each one timed into the
+    GC pause histogram; when the last call ends automatic collection is back on."""
+    import pipeswitch.pipelines.collector as collector
 
-    monkeypatch.setattr(app_module, "COLLECT_EVERY_CALLS", 4)
-    COLLECT_EVERY_CALLS = app_module.COLLECT_EVERY_CALLS
-
+    monkeypatch.setattr(collector, "COLLECT_INTERVAL_SECS", 0.3)
+    monkeypatch.setattr(collector, "CHECK_SECS", 0.05)
     assert served.app.sessions is not None
+    for _ in range(60):  # an earlier test's calls may still be winding down
+        if not served.app.sessions.active and not served.app.collector.paused:
+            break
+        await asyncio.sleep(0.05)
+    gc.enable()
     keep = await open_call(served.url(uuid="gc-keeps-busy"), 8000, "json-stream")
     try:
         for _ in range(50):
-            if "gc-keeps-busy" in served.app.sessions.active:
+            if "gc-keeps-busy" in served.app.sessions.active and served.app.collector.paused:
                 break
             await asyncio.sleep(0.05)
+        assert served.app.collector.paused and not gc.isenabled(), "automatic GC not paused"
         before = gc.get_stats()[2]["collections"]
         paused = metrics.GC_PAUSE._sum.get()
-        for n in range(COLLECT_EVERY_CALLS):
-            short = await open_call(served.url(uuid=f"gc-short-{n}"), 8000, "json-stream")
-            await asyncio.sleep(0.3)
-            await short.hangup()
-            for _ in range(50):
-                if f"gc-short-{n}" not in served.app.sessions.active:
-                    break
-                await asyncio.sleep(0.05)
+        periodic = served.app.collector.collections
+        await asyncio.sleep(1.0)
         assert "gc-keeps-busy" in served.app.sessions.active, "the server went idle"
-        await asyncio.sleep(0.2)
-        assert gc.get_stats()[2]["collections"] > before, "no full collection under load"
+        assert served.app.collector.collections >= periodic + 2
+        assert gc.get_stats()[2]["collections"] >= before + 2, "no full collection under load"
         assert metrics.GC_PAUSE._sum.get() > paused
     finally:
         await keep.hangup()
+    for _ in range(60):
+        if not served.app.sessions.active and gc.isenabled():
+            break
+        await asyncio.sleep(0.05)
+    assert gc.isenabled() and not served.app.collector.paused

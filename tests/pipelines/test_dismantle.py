@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pipecat.processors.frame_processor import FrameProcessor
 
-import pipeswitch.pipelines.app as app_module
+import pipeswitch.pipelines.collector as collector_module
 import pipeswitch.pipelines.session as session_module
 from pipeswitch.pipelines.compose import CallPipeline
 from pipeswitch.pipelines.dismantle import dismantle
@@ -112,7 +112,8 @@ async def test_a_finished_call_is_freed_without_a_full_collection(
     collections are off: the ended call's processors must go by reference counting."""
     assert served.app.sessions is not None
     sessions = served.app.sessions
-    monkeypatch.setattr(app_module, "COLLECT_EVERY_CALLS", 10_000)
+    monkeypatch.setattr(collector_module, "COLLECT_INTERVAL_SECS", 1e9)
+    monkeypatch.setattr(collector_module, "GROWTH_LIMIT", 10**12)
     refs: list[weakref.ref[Any]] = []
 
     async def grab(_record: CallRecord, cp: CallPipeline) -> None:
