@@ -18,7 +18,7 @@ EXPERIMENTS: dict[str, str] = {
     "stt-batch-100ms": "send caller audio to Deepgram in 100 ms messages (flushed before "
     "Finalize) instead of one WebSocket message per 20 ms frame",
     "gc-automatic": "CPython's automatic collection while calls run, thresholds (700, 10, 100), "
-    "as before 1 Dec 2026 (now paused while calls are up; a full collection every minute)",
+    "as before 1 Dec 2026 (now paused while calls are up; a full collection hourly)",
     "keep-call-cycles": "finished calls left whole (not taken apart by pipelines/dismantle.py), "
     "as before 1 Dec 2026",
     "deflate-caller-audio": "caller audio to Deepgram deflated by the SDK's websockets client "

@@ -1,19 +1,24 @@
-"""The cyclic garbage collector while calls are up: on a clock, not on allocations.
+"""The cyclic garbage collector while calls are up: only when it costs nobody's audio.
 
-CPython collects its young generation after every ~700 net allocations and the middle
-one every tenth time. Measured under load (``bench capacity``, 50 calls on one process,
-1 Dec 2026): ~10 young and ~1 middle collection a second found almost nothing (0 objects
-in 306 young runs, ~12 per middle run: all that is young is live call state, frames in
-flight and the turn's objects), yet each traversed it all: middle runs took up to 22 ms
-of CPU and the loop stood still meanwhile. json-stream's playout lead is 20 ms, so each
-was heard as a gap on every call whose bot was talking; at 100 calls on two workers they
-were most of the underruns.
+Measured under load (``bench capacity``, 1 Dec 2026, 50 calls a process): CPython's
+automatic collection ran ~10 young and ~1 middle collection a second and they found
+almost nothing (0 objects in 306 young runs, ~12 per middle run), because what is young
+is live call state: frames in flight, the turn's objects. Yet each traversed it all:
+middle runs took up to 22 ms of CPU, and the loop stood still meanwhile. A full
+collection traverses every live call: a Pipecat call is ~3,700 objects (processors with
+their queues, tasks, events and event handlers, the latency observer's per-turn records),
+so 186 k objects and 135 ms of CPU at 50 calls two minutes in, and the default thresholds
+ran one about every 50 s (150-235 ms pauses at 100 calls on two workers). json-stream's
+playout lead is 20 ms: every pause longer than that is a gap on every call whose bot is
+talking.
 
-So while calls are up automatic collection is off, and a full collection runs every
-:data:`COLLECT_INTERVAL_SECS` (what ended calls and errors left in cycles: a few objects
-a second at 50 calls), early when the process grew :data:`GROWTH_LIMIT` objects since the
-last one (a burst of new calls, a leak), and when the last call ends (the server's
-finished-call hook); when idle, automatic collection is on again.
+Finished calls are taken apart (pipelines/dismantle.py) and go by reference counting;
+what is left in cycles is small (~300 objects a minute at 50 calls, the same full
+collections measured). So while calls are up automatic collection is off, and a full
+collection runs when the last call ends (the server's finished-call hook), every
+:data:`COLLECT_INTERVAL_SECS` of uninterrupted calls (a server that is never idle), and
+early when the process grew :data:`GROWTH_LIMIT` objects since the last one (a leak
+somewhere, or a burst far beyond normal); when idle, automatic collection is on again.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from loguru import logger
 
 from pipeswitch.transports import metrics
 
-# How often cycles are collected while calls are up.
-COLLECT_INTERVAL_SECS = 60.0
+# How often cycles are collected while calls are up (the process never idle): one pause
+# an hour (~0.1-0.3 s at 50-100 calls) against a few MB of cycles kept meanwhile.
+COLLECT_INTERVAL_SECS = 3600.0
 # How often the policy looks (start/stop of busy periods, whether a collection is due).
 CHECK_SECS = 1.0
-# Net tracked objects allocated since the last collection that make one due at once.
-GROWTH_LIMIT = 200_000
+# Net tracked objects allocated since the last collection that make one due at once
+# (a call is ~3,700: this is far beyond any normal ramp of calls).
+GROWTH_LIMIT = 1_000_000
 # Automatic collection is paused while calls are up (bench experiment ``gc-automatic``).
 PAUSE_AUTOMATIC = True
 # A collection longer than this is logged (json-stream's playout lead).
@@ -40,13 +47,18 @@ SLOW_SECS = 0.02
 
 
 def collect(why: str, calls: int) -> int:
-    """One full collection, timed into the GC pause histogram; objects freed."""
+    """One full collection, timed into the GC pause histogram; objects freed.
+
+    Logged when it held the loop longer than :data:`SLOW_SECS`, and always when it ran
+    because the process grew (``why == "growth"``: worth a look).
+    """
     began = time.perf_counter()
     freed = gc.collect()
     pause = time.perf_counter() - began
     metrics.GC_PAUSE.observe(pause)
-    if pause > SLOW_SECS:
-        logger.warning(
+    if pause > SLOW_SECS or why == "growth":
+        logger.log(
+            "WARNING" if why == "growth" else "INFO",
             "full GC ({}) took {:.0f} ms ({} objects freed, {} calls up)",
             why,
             pause * 1000,
@@ -91,10 +103,13 @@ class CallTimeCollector:
             gc.disable()
             self._paused = True
             self._last = now
-        due = now - self._last >= COLLECT_INTERVAL_SECS or gc.get_count()[0] >= GROWTH_LIMIT
-        if not due:
+        if gc.get_count()[0] >= GROWTH_LIMIT:
+            why = "growth"
+        elif now - self._last >= COLLECT_INTERVAL_SECS:
+            why = "interval"
+        else:
             return False
-        collect("periodic", calls)
+        collect(why, calls)
         self.collections += 1
         self._last = self._clock()
         return True

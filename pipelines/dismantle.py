@@ -11,7 +11,7 @@ longer than json-stream's 20 ms playout lead. Emptying the instance dicts of
 the call's Pipecat objects once nothing of the call runs any more (and cutting
 only the links of the parts that hooks may still read) breaks those cycles, so
 the call is freed the moment :meth:`CallSessions.run_call` returns, and the
-server can run full collections rarely (pipelines/collector.py: once a minute while
+server can run full collections rarely (pipelines/collector.py: hourly while
 calls are up).
 
 Only objects reached from the call's own roots through Pipecat objects are

@@ -132,7 +132,7 @@ LOOP_LAG = Histogram(
 )
 GC_PAUSE = Histogram(
     "pipeswitch_gc_pause_seconds",
-    "Full garbage collections the server runs: every minute while calls are up, and when the "
+    "Full garbage collections the server runs: hourly while calls are up, and when the "
     "last call ends (the event loop waits).",
     buckets=_LAG_BUCKETS,
 )

@@ -225,7 +225,7 @@ async def test_cycles_are_collected_on_a_clock_while_calls_run(
 ) -> None:
     """A server under continuous load is never idle: while a call is up, automatic
     collection is paused and full collections come on the collector's clock (the
-    product's period is a minute; the rule is the same at 0.3 s), each one timed into the
+    product's period is an hour; the rule is the same at 0.3 s), each one timed into the
     GC pause histogram; when the last call ends automatic collection is back on."""
     import pipeswitch.pipelines.collector as collector
 
