@@ -339,7 +339,9 @@ class DeepgramEmulator:
             # The client gave up before our 101 (a call hung up while its STT connected):
             # nothing to serve, and not an emulator error.
             self.abandoned_upgrades += 1
-            return ws
+            # Not the unprepared WebSocketResponse: aiohttp would close() it and log a
+            # "Call .prepare() first" traceback per abandoned call.
+            return web.Response(status=499, text="client closed the connection")
         self._next_id += 1
         record = StreamRecord(
             id=self._next_id, query=query, auth_scheme=auth_scheme, opened_at=time.monotonic()

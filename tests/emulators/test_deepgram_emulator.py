@@ -252,3 +252,39 @@ async def test_caller_audio_goes_undeflated_and_the_stream_still_transcribes() -
             await silence_task
     assert frame.text == "What are your opening hours?"
     assert not send_uncompressed(object())  # nothing to change on something else
+
+
+async def test_a_client_gone_before_the_101_is_counted_not_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A call that hangs up while its STT connects resets the socket before our 101: the
+    emulator counts it and answers nothing, and aiohttp logs no "Unhandled exception"."""
+    import logging
+    import socket
+    import struct
+    from urllib.parse import urlparse
+
+    async with run_emulators(_config()) as emu:
+        port = urlparse(emu.deepgram_url).port or 80
+        request = (
+            "GET /v1/listen?encoding=linear16&sample_rate=8000&channels=1 HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            "Authorization: Token emulated\r\n\r\n"
+        ).encode()
+        with caplog.at_level(logging.ERROR, logger="aiohttp"):
+            for _ in range(3):
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.sendall(request)
+                # Close with a reset (linger 0), as a process that gives up does.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            for _ in range(100):
+                if emu.deepgram.abandoned_upgrades + len(emu.deepgram.streams) >= 3:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)
+        assert emu.deepgram.abandoned_upgrades + len(emu.deepgram.streams) == 3
+        assert emu.deepgram.abandoned_upgrades >= 1, "no reset reached the handler first"
+    assert not [r for r in caplog.records if "Unhandled exception" in r.getMessage()]
+    assert "prepare() first" not in caplog.text
