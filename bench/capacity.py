@@ -360,6 +360,7 @@ async def run_capacity(args: argparse.Namespace) -> int:
             "server_experiments": args.server_experiment,
             "event_loop": resolve_loop(args.loop),
             "line_noise_dbfs": args.line_noise_dbfs,
+            "stream_buffer_ms": args.stream_buffer_ms,
         },
         "servers": servers,
         "ceilings": ceilings,

@@ -179,6 +179,7 @@ class LoadSpec:
     probe_to_s: float = 0.0
     temp_dir: str = field(default_factory=tempfile.gettempdir)
     line_noise_dbfs: float | None = None  # the callers' line noise (None: digital silence)
+    stream_buffer_ms: int = 20  # STREAM_BUFFER_SIZE: caller audio per message
 
     def to_json(self) -> str:
         """Serialise for a worker process."""
@@ -286,6 +287,7 @@ def _stream_config(load: LoadSpec, uuid: str) -> StreamConfig:
         voxcom_blocking_inject=False,
         temp_dir=load.temp_dir,
         line_noise_dbfs=load.line_noise_dbfs,
+        buffer_ms=load.stream_buffer_ms,
     )
 
 

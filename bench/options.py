@@ -35,6 +35,14 @@ def add_common_arguments(p: argparse.ArgumentParser, *, replies: str) -> None:
         help="white noise under the callers' audio at this RMS level (e.g. -50: a noisy line, "
         "above the VAD's -60 dBFS quiet gate); default digital silence between utterances",
     )
+    p.add_argument(
+        "--stream-buffer-ms",
+        type=int,
+        default=20,
+        choices=[20, 40, 60, 80, 100],
+        help="the emulated channels' STREAM_BUFFER_SIZE: caller audio in messages of this "
+        "many ms (freeswitch-conf's voxcom dialplan sets 40; the others 20)",
+    )
     p.add_argument("--server-log-level", default="WARNING")
     p.add_argument(
         "--loop",
@@ -117,7 +125,8 @@ def server_summary(kind: str, sr: SessionResult, tokens_per_s: float) -> dict[st
 def load_spec(
     args: argparse.Namespace, url_base: str, calls: list[CallSpec], t0: float, **kw: Any
 ) -> LoadSpec:
-    """A load over ``calls`` with what every driver's flags set (rate, dialect, line noise)."""
+    """A load over ``calls`` with what every driver's flags set (rate, dialect, line noise,
+    uplink message size)."""
     return LoadSpec(
         url_base,
         args.rate,
@@ -125,5 +134,6 @@ def load_spec(
         calls,
         t0=t0,
         line_noise_dbfs=args.line_noise_dbfs,
+        stream_buffer_ms=args.stream_buffer_ms,
         **kw,
     )

@@ -81,10 +81,12 @@ def _ratio_s(a: float | None, b: float | None) -> str:
 
 
 def _run_conditions(p: dict[str, Any]) -> str:
-    """The event loop and the callers' line noise, where the run recorded them."""
+    """The event loop, the callers' line noise and uplink message size, where recorded."""
     out = f" Event loop: {p['event_loop']}." if p.get("event_loop") else ""
     if p.get("line_noise_dbfs") is not None:
         out += f" Callers' line noise {p['line_noise_dbfs']:.0f} dBFS."
+    if p.get("stream_buffer_ms", 20) != 20:
+        out += f" Caller audio in {p['stream_buffer_ms']} ms messages (STREAM_BUFFER_SIZE)."
     return out
 
 
