@@ -32,6 +32,9 @@ async def test_latency_bench_one_call_one_turn(
             "--no-progress",
             "--gate-overhead-p95-ms",
             "10000",
+            # The voxcom dialplan's STREAM_BUFFER_SIZE: caller audio in 40 ms messages.
+            "--stream-buffer-ms",
+            "40",
             "--out",
             str(out),
         ]
@@ -52,5 +55,15 @@ async def test_latency_bench_one_call_one_turn(
     assert 0.0 < s["barge_in"]["stop_ms"]["p50"] < 2000.0
     turn = next(t for t in ours["turns"] if t["kind"] == "turn")
     assert sum(turn["stages_ms"].values()) == pytest.approx(turn["wire_ms"], abs=1.0)
-    assert (out / "report.md").exists()
+    assert doc["params"]["stream_buffer_ms"] == 40
+    assert "Caller audio in 40 ms messages" in (out / "report.md").read_text()
     assert (out / "latency_cdf.png").exists() and (out / "latency_stages.png").exists()
+
+
+def test_the_load_sets_the_channels_stream_buffer_size() -> None:
+    from pipeswitch.bench.loadgen import LoadSpec, _stream_config
+
+    load = LoadSpec("ws://127.0.0.1:1", 8000, "json-stream", [], stream_buffer_ms=40)
+    assert _stream_config(load, "u1").buffer_ms == 40
+    assert LoadSpec.from_json(load.to_json()).stream_buffer_ms == 40
+    assert _stream_config(LoadSpec("ws://x", 8000, "binary", []), "u2").buffer_ms == 20
