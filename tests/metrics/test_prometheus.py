@@ -220,6 +220,39 @@ def _pid_of_files(path: Path, exclude: int) -> int:
     return pids.pop()
 
 
+async def test_ended_calls_are_collected_while_other_calls_run(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A never-idle server: every so many ended calls (the product's 256; the rule is the
+    same at 2) their leftovers are collected while another call stays up."""
+    import pipeswitch.pipelines.collector as collector
+
+    monkeypatch.setattr(collector, "COLLECT_EVERY_CALLS", 2)
+    monkeypatch.setattr(collector, "COLLECT_INTERVAL_SECS", 1e9)
+    monkeypatch.setattr(collector, "CHECK_SECS", 0.05)
+    assert served.app.sessions is not None
+    keep = await open_call(served.url(uuid="gc-count-busy"), 8000, "json-stream")
+    try:
+        for _ in range(50):
+            if "gc-count-busy" in served.app.sessions.active:
+                break
+            await asyncio.sleep(0.05)
+        before = served.app.collector.collections
+        for n in range(2):
+            short = await open_call(served.url(uuid=f"gc-count-{n}"), 8000, "json-stream")
+            await asyncio.sleep(0.3)
+            await short.hangup()
+            for _ in range(50):
+                if f"gc-count-{n}" not in served.app.sessions.active:
+                    break
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert "gc-count-busy" in served.app.sessions.active, "the server went idle"
+        assert served.app.collector.collections == before + 1
+    finally:
+        await keep.hangup()
+
+
 async def test_cycles_are_collected_on_a_clock_while_calls_run(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -149,3 +149,24 @@ async def test_a_failing_check_does_not_end_the_task(monkeypatch: pytest.MonkeyP
         await asyncio.sleep(0.01)
     await c.stop()
     assert len(seen) >= 3
+
+
+def test_ended_calls_make_a_collection_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A never-idle server with short calls: their leftovers are collected every so many
+    ended calls, long before the clock would."""
+    monkeypatch.setattr(collector, "COLLECT_EVERY_CALLS", 3)
+    clock = Clock()
+    c = CallTimeCollector(lambda: 4, clock)
+    c.check()
+    c.call_ended()
+    c.call_ended()
+    assert c.check() is False
+    c.call_ended()
+    before = full_collections()
+    assert c.check() is True and full_collections() == before + 1
+    c.call_ended()
+    assert c.check() is False, "the count restarts at each collection"
+    c.collected()
+    c.call_ended()
+    c.call_ended()
+    assert c.check() is False, "the idle collection restarts the count too"

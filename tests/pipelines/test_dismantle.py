@@ -114,6 +114,7 @@ async def test_a_finished_call_is_freed_without_a_full_collection(
     sessions = served.app.sessions
     monkeypatch.setattr(collector_module, "COLLECT_INTERVAL_SECS", 1e9)
     monkeypatch.setattr(collector_module, "GROWTH_LIMIT", 10**12)
+    monkeypatch.setattr(collector_module, "COLLECT_EVERY_CALLS", 10**6)
     refs: list[weakref.ref[Any]] = []
 
     async def grab(_record: CallRecord, cp: CallPipeline) -> None:
