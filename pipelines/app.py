@@ -29,7 +29,7 @@ from pipeswitch.config.loaders import (
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import Tenant
 from pipeswitch.pipelines import event_loop
-from pipeswitch.pipelines.collector import CallTimeCollector, collect
+from pipeswitch.pipelines.collector import CallTimeCollector
 from pipeswitch.pipelines.compose import BuilderError, check_tenant, load_builtin_builders
 from pipeswitch.pipelines.local.models import (
     STT_MODEL_ENV,
@@ -207,7 +207,7 @@ class Pipeswitch:
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.sessions: CallSessions | None = None
-        # While calls are up, cycles are collected on a clock (pipelines/collector.py).
+        # While calls are up, automatic collection is paused (pipelines/collector.py).
         self.collector = CallTimeCollector(self._calls_up)
         self.server: CallServer | None = None
         self.port: int = settings.port
@@ -354,8 +354,9 @@ class Pipeswitch:
         # freezing it keeps gen-2 pauses short while calls run.
         gc.collect()
         gc.freeze()
-        # While calls are up, automatic collection is paused and cycles are collected on a
-        # clock (pipelines/collector.py): young collections found nothing but stalled audio.
+        # While calls are up, automatic collection is paused and full collections run on
+        # the collector's schedule (pipelines/collector.py): young collections found nothing
+        # but stalled audio.
         self.collector.start()
         logger.info(
             "pipeswitch listening on {}:{} (providers={}, models: {}, event loop: {})",
@@ -454,8 +455,7 @@ class Pipeswitch:
         if self.sessions.active:
             self.collector.call_ended()
             return
-        collect("idle", 0)
-        self.collector.collected()
+        self.collector.collect_now("idle")
         await trim_free_memory()  # what glibc kept free in its per-thread arenas
 
     async def __aenter__(self) -> Pipeswitch:

@@ -25,6 +25,7 @@ somewhere, or a burst far beyond normal); when idle, automatic collection is on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 from collections.abc import Callable
@@ -115,20 +116,20 @@ class CallTimeCollector:
             why = "interval"
         else:
             return False
-        collect(why, calls)
-        self.collections += 1
-        self._last = self._clock()
-        self._ended = 0
+        self.collect_now(why)
         return True
 
     def call_ended(self) -> None:
         """A call ended while others are up: its leftovers count towards a collection."""
         self._ended += 1
 
-    def collected(self) -> None:
-        """Someone else just ran a full collection (the idle one): restart the counts."""
+    def collect_now(self, why: str) -> int:
+        """A full collection now (``why``: for the log); the clock and counts restart."""
+        freed = collect(why, self._calls())
+        self.collections += 1
         self._last = self._clock()
         self._ended = 0
+        return freed
 
     def start(self) -> None:
         """Run :meth:`check` every :data:`CHECK_SECS` on the running loop."""
@@ -148,10 +149,8 @@ class CallTimeCollector:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         if self._paused:
             self._paused = False
             gc.enable()

@@ -87,7 +87,7 @@ def test_the_idle_collection_restarts_the_clock() -> None:
     c = CallTimeCollector(lambda: 1, clock)
     c.check()
     clock.t += collector.COLLECT_INTERVAL_SECS - 1
-    c.collected()
+    c.collect_now("idle")
     clock.t += 2
     assert c.check() is False
 
@@ -166,7 +166,7 @@ def test_ended_calls_make_a_collection_due(monkeypatch: pytest.MonkeyPatch) -> N
     assert c.check() is True and full_collections() == before + 1
     c.call_ended()
     assert c.check() is False, "the count restarts at each collection"
-    c.collected()
+    c.collect_now("idle")
     c.call_ended()
     c.call_ended()
     assert c.check() is False, "the idle collection restarts the count too"
