@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    bench_loop = getattr(args, "bench_loop", None)
+    if bench_loop is not None:  # the load generator on the loop it was asked for
+        from pipeswitch.pipelines import event_loop
+
+        return event_loop.run(run_bench(args), bench_loop)
     return asyncio.run(run_bench(args))
 
 

@@ -567,14 +567,19 @@ async def _worker(spec_path: Path, out_path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m pipeswitch.bench.loadgen SPEC.json OUT.json``: run a share of a load."""
+    """``python -m pipeswitch.bench.loadgen SPEC.json OUT.json [LOOP]``: run a share of a
+    load (on the event loop ``LOOP`` names: auto, uvloop or asyncio; default asyncio)."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        raise SystemExit("usage: python -m pipeswitch.bench.loadgen SPEC.json OUT.json")
+    if len(args) not in (2, 3):
+        raise SystemExit("usage: python -m pipeswitch.bench.loadgen SPEC.json OUT.json [LOOP]")
     from pipeswitch.config.logging import configure_logging
+    from pipeswitch.pipelines import event_loop
 
     configure_logging("WARNING")
-    asyncio.run(_worker(Path(args[0]), Path(args[1])))
+    kind = args[2] if len(args) == 3 else "asyncio"
+    if kind not in event_loop.EVENT_LOOP_KINDS:
+        raise SystemExit(f"unknown event loop {kind!r}")
+    event_loop.run(_worker(Path(args[0]), Path(args[1])), kind)
 
 
 if __name__ == "__main__":

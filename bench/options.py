@@ -52,6 +52,14 @@ def add_common_arguments(p: argparse.ArgumentParser, *, replies: str) -> None:
         "runner) pick: uvloop where installed",
     )
     p.add_argument(
+        "--bench-loop",
+        default="auto",
+        choices=EVENT_LOOP_KINDS,
+        help="the load generator's and the provider emulators' own event loop (they stand "
+        "for FreeSWITCH and the cloud, which run elsewhere in production: the cheaper they "
+        "are here, the less they take from the server's cores); auto: uvloop where installed",
+    )
+    p.add_argument(
         "--server-experiment",
         action="append",
         default=[],

@@ -193,6 +193,7 @@ async def run_profile(args: argparse.Namespace) -> int:
         dialect=args.dialect,
         log_level=args.server_log_level,
         event_loop=args.loop,
+        bench_loop=args.bench_loop,
         log_dir=out_dir,
         warmup=not args.no_warmup,
         experiments=args.server_experiment,

@@ -81,8 +81,10 @@ def _ratio_s(a: float | None, b: float | None) -> str:
 
 
 def _run_conditions(p: dict[str, Any]) -> str:
-    """The event loop, the callers' line noise and uplink message size, where recorded."""
+    """The event loops, the callers' line noise and uplink message size, where recorded."""
     out = f" Event loop: {p['event_loop']}." if p.get("event_loop") else ""
+    if p.get("bench_loop"):
+        out += f" Load generator and emulators on {p['bench_loop']}."
     if p.get("line_noise_dbfs") is not None:
         out += f" Callers' line noise {p['line_noise_dbfs']:.0f} dBFS."
     if p.get("stream_buffer_ms", 20) != 20:

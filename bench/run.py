@@ -49,6 +49,8 @@ from pipeswitch.bench.servers import (
     ServerProcess,
     wait_for_quiet_machine,
 )
+from pipeswitch.config.settings import EventLoopKind
+from pipeswitch.pipelines.event_loop import resolve as resolve_loop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,6 +85,8 @@ class SessionOptions:
     dialect: str = "json-stream"
     log_level: str = "WARNING"
     event_loop: str = "auto"
+    # The load generator's and the emulators' own loop (the bench process runs on it).
+    bench_loop: EventLoopKind = "auto"
     loadgen_procs: int = 1
     idle_window_s: float = 2.0
     log_dir: Path | None = None
@@ -161,9 +165,13 @@ async def _sample_window(
 
 
 async def _run_split(
-    load: LoadSpec, audio: CallerAudio, procs: int, on_turn: TurnCallback | None
+    load: LoadSpec,
+    audio: CallerAudio,
+    procs: int,
+    on_turn: TurnCallback | None,
+    loop: EventLoopKind = "auto",
 ) -> LoadResult:
-    """Run ``load`` across ``procs`` processes (this one plus workers)."""
+    """Run ``load`` across ``procs`` processes (this one plus workers, on ``loop``)."""
     shares = [load.calls[i::procs] for i in range(procs)]
     tmp = Path(tempfile.mkdtemp(prefix="pipeswitch-loadgen-"))
     workers: list[tuple[subprocess.Popen[bytes], Path]] = []
@@ -174,7 +182,7 @@ async def _run_split(
         sp, op = tmp / f"spec-{i}.json", tmp / f"out-{i}.json"
         sp.write_text(spec.to_json())
         p = subprocess.Popen(
-            [sys.executable, "-m", "pipeswitch.bench.loadgen", str(sp), str(op)],
+            [sys.executable, "-m", "pipeswitch.bench.loadgen", str(sp), str(op), loop],
             cwd=REPO_ROOT,
             env=env,
         )
@@ -225,7 +233,9 @@ async def run_session(
     """Emulators + server + load, measured; everything stopped afterwards."""
     quiet = await wait_for_quiet_machine()
     emu: EmulatorProcess = await asyncio.to_thread(
-        start_emulator_process, providers.emulator_config()
+        start_emulator_process,
+        providers.emulator_config(),
+        use_uvloop=resolve_loop(opts.bench_loop) == "uvloop",
     )
     log_path = None
     if opts.log_dir is not None:
@@ -272,7 +282,7 @@ async def run_session(
         )
         if opts.loadgen_procs > 1:
             notes.append(f"load generator split across {opts.loadgen_procs} processes")
-            result = await _run_split(load, audio, opts.loadgen_procs, on_turn)
+            result = await _run_split(load, audio, opts.loadgen_procs, on_turn, opts.bench_loop)
         else:
             result = await run_load(load, audio, on_turn)
         load_done.set()

@@ -221,6 +221,11 @@ def _run_lazy(name: str, argv: list[str]) -> int:
             from pipeswitch.pipelines import event_loop
 
             return event_loop.run(run(args), Settings().event_loop)
+        bench_loop = getattr(args, "bench_loop", None)
+        if bench_loop is not None:  # a bench's load generator: on the loop it was asked for
+            from pipeswitch.pipelines import event_loop
+
+            return event_loop.run(run(args), bench_loop)
         return asyncio.run(run(args))
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in BENCH_EXTRA_MODULES:

@@ -552,7 +552,13 @@ async def _amain(cfg: EmulatorConfig, as_json: bool, exit_on_eof: bool) -> None:
 
         watcher = asyncio.create_task(_watch_stdin())
     async with run_emulators(cfg) as emu:
-        info = {**emu.urls(), "host": cfg.host, "pid": os.getpid()}
+        info = {
+            **emu.urls(),
+            "host": cfg.host,
+            "pid": os.getpid(),
+            # "uvloop" or "asyncio": what the bench records as the emulators' loop.
+            "event_loop": type(loop).__module__.split(".")[0],
+        }
         if as_json:
             print(json.dumps(info), flush=True)
         else:
@@ -569,11 +575,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point (``python -m pipeswitch.bench.emulators``)."""
     args = _parse_args(argv)
     cfg = _config_from_args(args)
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if args.uvloop:
         try:
             import uvloop
 
-            uvloop.install()
+            factory = uvloop.new_event_loop
         except ImportError:
             print("uvloop not installed; using asyncio", file=sys.stderr)
-    asyncio.run(_amain(cfg, args.json, args.exit_on_stdin_eof))
+    # A runner with a loop factory: no global policy is installed (uvloop.install() is
+    # deprecated, and would leak into anything else this process runs).
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_amain(cfg, args.json, args.exit_on_stdin_eof))
