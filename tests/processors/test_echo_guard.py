@@ -19,7 +19,9 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
+from pipeswitch.processors import echo_guard
 from pipeswitch.processors.echo_guard import (
+    NOISE_EVERY,
     EchoGuard,
     EchoGuardCore,
     EchoGuardParams,
@@ -172,6 +174,61 @@ def test_backchannel_only_while_bot_was_audible() -> None:
     assert core.is_backchannel_now(1.5, "okay")
     assert not core.is_backchannel_now(1.5, "okay what time")
     assert not core.is_backchannel_now(10.0, "okay")  # long after the bot stopped
+
+
+def _gated(core: EchoGuardCore, t0: float, levels: list[float]) -> int:
+    """Feed frames as the gate does (the level only where needed); returns how many
+    frames were measured."""
+    measured = 0
+    for i, lv in enumerate(levels):
+        now = t0 + (i + 1) * F
+        if not core.passes_unmeasured(now):
+            measured += 1
+            core.caller_frame(now, F, lv)
+    return measured
+
+
+def test_noise_floor_sampled_while_the_bot_is_silent_creeps_as_fast_per_second() -> None:
+    every, sampled = EchoGuardCore(), EchoGuardCore()
+    levels = [-62.0] * 10 + [-55.0] * 100  # the line gets noisier for two seconds
+    run_frames(every, 0.0, levels)
+    measured = _gated(sampled, 0.0, levels)
+    assert measured == len(levels) // NOISE_EVERY
+    assert every.noise_db > -58.0  # it did creep
+    assert sampled.noise_db == pytest.approx(every.noise_db, abs=0.5)
+
+
+def test_every_frame_is_measured_while_the_bot_is_audible_or_speech_is_held() -> None:
+    core = EchoGuardCore()
+    bot_speaks(core, 0.0, 0.4)
+    # The bot plays 0-0.4 s; its echo may come up to max_lag + tail later.
+    assert not any(core.passes_unmeasured(0.02 * k) for k in range(1, 50))
+    assert run_frames(core, 0.0, [-15.0] * 3) == [Verdict.HOLD] * 3
+    # Long after the bot, a held candidate still needs its level (it becomes the turn).
+    assert not core.passes_unmeasured(5.0)
+    assert core.caller_frame(5.0, F, -15.0) is Verdict.BARGE_IN
+
+
+def test_gate_measures_one_frame_in_noise_every_while_the_bot_is_silent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[bytes] = []
+
+    def counting(pcm: bytes) -> float:
+        calls.append(pcm)
+        return level_db(pcm)
+
+    monkeypatch.setattr(echo_guard, "level_db", counting)
+    guard = EchoGuard()
+    frame = InputAudioRawFrame(audio=_pcm(-50.0), sample_rate=8000, num_channels=1)
+    out = [guard.gate(frame) for _ in range(8 * NOISE_EVERY)]
+    assert all(v is Verdict.PASS and fs == [frame] for v, fs in out)
+    assert len(calls) == 8
+    guard.core.bot_audio(time.monotonic(), 1.0, -20.0)
+    calls.clear()
+    for _ in range(5):
+        guard.gate(frame)
+    assert len(calls) == 5  # the bot is audible: every frame is judged
 
 
 def test_level_db() -> None:
