@@ -25,6 +25,8 @@ EXPERIMENTS: dict[str, str] = {
     "(its default where the server accepts), as before 1 Dec 2026 (now level 0)",
     "vad-score-every-window": "Silero scores every window, silence included, as before 1 Dec "
     "2026 (now windows within -60 dBFS after a reset are not scored)",
+    "hash-split": "--workers N: connections stay where SO_REUSEPORT's hash put them, as before "
+    "1 Dec 2026 (now a worker with 2 more than the least busy hands new ones over)",
 }
 
 
@@ -101,10 +103,19 @@ def _vad_score_every_window() -> None:
     vad.QUIET_PEAK = 0  # no window has every sample within +/-0
 
 
+def _hash_split() -> None:
+    import os
+
+    from pipeswitch.transports.handoff import BALANCE_ENV
+
+    os.environ.pop(BALANCE_ENV, None)  # the worker then binds a plain SO_REUSEPORT site
+
+
 _PATCHES: dict[str, Callable[[], None]] = {
     "stt-batch-100ms": _stt_batch,
     "gc-automatic": _gc_automatic,
     "keep-call-cycles": _keep_call_cycles,
     "deflate-caller-audio": _deflate_caller_audio,
     "vad-score-every-window": _vad_score_every_window,
+    "hash-split": _hash_split,
 }

@@ -172,6 +172,12 @@ async def _amain(args: argparse.Namespace) -> None:
                 "skipped": vad.skipped - vad_base[1],
                 "batches": vad.batches - vad_base[2],
             },
+            # --workers N: connections this worker passed to / took from its siblings.
+            "handoffs": (
+                {"handed_off": app.balancer.handed_off, "adopted": app.balancer.adopted}
+                if app.balancer is not None
+                else None
+            ),
         }
 
     def reset() -> None:
@@ -221,6 +227,7 @@ async def serve_workers(args: argparse.Namespace, settings: Any, tenant: Any, ep
     from pipeswitch.pipelines.app import endpoints_with_local, start_local_models
     from pipeswitch.pipelines.workers import ENDPOINTS_ENV
     from pipeswitch.transports import metrics
+    from pipeswitch.transports.handoff import BALANCE_ENV, balance_env, create_balance_dir
 
     with socket.socket() as sock:  # a free port for the workers to share
         sock.bind(("127.0.0.1", 0))
@@ -238,6 +245,7 @@ async def serve_workers(args: argparse.Namespace, settings: Any, tenant: Any, ep
         *[x for name in args.experiment for x in ("--experiment", name)],
         *("--loop", args.loop),
     ]
+    balance_dir = create_balance_dir(args.workers)
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable,
@@ -246,9 +254,9 @@ async def serve_workers(args: argparse.Namespace, settings: Any, tenant: Any, ep
             *argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env=env,
+            env={**env, BALANCE_ENV: balance_env(balance_dir, i, args.workers)},
         )
-        for _ in range(args.workers)
+        for i in range(args.workers)
     ]
     readies: list[dict[str, Any]] = []
     try:
@@ -287,6 +295,7 @@ async def serve_workers(args: argparse.Namespace, settings: Any, tenant: Any, ep
                 proc.kill()
         await models.stop()
         shutil.rmtree(prom_dir, ignore_errors=True)
+        shutil.rmtree(balance_dir, ignore_errors=True)
 
 
 def _merge_lag(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -337,6 +346,7 @@ def merge_health(workers: list[dict[str, Any]]) -> dict[str, Any]:
                 "pid": h.get("pid"),
                 "calls_total": h.get("calls_total"),
                 "calls_active": h.get("calls_active"),
+                "handoffs": h.get("handoffs"),
                 "loop_lag_ms": h.get("loop_lag_ms"),
                 "gc_ms": h.get("gc_ms"),
             }

@@ -54,6 +54,7 @@ from pipeswitch.pipelines.vad import shared_batcher
 from pipeswitch.processors.turn_watchdog import RECOVERY_PHRASES
 from pipeswitch.transports import metrics
 from pipeswitch.transports.esl import EslClient
+from pipeswitch.transports.handoff import BalanceConfig, BalancedSite, ConnectionBalancer
 from pipeswitch.transports.server import CallServer
 
 
@@ -206,6 +207,8 @@ class Pipeswitch:
         self._sources: ModelSources | None = None
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
+        # A worker of ``serve --workers N``: connections handed to and from its siblings.
+        self.balancer: ConnectionBalancer | None = None
         self.sessions: CallSessions | None = None
         # While calls are up, automatic collection is paused (pipelines/collector.py).
         self.collector = CallTimeCollector(self._calls_up)
@@ -346,7 +349,14 @@ class Pipeswitch:
         self.server.watch_handshakes(self._runner)  # slow-loris sockets (transports/handshake.py)
         # Only the workers of one ``serve --workers N`` share a port (SO_REUSEPORT); a single
         # server binds exclusively, so nothing else can join its port either.
-        site = web.TCPSite(self._runner, s.host, s.port, reuse_port=self._port_shared)
+        balance = BalanceConfig.from_env() if self._port_shared else None
+        site: web.TCPSite
+        if balance is not None:
+            # The workers even out their calls at accept (transports/handoff.py).
+            self.balancer = ConnectionBalancer(balance)
+            site = BalancedSite(self._runner, s.host, s.port, self.balancer)
+        else:
+            site = web.TCPSite(self._runner, s.host, s.port, reuse_port=self._port_shared)
         await site.start()
         if self._runner.addresses:
             self.port = int(self._runner.addresses[0][1])
@@ -381,9 +391,13 @@ class Pipeswitch:
         return esl
 
     def stop_accepting(self) -> None:
-        """From now on /ready answers 503 and new calls are refused with 4503."""
+        """From now on /ready answers 503 and new calls are refused with 4503 (and sibling
+        workers hand this one no more connections)."""
         if self.server is not None:
             self.server.draining = True
+        if self.balancer is not None:
+            self.balancer.stop()
+            self.balancer = None
 
     async def drain(self, timeout_secs: float, now: asyncio.Event | None = None) -> None:
         """Let active calls finish on their own for up to ``timeout_secs`` (or until ``now``)."""
@@ -426,6 +440,9 @@ class Pipeswitch:
             models = asyncio.ensure_future(self._local.stop())
             self._own_local = False
         await self.collector.stop()  # automatic collection as it was before start()
+        if self.balancer is not None:
+            self.balancer.stop()
+            self.balancer = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

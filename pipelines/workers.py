@@ -4,8 +4,10 @@ A single Python process saturates one core long before two are busy (the event
 loop and the GIL; capacity baseline). The parent starts the shared model
 processes (Piper, and Whisper/LLM on the offline default) once, then N worker
 processes that each run a full server on the same port (SO_REUSEPORT: the
-kernel spreads new connections across them). Workers get the model endpoints
-from the parent, so models are loaded once per machine, not per worker.
+kernel spreads new connections across them by a hash, and a worker that got
+more than its share hands new ones to the least busy: transports/handoff.py).
+Workers get the model endpoints from the parent, so models are loaded once per
+machine, not per worker.
 
 Only these workers share the port: the parent first binds it without SO_REUSEPORT (which
 fails against any listener), and a single ``serve`` binds without SO_REUSEPORT at all, so a
@@ -35,6 +37,12 @@ from pipeswitch.pipelines.app import (
 from pipeswitch.pipelines.services import ProviderEndpoints
 from pipeswitch.pipelines.startup import StartupError, check_port_free
 from pipeswitch.transports import metrics
+from pipeswitch.transports.handoff import (
+    BALANCE_ENV,
+    balance_env,
+    create_balance_dir,
+    mark_gone,
+)
 
 ENDPOINTS_ENV = "PIPESWITCH_WORKER_ENDPOINTS"
 
@@ -68,15 +76,22 @@ async def serve_workers(
     prom_dir = os.environ.get(metrics.MULTIPROC_ENV) or tempfile.mkdtemp(prefix="pipeswitch-prom-")
     own_prom_dir = metrics.MULTIPROC_ENV not in os.environ
     env = {**os.environ, ENDPOINTS_ENV: json.dumps(asdict(ep)), metrics.MULTIPROC_ENV: prom_dir}
+    # The workers even out their connections at accept (transports/handoff.py).
+    balance_dir = create_balance_dir(workers)
 
-    async def spawn() -> asyncio.subprocess.Process:
+    async def spawn(index: int) -> asyncio.subprocess.Process:
         # Own session: a terminal's Ctrl-C reaches the parent only, which forwards it once
         # (a worker counts a second signal as "end all calls now").
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pipeswitch.pipelines.cli", *argv, env=env, start_new_session=True
+            sys.executable,
+            "-m",
+            "pipeswitch.pipelines.cli",
+            *argv,
+            env={**env, BALANCE_ENV: balance_env(balance_dir, index, workers)},
+            start_new_session=True,
         )
 
-    procs = [await spawn() for _ in range(workers)]
+    procs = [await spawn(i) for i in range(workers)]
     logger.info(
         "started {} workers on port {}: pids {}", workers, settings.port, [p.pid for p in procs]
     )
@@ -115,8 +130,10 @@ async def serve_workers(
             logger.error("{} worker exits in 60 s; stopping the server", len(exits))
             break
         for old in dead:
-            new = await spawn()
-            procs[procs.index(old)] = new
+            index = procs.index(old)
+            mark_gone(balance_dir, index)  # no hand-overs to it until its successor is up
+            new = await spawn(index)
+            procs[index] = new
             waiters[asyncio.ensure_future(reap(new))] = new
             logger.error(
                 "worker {} exited (code {}); its calls were lost; started worker {}",
@@ -138,6 +155,7 @@ async def serve_workers(
         await models.stop()
     if own_prom_dir:
         shutil.rmtree(prom_dir, ignore_errors=True)
+    shutil.rmtree(balance_dir, ignore_errors=True)
     return 0
 
 
