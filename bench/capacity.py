@@ -195,6 +195,8 @@ def worker_figures(loaded: dict[str, Any], health: dict[str, Any]) -> list[dict[
                 "cpu_pct": None if proc is None else proc.cpu_pct,
                 "main_thread_cpu_pct": None if proc is None else proc.main_thread_cpu_pct,
                 "calls_total": w.get("calls_total"),
+                # Connections handed to / taken from the sibling workers (transports/handoff.py).
+                "handoffs": w.get("handoffs"),
                 "loop_lag_ms": w.get("loop_lag_ms"),
                 "gc2_max_ms": gc2.get("max_ms"),
             }
