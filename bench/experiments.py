@@ -25,6 +25,9 @@ EXPERIMENTS: dict[str, str] = {
     "(its default where the server accepts), as before 1 Dec 2026 (now level 0)",
     "vad-score-every-window": "Silero scores every window, silence included, as before 1 Dec "
     "2026 (now windows within -60 dBFS after a reset are not scored)",
+    "vad-batch-per-tick": "Silero gets each event-loop tick's windows as a batch at once, "
+    "queued behind the one running, as before 1 Dec 2026 (now one batch in flight: what "
+    "arrives meanwhile goes as the next)",
     "hash-split": "--workers N: connections stay where SO_REUSEPORT's hash put them, as before "
     "1 Dec 2026 (now a worker with 2 more than the least busy hands new ones over)",
 }
@@ -103,6 +106,12 @@ def _vad_score_every_window() -> None:
     vad.QUIET_PEAK = 0  # no window has every sample within +/-0
 
 
+def _vad_batch_per_tick() -> None:
+    import pipeswitch.pipelines.vad as vad
+
+    vad.ONE_BATCH_IN_FLIGHT = False
+
+
 def _hash_split() -> None:
     import os
 
@@ -117,5 +126,6 @@ _PATCHES: dict[str, Callable[[], None]] = {
     "keep-call-cycles": _keep_call_cycles,
     "deflate-caller-audio": _deflate_caller_audio,
     "vad-score-every-window": _vad_score_every_window,
+    "vad-batch-per-tick": _vad_batch_per_tick,
     "hash-split": _hash_split,
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import wave
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import soxr
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams, VADState
 
-from pipeswitch.pipelines.vad import BatchedSileroVADAnalyzer, SileroBatcher
+from pipeswitch.pipelines.vad import BatchedSileroVADAnalyzer, SileroBatcher, SileroState
 
 
 def question() -> bytes:
@@ -142,3 +143,48 @@ async def test_quiet_talker_is_still_scored_and_heard() -> None:
     got = await states(ours, bytes(4000) + soft + bytes(8000), 320)
     assert VADState.SPEAKING in got
     assert batcher.windows >= 0.7 * len(soft) // 512  # its pauses are near -60 dBFS
+
+
+async def test_windows_arriving_while_a_batch_runs_go_together_as_the_next() -> None:
+    """One batch in flight: what comes meanwhile waits and is scored as one batch."""
+    batcher = SileroBatcher()
+    real_run = batcher._run
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow_run(x: np.ndarray, state: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray]:
+        started.set()
+        release.wait(5.0)
+        return real_run(x, state, sr)
+
+    batcher._run = slow_run  # type: ignore[method-assign]
+    window = scaled(question()[:512], 8000)
+    calls = [SileroState(8000) for _ in range(6)]
+    first = batcher.infer(calls[0], window)
+    await asyncio.to_thread(started.wait, 5.0)
+    rest = [batcher.infer(st, window) for st in calls[1:]]
+    await asyncio.sleep(0.05)  # several loop ticks: nothing else may be submitted
+    assert batcher.batches == 1
+    release.set()
+    confs = await asyncio.gather(first, *rest)
+    assert batcher.batches == 2 and batcher.windows == 6
+    # Same window, fresh state: the lone first and the five batched agree.
+    assert np.allclose(confs, confs[0], atol=1e-5)
+
+
+async def test_a_failed_batch_fails_its_windows_and_the_next_still_runs() -> None:
+    batcher = SileroBatcher()
+    real_run = batcher._run
+    fail = [True]
+
+    def flaky(x: np.ndarray, state: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray]:
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError("onnx failed")
+        return real_run(x, state, sr)
+
+    batcher._run = flaky  # type: ignore[method-assign]
+    window = bytes(512)
+    with pytest.raises(RuntimeError, match="onnx failed"):
+        await batcher.infer(SileroState(8000), window)
+    assert 0.0 <= await batcher.infer(SileroState(8000), window) < 0.5
