@@ -153,6 +153,7 @@ async def _run_step(
         c.turns = [t for t in c.turns if t.t_end is not None and lo <= t.t_end <= hi]
     st = server_summary(kind, sr, providers.tokens_per_s)
     st.pop("turns", None)  # per-turn detail is kept for the latency bench only
+    st["machine_speed_s"] = sr.extra.get("machine_speed_s")
     idle, loaded = sr.idle.get("server"), sr.loaded.get("server")
     idle_p, loaded_p = sr.idle.get("piper"), sr.loaded.get("piper")
 

@@ -123,6 +123,7 @@ async def run_latency(args: argparse.Namespace) -> int:
                 log_name=kind,
             )
             results[kind] = server_summary(kind, sr, providers.tokens_per_s)
+            results[kind]["machine_speed_s"] = sr.extra.get("machine_speed_s")
             save_raw(out_dir / f"raw-{kind}.json.gz", sr)
     finally:
         bar.close()

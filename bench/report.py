@@ -305,6 +305,14 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
         ]
         for st in steps:
             lines.append(_capacity_row(st))
+        speed = [(st["n"], st["machine_speed_s"]) for st in steps if st.get("machine_speed_s")]
+        if speed:
+            lines += [
+                "",
+                "Machine speed before each step (a fixed pure-Python loop on one core, "
+                "lower is faster; this shared VM drifts by a third within an hour): "
+                + ", ".join(f"N={n} {v:.3f} s" for n, v in speed),
+            ]
         vad = [(st["n"], st["vad"]) for st in steps if st.get("vad")]
         if vad:
             lines += [

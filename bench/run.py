@@ -47,6 +47,7 @@ from pipeswitch.bench.servers import (
     ServerInfo,
     ServerKind,
     ServerProcess,
+    machine_speed_s,
     wait_for_quiet_machine,
 )
 from pipeswitch.config.settings import EventLoopKind
@@ -232,6 +233,7 @@ async def run_session(
 ) -> SessionResult:
     """Emulators + server + load, measured; everything stopped afterwards."""
     quiet = await wait_for_quiet_machine()
+    speed_s = await asyncio.to_thread(machine_speed_s)
     emu: EmulatorProcess = await asyncio.to_thread(
         start_emulator_process,
         providers.emulator_config(),
@@ -316,5 +318,5 @@ async def run_session(
         loaded=loaded,
         spec=load,
         notes=notes,
-        extra=extra,
+        extra={**extra, "machine_speed_s": speed_s},
     )

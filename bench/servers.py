@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -317,6 +319,23 @@ async def wait_for_quiet_machine(
     if time.monotonic() - t0 > 2 * window_s:
         logger.info("waited {:.0f} s for the machine ({:.0f} % now)", time.monotonic() - t0, load)
     return load
+
+
+# The machine-speed reference: a fixed pure-Python loop (the server's work is mostly the
+# interpreter's). Measured 0.19-0.25 s on the same VM within one hour (1 Dec 2026): a
+# shared VM's speed drifts by a third, so capacity figures are read with it.
+SPEED_LOOP = 10**7
+
+
+def machine_speed_s(repeats: int = 3, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds the reference loop takes on one core now (the best of ``repeats``; lower is
+    faster). Call it on a quiet machine: it measures what a core gives, not what is free."""
+    best = math.inf
+    for _ in range(repeats):
+        t = clock()
+        sum(range(SPEED_LOOP))
+        best = min(best, clock() - t)
+    return round(best, 3)
 
 
 def _cpu_s(p: psutil.Process) -> float:

@@ -56,6 +56,7 @@ async def test_latency_bench_one_call_one_turn(
     turn = next(t for t in ours["turns"] if t["kind"] == "turn")
     assert sum(turn["stages_ms"].values()) == pytest.approx(turn["wire_ms"], abs=1.0)
     assert doc["params"]["stream_buffer_ms"] == 40
+    assert 0.0 < ours["machine_speed_s"] < 30.0  # the machine-speed reference was timed
     assert "Caller audio in 40 ms messages" in (out / "report.md").read_text()
     assert (out / "latency_cdf.png").exists() and (out / "latency_stages.png").exists()
 

@@ -233,3 +233,11 @@ def test_silent_bot_messages_while_the_caller_talks_are_not_a_reply() -> None:
     frames = [RxFrame(10.5 + 0.02 * i, 0.02, False) for i in range(20)]
     assert premature_reply_at(frames, 10.0, 12.0) is None
     assert premature_reply_at([*frames, RxFrame(11.9, 0.02, True)], 10.0, 12.0) == 11.9
+
+
+def test_machine_speed_is_the_best_of_its_repeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeswitch.bench import servers
+
+    ticks = iter([0.0, 0.5, 1.0, 1.2, 2.0, 2.9])  # 0.5, 0.2, 0.9 s
+    monkeypatch.setattr(servers, "SPEED_LOOP", 10)
+    assert servers.machine_speed_s(3, clock=lambda: next(ticks)) == 0.2
