@@ -221,6 +221,10 @@ class ConnectionBalancer:
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._sock.fileno())
+            if not self._loop.is_closed():
+                # Sockets already on their way here are served (a draining server refuses
+                # them with 4503): closing the queue would reset them instead.
+                self._on_handoff()
         self._sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path(self.config.directory, self.config.index))

@@ -204,3 +204,23 @@ def test_table_starts_gone_for_every_worker() -> None:
         b.stop()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_sockets_queued_when_a_worker_stops_are_served_not_reset() -> None:
+    async def main() -> None:
+        async with workers() as (w0, w1):
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(w1.balancer._sock.fileno())  # w1 is too busy to read its queue
+            held = [await idle_connection(w0.port) for _ in range(MARGIN)]
+            pending = asyncio.ensure_future(get_raw(w0.port))
+            for _ in range(100):
+                if w0.balancer.handed_off:
+                    break
+                await asyncio.sleep(0.01)
+            assert w0.balancer.handed_off == 1 and w1.balancer.adopted == 0
+            w1.balancer.stop()  # draining: the socket in its queue is still served
+            assert (await pending).endswith(b"w1")
+            for _, wr in held:
+                wr.close()
+
+    run_on("asyncio", main)
