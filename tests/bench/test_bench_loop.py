@@ -44,6 +44,9 @@ def test_bench_cli_runs_the_load_generator_on_the_bench_loop(
         return 0
 
     monkeypatch.setattr(bench_cli, "run_bench", fake_run_bench)
+    # The CLIs replace loguru's sinks; the suite's own (log assertions) must survive this test.
+    monkeypatch.setattr("pipeswitch.config.logging.configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr(pipeswitch_cli, "configure_logging", lambda *a, **k: None)
     kinds = ["asyncio"] + (["uvloop"] if uvloop_available() else [])
     for kind in kinds:
         assert bench_cli.main(["capacity", "--steps", "1", "--bench-loop", kind]) == 0
