@@ -575,10 +575,10 @@ def main(argv: list[str] | None = None) -> None:
     from pipeswitch.config.logging import configure_logging
     from pipeswitch.pipelines import event_loop
 
-    configure_logging("WARNING")
     kind = args[2] if len(args) == 3 else "asyncio"
     if kind not in event_loop.EVENT_LOOP_KINDS:
         raise SystemExit(f"unknown event loop {kind!r}")
+    configure_logging("WARNING")
     event_loop.run(_worker(Path(args[0]), Path(args[1])), kind)
 
 

@@ -24,6 +24,7 @@ def test_emulators_run_on_the_loop_asked_for(use_uvloop: bool) -> None:
 
 
 def test_load_worker_rejects_an_unknown_loop() -> None:
+    # (It checks its arguments before it configures logging: the suite's sinks survive.)
     with pytest.raises(SystemExit, match="unknown event loop 'tokio'"):
         loadgen.main(["spec.json", "out.json", "tokio"])
     with pytest.raises(SystemExit, match="usage"):

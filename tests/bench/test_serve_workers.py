@@ -8,6 +8,7 @@ import json
 from pipeswitch.bench.emulators.runner import EmulatorConfig, run_emulators
 from pipeswitch.bench.serve import merge_health, tenant_overrides
 from pipeswitch.bench.servers import ProcessGroup, ServerProcess
+from pipeswitch.transports.handoff import MARGIN
 from tests.e2e.helpers import open_call, wait_for_bot_audio
 
 
@@ -60,8 +61,9 @@ async def test_two_workers_share_a_port_and_report_each() -> None:
     assert health["calls_total"] == 6
     per_worker = [w["calls_total"] for w in health["workers"]]
     assert sum(per_worker) == 6
-    # Evened out at accept: never 2 or more apart (6 calls, whatever the hash did).
-    assert max(per_worker) - min(per_worker) <= 1, per_worker
+    # Evened out at accept: a worker 2 ahead of the other hands the next call over, so
+    # they are never more than 2 apart (6 calls, whatever the hash did).
+    assert max(per_worker) - min(per_worker) <= MARGIN, per_worker
     assert all(w["handoffs"] is not None for w in health["workers"])
     assert len(calls["calls"]) == 6
     json.dumps(health)  # JSON all the way (results.json keeps it)
