@@ -305,22 +305,23 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
         ]
         for st in steps:
             lines.append(_capacity_row(st))
-        speed = [(st["n"], st["machine_speed_s"]) for st in steps if st.get("machine_speed_s")]
-        if speed:
-            lines += [
-                "",
-                "Machine speed before each step (a fixed pure-Python loop on one core, "
-                "lower is faster; this shared VM drifts by a third within an hour): "
-                + ", ".join(f"N={n} {v:.3f} s" for n, v in speed),
-            ]
-        vad = [(st["n"], st["vad"]) for st in steps if st.get("vad")]
-        if vad:
-            lines += [
-                "",
-                "Silero windows scored / skipped by the quiet gate (every sample within "
-                "-60 dBFS): "
-                + ", ".join(f"N={n} {v.get('scored', 0)} / {v.get('skipped', 0)}" for n, v in vad),
-            ]
+        lines += _per_step_line(
+            "Machine speed before each step (a fixed pure-Python loop on one core, "
+            "lower is faster; this shared VM drifts by a third within an hour): ",
+            [
+                (st["n"], f"{st['machine_speed_s']:.3f} s")
+                for st in steps
+                if st.get("machine_speed_s")
+            ],
+        )
+        lines += _per_step_line(
+            "Silero windows scored / skipped by the quiet gate (every sample within -60 dBFS): ",
+            [
+                (st["n"], f"{st['vad'].get('scored', 0)} / {st['vad'].get('skipped', 0)}")
+                for st in steps
+                if st.get("vad")
+            ],
+        )
         best = doc["ceilings"].get(kind)
         near = (doc.get("near_clean_ceilings") or {}).get(kind)
         rel = (doc.get("relative_ceilings") or {}).get(kind)
@@ -349,6 +350,11 @@ def _piper_counts(p: dict[str, Any] | None) -> str:
         f" ({p.get('cache_misses', '-')} / {p.get('coalesced', '-')} / "
         f"{p.get('rejected_queue_full', '-')})"
     )
+
+
+def _per_step_line(label: str, figures: list[tuple[int, str]]) -> list[str]:
+    """A line under the capacity table: ``label`` then each step's figure (none: no line)."""
+    return ["", label + ", ".join(f"N={n} {text}" for n, text in figures)] if figures else []
 
 
 def _capacity_row(st: dict[str, Any]) -> str:
