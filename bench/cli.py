@@ -12,7 +12,6 @@ PNG plots) and ``bench/results/latest.json``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 
@@ -77,12 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    bench_loop = getattr(args, "bench_loop", None)
-    if bench_loop is not None:  # the load generator on the loop it was asked for
-        from pipeswitch.pipelines import event_loop
+    from pipeswitch.pipelines import event_loop
 
-        return event_loop.run(run_bench(args), bench_loop)
-    return asyncio.run(run_bench(args))
+    # The load generator on the loop it was asked for (--bench-loop; else asyncio's).
+    return event_loop.run(run_bench(args), getattr(args, "bench_loop", "asyncio"))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ runs the demo without the ``[bench]`` extra, and ``--help`` does not import Pipe
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -217,16 +216,14 @@ def _run_lazy(name: str, argv: list[str]) -> int:
         add_arguments(parser)
         args = parser.parse_args(argv)
         configure_logging(getattr(args, "log_level", None) or Settings().log_level)
-        if name == "demo":  # the product in-process: on the loop `serve` would use
-            from pipeswitch.pipelines import event_loop
+        # The demo is the product in-process: on the loop `serve` would use; a bench's load
+        # generator runs on the loop it was asked for (--bench-loop); the rest on asyncio's.
+        kind: EventLoopKind = (
+            Settings().event_loop if name == "demo" else getattr(args, "bench_loop", "asyncio")
+        )
+        from pipeswitch.pipelines import event_loop
 
-            return event_loop.run(run(args), Settings().event_loop)
-        bench_loop = getattr(args, "bench_loop", None)
-        if bench_loop is not None:  # a bench's load generator: on the loop it was asked for
-            from pipeswitch.pipelines import event_loop
-
-            return event_loop.run(run(args), bench_loop)
-        return asyncio.run(run(args))
+        return event_loop.run(run(args), kind)
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in BENCH_EXTRA_MODULES:
             raise

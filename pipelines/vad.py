@@ -47,10 +47,10 @@ QUIET_PEAK = 33
 # A reset comes at most every RESET_INTERVAL_SECS of windows (63 windows at either rate).
 SILENCE_TABLE = 64
 WINDOW_SAMPLES = {8000: 256, 16000: 512}
+CONTEXT_SAMPLES = {8000: 32, 16000: 64}
 # Windows that arrive while a batch runs wait for it (module docstring); False: every loop
 # tick's windows go at once, queueing behind the batch in flight (the bench's A/B).
 ONE_BATCH_IN_FLIGHT = True
-CONTEXT_SAMPLES = {8000: 32, 16000: 64}
 
 
 def _model_path() -> str:

@@ -214,6 +214,8 @@ class ConnectionBalancer:
 
     def stop(self) -> None:
         """Take no more hand-overs (draining): mark the slot gone, close the socket."""
+        if self._sock.fileno() < 0:
+            return  # stopped already (draining, then closing)
         self._loads[self.config.index] = GONE
         if self._timer is not None:
             self._timer.cancel()

@@ -91,13 +91,22 @@ async def workers(n: int = 2) -> AsyncIterator[list[Worker]]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def idle_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection the worker serves and keeps (HTTP keep-alive after one request)."""
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    await r.readuntil(b"\r\n\r\n")
-    await r.readexactly(2)
-    return r, w
+@contextlib.asynccontextmanager
+async def holding(port: int, n: int) -> AsyncIterator[None]:
+    """``n`` connections the worker on ``port`` serves and keeps (HTTP keep-alive after one
+    request) for the duration."""
+    writers = []
+    try:
+        for _ in range(n):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            writers.append(w)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await r.readuntil(b"\r\n\r\n")
+            await r.readexactly(2)
+        yield
+    finally:
+        for w in writers:
+            w.close()
 
 
 async def get_raw(port: int) -> bytes:
@@ -112,16 +121,12 @@ async def get_raw(port: int) -> bytes:
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_busy_worker_hands_new_connections_to_the_least_busy(loop: str) -> None:
     async def main() -> None:
-        async with workers() as (w0, w1):
-            held = [await idle_connection(w0.port) for _ in range(MARGIN)]
+        async with workers() as (w0, w1), holding(w0.port, MARGIN):
             await asyncio.sleep(0.05)
             assert w0.balancer.load() == MARGIN
             # Accepted by w0 (the port it listens on), served by w1 with its bytes intact.
             assert (await get_raw(w0.port)).endswith(b"w1")
             assert (w0.balancer.handed_off, w1.balancer.adopted) == (1, 1)
-            # w1 now counts one more: the next one stays with w0 if the margin is not reached.
-            for _, wr in held:
-                wr.close()
 
     run_on(loop, main)
 
@@ -129,8 +134,7 @@ def test_a_busy_worker_hands_new_connections_to_the_least_busy(loop: str) -> Non
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_handed_over_websocket_call_is_served_whole(loop: str) -> None:
     async def main() -> None:
-        async with workers() as (w0, w1):
-            held = [await idle_connection(w0.port) for _ in range(MARGIN)]
+        async with workers() as (w0, w1), holding(w0.port, MARGIN):
             async with (
                 aiohttp.ClientSession() as http,
                 http.ws_connect(f"http://127.0.0.1:{w0.port}/ws") as ws,
@@ -139,8 +143,6 @@ def test_a_handed_over_websocket_call_is_served_whole(loop: str) -> None:
                     await ws.send_str(str(k))
                     assert (await ws.receive()).data == f"w1:{k}"
             assert w1.balancer.adopted == 1
-            for _, wr in held:
-                wr.close()
 
     run_on(loop, main)
 
@@ -148,20 +150,16 @@ def test_a_handed_over_websocket_call_is_served_whole(loop: str) -> None:
 @pytest.mark.parametrize("loop", LOOPS)
 def test_balanced_workers_serve_their_own_while_within_the_margin(loop: str) -> None:
     async def main() -> None:
-        async with workers() as (w0, w1):
-            held = [await idle_connection(w0.port) for _ in range(MARGIN - 1)]
+        async with workers() as (w0, w1), holding(w0.port, MARGIN - 1):
             assert (await get_raw(w0.port)).endswith(b"w0")
             assert w0.balancer.handed_off == 0
-            for _, wr in held:
-                wr.close()
 
     run_on(loop, main)
 
 
 def test_a_gone_sibling_is_never_picked_and_a_failed_hand_over_keeps_the_call() -> None:
     async def main() -> None:
-        async with workers() as (w0, w1):
-            held = [await idle_connection(w0.port) for _ in range(MARGIN)]
+        async with workers() as (w0, w1), holding(w0.port, MARGIN):
             mark_gone(w1.balancer.config.directory, 1)
             w1.balancer._timer.cancel()  # type: ignore[union-attr]  # its publishes would revive it
             assert w0.balancer.pick() is None
@@ -171,8 +169,6 @@ def test_a_gone_sibling_is_never_picked_and_a_failed_hand_over_keeps_the_call() 
             os.unlink(socket_path(w1.balancer.config.directory, 1))
             assert (await get_raw(w0.port)).endswith(b"w0")
             assert w0.balancer.kept == 1 and w0.balancer.handed_off == 0
-            for _, wr in held:
-                wr.close()
 
     run_on("asyncio", main)
 
@@ -182,10 +178,8 @@ def test_a_draining_worker_takes_no_more_hand_overs() -> None:
         async with workers() as (w0, w1):
             w1.balancer.stop()
             assert w1.balancer._loads[1] == GONE
-            held = [await idle_connection(w0.port) for _ in range(MARGIN + 1)]
-            assert w0.balancer.pick() is None
-            for _, wr in held:
-                wr.close()
+            async with holding(w0.port, MARGIN + 1):
+                assert w0.balancer.pick() is None
 
     run_on("asyncio", main)
 
@@ -211,16 +205,14 @@ def test_sockets_queued_when_a_worker_stops_are_served_not_reset() -> None:
         async with workers() as (w0, w1):
             loop = asyncio.get_running_loop()
             loop.remove_reader(w1.balancer._sock.fileno())  # w1 is too busy to read its queue
-            held = [await idle_connection(w0.port) for _ in range(MARGIN)]
-            pending = asyncio.ensure_future(get_raw(w0.port))
-            for _ in range(100):
-                if w0.balancer.handed_off:
-                    break
-                await asyncio.sleep(0.01)
-            assert w0.balancer.handed_off == 1 and w1.balancer.adopted == 0
-            w1.balancer.stop()  # draining: the socket in its queue is still served
-            assert (await pending).endswith(b"w1")
-            for _, wr in held:
-                wr.close()
+            async with holding(w0.port, MARGIN):
+                pending = asyncio.ensure_future(get_raw(w0.port))
+                for _ in range(100):
+                    if w0.balancer.handed_off:
+                        break
+                    await asyncio.sleep(0.01)
+                assert w0.balancer.handed_off == 1 and w1.balancer.adopted == 0
+                w1.balancer.stop()  # draining: the socket in its queue is still served
+                assert (await pending).endswith(b"w1")
 
     run_on("asyncio", main)
