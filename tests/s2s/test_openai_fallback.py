@@ -64,6 +64,11 @@ async def test_drop_mid_call_apologizes_and_carries_context(s2s: S2SServed) -> N
     rt = s2s.realtime
     saved = rt.script
     rt.script = LLM_SCRIPTS["long"]
+    # Paced at real time, so the drop comes after the caller has heard about a second
+    # of the reply whatever the load (at the default 4x, 1.5 s of audio is out within
+    # ~0.4 s of playback, and whether its first word was heard became a race).
+    speed = rt.audio_speed
+    rt.audio_speed = 1.0
     rt.set_faults(RealtimeFaults(drop_after_audio_ms=1500, count=1))
     kept, hook = keep_calls(s2s)
     chat = s2s.emu.openai
@@ -83,6 +88,7 @@ async def test_drop_mid_call_apologizes_and_carries_context(s2s: S2SServed) -> N
         await wait_bot_quiet(stream, timeout_s=10.0)
     finally:
         rt.script = saved
+        rt.audio_speed = speed
         reset_faults(s2s)
         await stream.hangup()
         await asyncio.sleep(0.3)
