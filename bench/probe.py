@@ -80,11 +80,20 @@ class LoopLagMonitor:
 
 
 class GcMonitor:
-    """Times every garbage collection (``gc.callbacks``), per generation."""
+    """Times every garbage collection (``gc.callbacks``), per generation.
 
-    def __init__(self) -> None:
+    With ``active`` (calls up now), a collection that starts while no call is up (the
+    server's idle collection after the last call ends, start-up) is counted apart in
+    ``idle``: it pauses nobody's audio, and reporting it with the rest read as a pause
+    during calls.
+    """
+
+    def __init__(self, active: Callable[[], int] | None = None) -> None:
         self._t0 = 0.0
+        self._active = active
+        self._busy = True
         self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self.idle: dict[int, list[float]] = {0: [], 1: [], 2: []}
 
     def install(self) -> None:
         """Register the callback."""
@@ -98,18 +107,21 @@ class GcMonitor:
     def reset(self) -> None:
         """Forget the pauses so far."""
         self.pauses = {0: [], 1: [], 2: []}
+        self.idle = {0: [], 1: [], 2: []}
 
     def _cb(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
+            self._busy = self._active is None or self._active() > 0
             self._t0 = time.perf_counter()
         else:
             gen = int(info.get("generation", 0))
-            bucket = self.pauses.setdefault(gen, [])
+            bucket = (self.pauses if self._busy else self.idle).setdefault(gen, [])
             if len(bucket) < MAX_SAMPLES:
                 bucket.append(time.perf_counter() - self._t0)
 
     def summary_ms(self) -> dict[str, Any]:
-        """Per generation: count, total, p99 and max pause in ms."""
+        """Per generation: count, total, p99 and max pause in ms (while calls were up,
+        with ``active``), and how many ran with no call up (``idle_count``)."""
         out: dict[str, Any] = {}
         for gen, xs in sorted(self.pauses.items()):
             s = summarize(xs).scaled(1000.0)
@@ -118,6 +130,7 @@ class GcMonitor:
                 "total_ms": round(sum(xs) * 1000.0, 1),
                 "p99_ms": None if s.p99 is None else round(s.p99, 2),
                 "max_ms": None if s.max is None else round(s.max, 2),
+                "idle_count": len(self.idle.get(gen, ())),
             }
         return out
 
@@ -125,12 +138,18 @@ class GcMonitor:
 class BenchProbe:
     """The loopback stats site of one server process (see the module docstring)."""
 
-    def __init__(self, calls: CallsProvider, health: HealthProvider, reset: Callable[[], None]):
+    def __init__(
+        self,
+        calls: CallsProvider,
+        health: HealthProvider,
+        reset: Callable[[], None],
+        active: Callable[[], int] | None = None,
+    ):
         self._calls = calls
         self._health = health
         self._reset_hook = reset
         self.lag = LoopLagMonitor()
-        self.gc = GcMonitor()
+        self.gc = GcMonitor(active)
         self._runner: web.AppRunner | None = None
         self.port = 0
 

@@ -403,7 +403,7 @@ async def _amain(args: argparse.Namespace) -> None:
         server.finished.clear()
         server.upgrade_ms.clear()
 
-    probe = BenchProbe(calls, health, reset)
+    probe = BenchProbe(calls, health, reset, active=lambda: len(server.active))
     stats_port = await probe.start()
     ready = {
         "ready": True,

@@ -147,7 +147,7 @@ def latency_markdown(doc: dict[str, Any]) -> str:
         "Process view (whole session): CPU % of one core (200 = both cores), RSS MB.",
         "",
         "| server | server CPU % (main thread) | Piper CPU % | server RSS | Piper RSS "
-        "| loop lag p99 / max | GC gen2 count / max ms | upgrade p50 / p99 | load gen CPU % "
+        "| loop lag p99 / max | GC gen2 with calls up: count / max ms | upgrade p50 / p99 | load gen CPU % "
         "| emulators CPU % | other load on the machine / VM steal % |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -300,7 +300,7 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
             "| N | turns (lost, premature) | wire | overhead | barge stop | server CPU (main) "
             "| Piper CPU (syntheses / shared / 503s) | RSS server / Piper | CPU / call | RSS / call | underruns [stalled loop] (playout) | max gap "
             "| jitter p99 | upgrade loaded p50 / p99 (probes) | greeting | loop lag p99 / max "
-            "| GC2 max | load gen CPU / lag p99 | emulators / other / VM steal CPU | holds |",
+            "| GC2 max (calls up) | load gen CPU / lag p99 | emulators / other / VM steal CPU | holds |",
             "|" + "---|" * 20,
         ]
         for st in steps:

@@ -187,7 +187,7 @@ async def _amain(args: argparse.Namespace) -> None:
         spec_base = speculation_counts()
         vad_base = (vad.windows, vad.skipped, vad.batches)
 
-    probe = BenchProbe(calls, health, reset)
+    probe = BenchProbe(calls, health, reset, active=lambda: server.stats.calls_active)
     stats_port = await probe.start()
     ready = {
         "ready": True,
@@ -322,8 +322,11 @@ def merge_health(workers: list[dict[str, Any]]) -> dict[str, Any]:
         for k, v in (h.get("vad") or {}).items():
             vad[k] = vad.get(k, 0) + int(v)
         for gen, g in (h.get("gc_ms") or {}).items():
-            m = gc_ms.setdefault(gen, {"count": 0, "total_ms": 0.0, "p99_ms": None, "max_ms": None})
+            m = gc_ms.setdefault(
+                gen, {"count": 0, "total_ms": 0.0, "p99_ms": None, "max_ms": None, "idle_count": 0}
+            )
             m["count"] += g.get("count") or 0
+            m["idle_count"] += g.get("idle_count") or 0
             m["total_ms"] = round(m["total_ms"] + (g.get("total_ms") or 0.0), 1)
             for k in ("p99_ms", "max_ms"):
                 if g.get(k) is not None and (m[k] is None or g[k] > m[k]):

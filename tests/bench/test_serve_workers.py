@@ -23,11 +23,13 @@ def test_merged_health_sums_calls_and_keeps_the_worst_loop() -> None:
     a["speculation"] = {"started": 2, "wasted": 1}
     b["speculation"] = {"started": 1, "wasted": 0}
     a["gc_ms"] = {"gen2": {"count": 1, "total_ms": 5.0, "p99_ms": 5.0, "max_ms": 5.0}}
+    b["gc_ms"] = {"gen2": {"count": 0, "total_ms": 0.0, "idle_count": 2}}
     m = merge_health([a, b])
     assert (m["calls_total"], m["calls_active"]) == (5, 3)
     assert m["loop_lag_ms"] == {"p99": 7.0, "max": 9.0}
     assert m["speculation"] == {"started": 3, "wasted": 1}
     assert m["gc_ms"]["gen2"]["max_ms"] == 5.0
+    assert (m["gc_ms"]["gen2"]["count"], m["gc_ms"]["gen2"]["idle_count"]) == (1, 2)
     assert [w["pid"] for w in m["workers"]] == [1, 2]
 
 
