@@ -25,6 +25,10 @@ from typing import Protocol
 from pipeswitch.config.tenants import PlaybackDialect as DialectName
 
 CLEAR_AUDIO = '{"type":"clearAudio"}'
+# One wire frame of bot audio (the output transport cuts audio into these).
+FRAME_SECS = 0.02
+# json-stream's largest adapted lead: a 100 ms STREAM_BUFFER_SIZE less one frame.
+MAX_ADAPTED_LEAD_SECS = 0.08
 
 
 class Dialect(Protocol):
@@ -52,6 +56,11 @@ class Dialect(Protocol):
         """Drop buffered audio (barge-in)."""
         ...
 
+    def uplink_message(self, secs: float) -> None:
+        """The caller's audio arrives in messages of ``secs`` (``STREAM_BUFFER_SIZE``);
+        a dialect whose far-end buffer is that long fits its lead to it."""
+        ...
+
 
 def stream_audio_message(pcm: bytes, rate: int, extra: str = "") -> str:
     """``streamAudio`` JSON. Built by formatting: base64 is ASCII, so always valid UTF-8."""
@@ -65,8 +74,14 @@ def stream_audio_message(pcm: bytes, rate: int, extra: str = "") -> str:
 class JsonStreamDialect:
     """Paced ``streamAudio`` chunks for builds that play them directly.
 
-    The voxcom fork's write buffer holds one 20 ms frame and its receive thread
-    blocks while it is full, so a lead beyond 20 ms buys nothing and delays barge-in.
+    The voxcom fork's write buffer is as long as one uplink message
+    (``STREAM_BUFFER_SIZE``, 20 ms by default) and its receive thread blocks while it
+    is full (at a hangup, for good: protocol notes §15). The lead is therefore the
+    buffer less one frame, learnt from the first uplink message: 20 ms for the 40 ms
+    the shipped dialplan sets (and for the default 20, which deadlocks anyway), 40 ms
+    for 60, up to :data:`MAX_ADAPTED_LEAD_SECS`. A longer lead rides out longer stalls
+    of the server's loop without a gap; without a clear command, it is also what still
+    plays after a barge-in.
     """
 
     name: DialectName = "json-stream"
@@ -74,6 +89,16 @@ class JsonStreamDialect:
 
     def __init__(self, lead_secs: float = 0.02) -> None:
         self.lead_secs = lead_secs
+        self._learnt = False
+
+    def uplink_message(self, secs: float) -> None:
+        if self._learnt:
+            return
+        self._learnt = True
+        frames = round(secs / FRAME_SECS)
+        if frames < 2 or abs(secs - frames * FRAME_SECS) > 1e-6:
+            return  # not a STREAM_BUFFER_SIZE of whole frames: keep the default
+        self.lead_secs = max(self.lead_secs, min((frames - 1) * FRAME_SECS, MAX_ADAPTED_LEAD_SECS))
 
     def encode_audio(self, pcm: bytes, rate: int) -> str | bytes | None:
         return stream_audio_message(pcm, rate)
@@ -108,6 +133,9 @@ class BinaryDialect:
 
     def discard(self) -> None:
         return None
+
+    def uplink_message(self, secs: float) -> None:
+        return None  # cloudfieldcz's buffer is 640 KB: the lead is ours to choose
 
 
 class FileDialect:
@@ -174,6 +202,9 @@ class FileDialect:
     def discard(self) -> None:
         self._buf.clear()
         self._chunk_secs = self.first_chunk_secs
+
+    def uplink_message(self, secs: float) -> None:
+        return None  # files: the lead is seconds of queued playback
 
 
 def make_dialect(name: DialectName, lead_secs: float | None = None) -> Dialect:

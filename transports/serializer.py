@@ -86,6 +86,7 @@ class ModAudioStreamSerializer(FrameSerializer):
         self._frame_bytes = 2 * channels
         self._remainder = b""
         self._seen_text = False
+        self._seen_audio = False
         self._in_rate = pipeline_rate_for(stream_rate)
         self._out_rate = self._in_rate
         self._in_resampler: StreamResampler | None = None
@@ -109,6 +110,8 @@ class ModAudioStreamSerializer(FrameSerializer):
         return self._text(data)
 
     async def _audio(self, data: bytes) -> Frame | None:
+        if not self._seen_audio:
+            self._uplink(len(data))
         if self._remainder:
             data = self._remainder + data
             self._remainder = b""
@@ -135,6 +138,19 @@ class ModAudioStreamSerializer(FrameSerializer):
             if not data:
                 return None
         return InputAudioRawFrame(audio=data, sample_rate=self._in_rate, num_channels=1)
+
+    def _uplink(self, nbytes: int) -> None:
+        """The first audio message: its length is the module's STREAM_BUFFER_SIZE,
+        which is also the voxcom fork's playback buffer (the dialect's lead follows)."""
+        self._seen_audio = True
+        lead = self._dialect.lead_secs
+        self._dialect.uplink_message(nbytes / (2 * self.channels * self.stream_rate))
+        if self._dialect.lead_secs != lead:
+            self._log.info(
+                "caller audio in {} ms messages: playout lead {} ms",
+                round(nbytes * 1000 / (2 * self.channels * self.stream_rate)),
+                round(self._dialect.lead_secs * 1000),
+            )
 
     def _text(self, text: str) -> Frame | None:
         self.stats.text_messages += 1

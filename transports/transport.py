@@ -741,6 +741,9 @@ class FreeSwitchOutputTransport(BaseOutputTransport):
         t = self._t
         if not t.is_open:
             return False
+        lead = t.serializer.playout_lead_secs
+        if lead != self._lead:  # learnt from the caller's first audio (dialects.py)
+            self._lead = self._lane.lead_secs = lead
         audio = frame.audio
         rate, channels = frame.sample_rate, frame.num_channels
         if not t.serializer.streaming:

@@ -119,6 +119,7 @@ class WriteBuffer:
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity
         self._buf = bytearray()
+        self.high_water = 0  # the most bytes it held (how far ahead the server sent)
 
     def __len__(self) -> int:
         return len(self._buf)
@@ -132,6 +133,8 @@ class WriteBuffer:
     def append(self, data: bytes | bytearray | memoryview) -> None:
         """Append audio (caller enforces capacity)."""
         self._buf += data
+        if len(self._buf) > self.high_water:
+            self.high_water = len(self._buf)
 
     def take(self, n: int) -> bytes:
         """Remove and return up to ``n`` bytes from the front."""

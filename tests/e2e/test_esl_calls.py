@@ -336,13 +336,14 @@ async def test_a_transferred_call_is_not_hung_up_when_its_pipeline_ends(
     await esl_served.fs.hangup(uuid)
 
 
-@pytest.mark.parametrize("buffer_ms", ["20", "40"])
+@pytest.mark.parametrize("buffer_ms", ["20", "40", "60", "80"])
 async def test_voxcom_hangup_mid_reply_deadlocks_only_without_the_cure(
     esl_served: EslServed, buffer_ms: str
 ) -> None:
     """§15: with voxcom's default 20 ms buffer, Pipeswitch's 20 ms lead can block
     injectRawAudio at hangup (the channel sticks and never closes the socket); with
-    STREAM_BUFFER_SIZE=40 a hangup mid-reply is clean. Either way Pipeswitch's call
+    STREAM_BUFFER_SIZE=40 a hangup mid-reply is clean, and so with longer buffers, whose
+    extra length the lead takes (60 ms: 40 ms lead). Either way Pipeswitch's call
     ends: a real FreeSWITCH fires CHANNEL_HANGUP before it closes the media bugs, and
     only the COMPLETE never comes from a stuck channel (seen on 1.10.12, 1 in 4-6
     hangups mid-reply without the cure)."""
@@ -380,6 +381,8 @@ async def test_voxcom_hangup_mid_reply_deadlocks_only_without_the_cure(
         await esl_served.fs.kill_switch_channel(uuid)  # as on the real one
     else:
         assert not ch.stuck and ch.hazards == []
+        # The lead followed the buffer: the server filled it, never more.
+        assert st.playout.buffer.high_water == 16 * int(buffer_ms), st.playout.buffer.high_water
     assert await until(lambda: server.stats.calls_active == 0, 2.0), (
         f"the call did not end: {server.stats.calls_active} active, {list(sessions.active)}"
     )

@@ -228,3 +228,33 @@ def test_dialect_leads() -> None:
     assert JsonStreamDialect().lead_secs <= 0.06  # no clear: anything sent will be heard
     assert BinaryDialect().encode_clear() is not None
     assert FileDialect().streaming is False
+
+
+@pytest.mark.parametrize(
+    ("buffer_ms", "channels", "lead_ms"),
+    [(20, 1, 20), (40, 1, 20), (60, 1, 40), (80, 2, 60), (100, 1, 80), (200, 1, 80)],
+)
+async def test_json_stream_lead_is_the_uplink_message_less_one_frame(
+    buffer_ms: int, channels: int, lead_ms: int
+) -> None:
+    """voxcom's playback buffer is one STREAM_BUFFER_SIZE long: the first caller message
+    sets the lead so that what is sent never overfills it (capped at 80 ms)."""
+    ser = await make(rate=8000, channels=channels)
+    assert ser.playout_lead_secs == pytest.approx(0.02)
+    await ser.deserialize(bytes(16 * buffer_ms * channels))
+    assert ser.playout_lead_secs == pytest.approx(lead_ms / 1000)
+    # Learnt once: a later, different message (or garbage) does not move it.
+    await ser.deserialize(bytes(16 * 200 * channels))
+    assert ser.playout_lead_secs == pytest.approx(lead_ms / 1000)
+
+
+async def test_lead_ignores_odd_first_messages_and_other_dialects() -> None:
+    odd = await make()
+    await odd.deserialize(bytes(16 * 50))  # 50 ms: not whole frames
+    assert odd.playout_lead_secs == pytest.approx(0.02)
+    binary = await make(dialect="binary")
+    await binary.deserialize(bytes(16 * 100))
+    assert binary.playout_lead_secs == pytest.approx(BinaryDialect().lead_secs)
+    file = await make(dialect="file")
+    await file.deserialize(bytes(16 * 100))
+    assert file.playout_lead_secs == pytest.approx(FileDialect().lead_secs)
