@@ -187,7 +187,8 @@ async def _amain(args: argparse.Namespace) -> None:
         spec_base = speculation_counts()
         vad_base = (vad.windows, vad.skipped, vad.batches)
 
-    probe = BenchProbe(calls, health, reset, active=lambda: server.stats.calls_active)
+    # Calls up as the collector counts them (its idle collection runs as the last ends).
+    probe = BenchProbe(calls, health, reset, active=lambda: len(sessions.active))
     stats_port = await probe.start()
     ready = {
         "ready": True,
