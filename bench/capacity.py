@@ -195,6 +195,7 @@ def worker_figures(loaded: dict[str, Any], health: dict[str, Any]) -> list[dict[
                 "pid": w.get("pid"),
                 "cpu_pct": None if proc is None else proc.cpu_pct,
                 "main_thread_cpu_pct": None if proc is None else proc.main_thread_cpu_pct,
+                "main_thread_wait_pct": None if proc is None else proc.main_thread_wait_pct,
                 "calls_total": w.get("calls_total"),
                 # Connections handed to / taken from the sibling workers (transports/handoff.py).
                 "handoffs": w.get("handoffs"),

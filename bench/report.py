@@ -315,6 +315,24 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
             ],
         )
         lines += _per_step_line(
+            "Event loops waiting for a CPU (main threads ready to run but not running, % of "
+            "the window; server: its processes summed / load generator): ",
+            [
+                (
+                    st["n"],
+                    f"{_f(srv.get('main_thread_wait_pct'), 1)} / {_f(lg.get('main_thread_wait_pct'), 1)}",
+                )
+                for st in steps
+                for srv, lg in [
+                    (
+                        st["process"]["loaded"].get("server") or {},
+                        st["process"]["loaded"].get("loadgen") or {},
+                    )
+                ]
+                if srv.get("main_thread_wait_pct") is not None
+            ],
+        )
+        lines += _per_step_line(
             "Silero windows scored / skipped by the quiet gate (every sample within -60 dBFS): ",
             [
                 (st["n"], f"{st['vad'].get('scored', 0)} / {st['vad'].get('skipped', 0)}")

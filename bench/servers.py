@@ -351,12 +351,31 @@ def _main_thread_cpu_s(p: psutil.Process) -> float | None:
     return None
 
 
+def _main_thread_wait_s(p: psutil.Process) -> float | None:
+    """Seconds the main thread(s) spent runnable but waiting for a CPU (the kernel's
+    run-queue wait, ``/proc/<pid>/task/<pid>/schedstat``); None where not readable."""
+    total = 0.0
+    for member in getattr(p, "members", None) or [p]:
+        try:
+            with open(f"/proc/{member.pid}/task/{member.pid}/schedstat") as f:
+                total += int(f.read().split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return None
+    return total
+
+
 @dataclass
 class ProcWindow:
-    """CPU and memory of one process over a measurement window."""
+    """CPU and memory of one process over a measurement window.
+
+    ``main_thread_wait_pct``: of the window's wall time, how long the main thread (the
+    event loop; summed over a group's members) was ready to run and waited for a CPU:
+    loop stalls that are the machine's, not the code's.
+    """
 
     cpu_pct: float | None = None
     main_thread_cpu_pct: float | None = None
+    main_thread_wait_pct: float | None = None
     rss_mb_mean: float | None = None
     rss_mb_max: float | None = None
     threads: int | None = None
@@ -371,6 +390,7 @@ class _Track:
     t0: float
     cpu0: float
     main0: float | None
+    wait0: float | None = None
     rss: list[float] = field(default_factory=list)
 
 
@@ -393,7 +413,9 @@ class ProcessSampler:
         self._steal0 = machine_steal_s()
         for name, p in self.procs.items():
             with contextlib.suppress(psutil.Error):
-                self._tracks[name] = _Track(p, now, _cpu_s(p), _main_thread_cpu_s(p))
+                self._tracks[name] = _Track(
+                    p, now, _cpu_s(p), _main_thread_cpu_s(p), _main_thread_wait_s(p)
+                )
         self._sample()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
@@ -425,6 +447,9 @@ class ProcessSampler:
                 main1 = _main_thread_cpu_s(tr.proc)
                 if tr.main0 is not None and main1 is not None:
                     w.main_thread_cpu_pct = cpu_percent(tr.main0, main1, wall)
+                wait1 = _main_thread_wait_s(tr.proc)
+                if tr.wait0 is not None and wait1 is not None:
+                    w.main_thread_wait_pct = cpu_percent(tr.wait0, wait1, wall)
                 w.threads = tr.proc.num_threads()
             s = summarize(tr.rss)
             w.rss_mb_mean, w.rss_mb_max = s.mean, s.max
