@@ -28,6 +28,8 @@ EXPERIMENTS: dict[str, str] = {
     "vad-batch-per-tick": "Silero gets each event-loop tick's windows as a batch at once, "
     "queued behind the one running, as before 1 Dec 2026 (now one batch in flight: what "
     "arrives meanwhile goes as the next)",
+    "silero-nice": "the Silero thread at niceness 5, so a worker's event loop gets the CPU "
+    "first when both are ready (today both at the process's own)",
     "hash-split": "--workers N: connections stay where SO_REUSEPORT's hash put them, as before "
     "1 Dec 2026 (now a worker with 2 more than the least busy hands new ones over)",
 }
@@ -112,6 +114,12 @@ def _vad_batch_per_tick() -> None:
     vad.ONE_BATCH_IN_FLIGHT = False
 
 
+def _silero_nice() -> None:
+    import pipeswitch.pipelines.vad as vad
+
+    vad.SILERO_NICE = 5
+
+
 def _hash_split() -> None:
     import os
 
@@ -127,5 +135,6 @@ _PATCHES: dict[str, Callable[[], None]] = {
     "deflate-caller-audio": _deflate_caller_audio,
     "vad-score-every-window": _vad_score_every_window,
     "vad-batch-per-tick": _vad_batch_per_tick,
+    "silero-nice": _silero_nice,
     "hash-split": _hash_split,
 }

@@ -19,6 +19,7 @@ still sends each window at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,19 @@ CONTEXT_SAMPLES = {8000: 32, 16000: 64}
 # Windows that arrive while a batch runs wait for it (module docstring); False: every loop
 # tick's windows go at once, queueing behind the batch in flight (the bench's A/B).
 ONE_BATCH_IN_FLIGHT = True
+# Niceness of the Silero thread (0: the process's own). Above 0 the event loop wins the
+# CPU when both are ready (bench experiment ``silero-nice``).
+SILERO_NICE = 0
+
+
+def _silero_thread_started() -> None:
+    if SILERO_NICE > 0:
+        import os
+        import threading
+
+        tid = threading.get_native_id()
+        with contextlib.suppress(OSError):  # raising niceness needs no privilege
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + SILERO_NICE)
 
 
 def _model_path() -> str:
@@ -83,7 +97,9 @@ class SileroBatcher:
         self._session = onnxruntime.InferenceSession(
             _model_path(), providers=["CPUExecutionProvider"], sess_options=opts
         )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="silero")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="silero", initializer=_silero_thread_started
+        )
         self._pending: dict[int, list[_Pending]] = {8000: [], 16000: []}
         self._scheduled = False
         self._inflight = 0  # batches submitted and not delivered yet

@@ -188,3 +188,27 @@ async def test_a_failed_batch_fails_its_windows_and_the_next_still_runs() -> Non
     with pytest.raises(RuntimeError, match="onnx failed"):
         await batcher.infer(SileroState(8000), window)
     assert 0.0 <= await batcher.infer(SileroState(8000), window) < 0.5
+
+
+@pytest.mark.asyncio
+async def test_silero_thread_niceness_is_settable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bench experiment ``silero-nice``: the model's thread yields the CPU to the loop."""
+    import os
+
+    import pipeswitch.pipelines.vad as vad
+
+    monkeypatch.setattr(vad, "SILERO_NICE", 5)
+    batcher = SileroBatcher()
+    seen: list[int] = []
+    try:
+        await batcher.infer(SileroState(8000), bytes(512))
+        loop = asyncio.get_running_loop()
+        seen.append(
+            await loop.run_in_executor(
+                batcher._executor,
+                lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+            )
+        )
+    finally:
+        batcher.close()
+    assert seen == [os.getpriority(os.PRIO_PROCESS, 0) + 5]
