@@ -34,6 +34,7 @@ thin processors feed it levels and times.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
@@ -200,6 +201,8 @@ _LEARN_EVERY_SETTLED = 3
 # thread, profile at 30 calls); the floor's creep is scaled to the frames it stood for.
 NOISE_EVERY = 4
 _NOISE_CREEP = 0.02  # per frame
+# The default of every slot lookup in _window_max (no bot audio there).
+_NO_BOT = itertools.repeat(-math.inf)
 
 
 class _LagStats:
@@ -327,14 +330,19 @@ class EchoGuardCore:
             # speech under the threshold is learnt as if it were echo; a "path" fitted to
             # it wanders by tens of dB and would put the threshold above full scale, so a
             # caller who spoke over the greeting could never be heard until it ended.
-            return min(max(levels) + erl, max(levels + self._window(slot)) + cautious_erl)
-        window = self._window(slot)
-        return max(window) + cautious_erl if window else None
+            near = max(levels)
+            window = self._window_max(slot)
+            loudest = near if window is None else max(near, window)
+            return min(near + erl, loudest + cautious_erl)
+        window = self._window_max(slot)
+        return None if window is None else window + cautious_erl
 
-    def _window(self, slot: int) -> list[float]:
-        """Bot levels over the whole delay window ending at ``slot``."""
-        bot = self._bot
-        return [bot[s] for s in range(slot - self._n_lags, slot + 1) if s in bot]
+    def _window_max(self, slot: int) -> float | None:
+        """The loudest bot level over the delay window ending at ``slot`` (None: none);
+        the lookups in C: this runs for every frame over the bot until the path is
+        learnt, and after it as the cautious bound."""
+        top = max(map(self._bot.get, range(slot - self._n_lags, slot + 1), _NO_BOT))
+        return None if top == -math.inf else top
 
     def _learn(self, now: float, level: float) -> None:
         slot = round(now / _SLOT)
@@ -522,6 +530,14 @@ class EchoGuard:
     def gate(self, frame: InputAudioRawFrame) -> tuple[Verdict, list[InputAudioRawFrame]]:
         """One caller frame through the gate: the verdict and the frames to send on
         (none while held; silence for echo; the held onset with a barge-in)."""
+        verdict, out = self.judge(frame)
+        if verdict is Verdict.MUTE:
+            out = [_silent(f) for f in out]
+        return verdict, out
+
+    def judge(self, frame: InputAudioRawFrame) -> tuple[Verdict, list[InputAudioRawFrame]]:
+        """As :meth:`gate`, but MUTE's frames come back as they are: the caller sends
+        silence in their place (a media sink may reuse one silent frame)."""
         secs = len(frame.audio) / (2 * frame.sample_rate * frame.num_channels)
         now = self._audio_time(secs)
         if self.core.passes_unmeasured(now):
@@ -533,8 +549,6 @@ class EchoGuard:
             self._held.append(frame)
             return verdict, []
         out, self._held = [*self._held, frame], []
-        if verdict is Verdict.MUTE:
-            out = [_silent(f) for f in out]
         return verdict, out
 
     def sink(self, inner: CallerMediaSink) -> EchoGatedSink:
@@ -596,6 +610,9 @@ class EchoGatedSink:
         """Gate ``inner``'s audio with ``guard``."""
         self._guard = guard
         self._inner = inner
+        # What the caller's echo is replaced with: one frame, reused (a sink copies what
+        # it keeps), not a new one per muted frame (most frames while the bot talks).
+        self._silence: InputAudioRawFrame | None = None
 
     async def setup(self, setup: FrameProcessorSetup) -> None:
         """Pass through."""
@@ -611,8 +628,24 @@ class EchoGatedSink:
 
     async def write(self, frame: InputAudioRawFrame) -> None:
         """One caller frame through the gate, then on to the fast path."""
-        for f in self._guard.gate(frame)[1]:
+        verdict, out = self._guard.judge(frame)
+        if verdict is Verdict.MUTE:
+            for f in out:
+                await self._inner.write(self._silent_like(f))
+            return
+        for f in out:
             await self._inner.write(f)
+
+    def _silent_like(self, frame: InputAudioRawFrame) -> InputAudioRawFrame:
+        s = self._silence
+        if (
+            s is None
+            or len(s.audio) != len(frame.audio)
+            or s.sample_rate != frame.sample_rate
+            or s.num_channels != frame.num_channels
+        ):
+            s = self._silence = _silent(frame)
+        return s
 
 
 class EchoGuardReference(FrameProcessor):

@@ -127,7 +127,11 @@ class CallerMediaSink(Protocol):
         ...
 
     async def write(self, frame: InputAudioRawFrame) -> None:
-        """One 20 ms frame of caller audio at the pipeline rate."""
+        """One 20 ms frame of caller audio at the pipeline rate.
+
+        The frame is the caller's only for the call: a sink copies what it keeps (a gate
+        in front of it may hand it the same silent frame again).
+        """
         ...
 
 

@@ -340,3 +340,36 @@ async def test_without_the_prompt_tap_greeting_echo_would_pass() -> None:
     echo = [InputAudioRawFrame(audio=_pcm(-38.0), sample_rate=8000, num_channels=1)] * 10
     await _feed(guard.sink(sink), echo)
     assert all(any(f.audio) for f in sink.frames)
+
+
+async def test_the_sink_sends_one_reused_silent_frame_for_echo_of_its_length() -> None:
+    """Muted echo reaches the fast path as silence of the same length; the silent frame is
+    made once, not per frame (a sink copies what it keeps), and remade when the size changes."""
+    guard = EchoGuard(EchoGuardParams(min_speech_secs=0.1))
+    sink = _Sink()
+    guard.prompt_tap(_pcm(-20.0, 1.5), 8000)
+    echo = [InputAudioRawFrame(audio=_pcm(-38.0), sample_rate=8000, num_channels=1)] * 6
+    longer = InputAudioRawFrame(audio=_pcm(-38.0) * 2, sample_rate=8000, num_channels=1)
+    await _feed(guard.sink(sink), [*echo, longer])
+    muted = [f for f in sink.frames if not any(f.audio)]
+    assert len(muted) == 7
+    assert len({id(f) for f in muted[:-1]}) == 1
+    assert all(len(f.audio) == len(echo[0].audio) for f in muted[:-1])
+    assert len(muted[-1].audio) == 2 * len(echo[0].audio) and muted[-1] is not muted[0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_expected_echo_matches_the_window_rule_written_out(seed: int) -> None:
+    """The window's loudest bot level (looked up in C) is the plain max over the slots
+    that hold bot audio, learnt path or not."""
+    rng = np.random.default_rng(seed)
+    core = EchoGuardCore()
+    slots = rng.choice(np.arange(0, 200), size=60, replace=False)
+    for s in slots:
+        core._bot[int(s)] = float(rng.uniform(-45.0, -10.0))
+    cautious = core.p.initial_erl_db + 4.0
+    for slot in range(0, 220, 3):
+        window = [core._bot[s] for s in range(slot - core._n_lags, slot + 1) if s in core._bot]
+        want = max(window) + cautious if window else None
+        got = core.expected_echo(slot * F)
+        assert got == pytest.approx(want) if want is not None else got is None
