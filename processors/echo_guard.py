@@ -382,8 +382,7 @@ class EchoGuardCore:
         (then :meth:`caller_frame` need not be called for it)."""
         if self._held or self.bot_audible(now):
             return False
-        self._confirmed = False
-        self._run = self._gap = 0.0
+        self._bot_silent()
         if self._unmeasured + 1 >= NOISE_EVERY:
             return False
         self._unmeasured += 1
@@ -396,8 +395,7 @@ class EchoGuardCore:
             if self._held:
                 # The bot stopped while a candidate was pending: the caller is talking.
                 return self._confirm(now)
-            self._confirmed = False
-            self._run = self._gap = 0.0
+            self._bot_silent()
             frames, self._unmeasured = self._unmeasured + 1, 0
             if level < self.noise_db + p.noise_margin_db:
                 self._track_noise(level, frames)
@@ -431,6 +429,11 @@ class EchoGuardCore:
         if self._learnt < _SETTLED_FRAMES or not self._quiet_frames % _LEARN_EVERY_SETTLED:
             self._learn(now, level)
         return Verdict.MUTE
+
+    def _bot_silent(self) -> None:
+        """The bot is silent and nothing is held: a barge-in in progress is over."""
+        self._confirmed = False
+        self._run = self._gap = 0.0
 
     def _confirm(self, now: float) -> Verdict:
         self._held = False
