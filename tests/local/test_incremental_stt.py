@@ -74,10 +74,29 @@ async def test_the_transcript_is_requested_at_the_pause_before_the_vad_stop(
     # dropped when the caller goes on, and the turn is transcribed whole.
     turn += [VADUserStartedSpeakingFrame(), *frames(silence(0.2) + a + silence(0.4) + b)]
     turn += [*frames(silence(0.25)), VADUserStoppedSpeakingFrame(), SleepFrame(sleep=1.5)]
+    heard_before = await _audio_seconds(whisper)
     texts = await _run(stt, turn)
     assert stt.early_used == 2  # turn 2's last pause too: nothing voiced after it
     assert stt.early_requests >= 3
     assert len(texts) == 2, texts
-    refs = [normalize_words(SENTENCES[0]), normalize_words(f"{SENTENCES[0]} {SENTENCES[1]}")]
-    wer = jiwer.wer(refs, [normalize_words(t) for t in texts])
-    assert wer <= 0.15, list(zip(refs, texts, strict=True))
+    # What Whisper was sent: turn 1 at its pause, and turn 2 whole at its last pause (not
+    # only its first sentence; a first-pause request dropped in time is never transcribed).
+    sent = await _audio_seconds(whisper) - heard_before
+    turn2 = (len(a) + len(b)) / (2 * RATE) + 0.2 + 0.4
+    assert sent >= len(a) / (2 * RATE) + 0.2 + turn2, (sent, turn2)
+    one, both = normalize_words(SENTENCES[0]), normalize_words(f"{SENTENCES[0]} {SENTENCES[1]}")
+    assert jiwer.wer(one, normalize_words(texts[0])) <= 0.15, texts
+    # The words: the whole turn, or its first sentence: Piper's voice varies run to run, and
+    # on some of it the tiny model ends its transcript at the pause (seen in 1 run in ~7
+    # under load, with the whole turn's audio sent: the check above); never anything else.
+    t2 = normalize_words(texts[1])
+    assert min(jiwer.wer(both, t2), jiwer.wer(one, t2)) <= 0.15, texts
+
+
+async def _audio_seconds(servers: LocalModelServers) -> float:
+    """Seconds of audio the Whisper server has transcribed so far (its /metrics)."""
+    base = servers.whisper_base_url.removesuffix("/v1")
+    auth = {"Authorization": f"Bearer {servers.api_key}"}
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/metrics", headers=auth) as r:
+        assert r.status == 200
+        return float((await r.json())["audio_seconds"])
