@@ -317,20 +317,7 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
         lines += _per_step_line(
             "Event loops waiting for a CPU (main threads ready to run but not running, % of "
             "the window; server: its processes summed / load generator): ",
-            [
-                (
-                    st["n"],
-                    f"{_f(srv.get('main_thread_wait_pct'), 1)} / {_f(lg.get('main_thread_wait_pct'), 1)}",
-                )
-                for st in steps
-                for srv, lg in [
-                    (
-                        st["process"]["loaded"].get("server") or {},
-                        st["process"]["loaded"].get("loadgen") or {},
-                    )
-                ]
-                if srv.get("main_thread_wait_pct") is not None
-            ],
+            [(st["n"], text) for st in steps if (text := _cpu_wait(st)) is not None],
         )
         lines += _per_step_line(
             "Silero windows scored / skipped by the quiet gate (every sample within -60 dBFS): ",
@@ -368,6 +355,15 @@ def _piper_counts(p: dict[str, Any] | None) -> str:
         f" ({p.get('cache_misses', '-')} / {p.get('coalesced', '-')} / "
         f"{p.get('rejected_queue_full', '-')})"
     )
+
+
+def _cpu_wait(st: dict[str, Any]) -> str | None:
+    """A step's run-queue waits, server / load generator (None: not measured)."""
+    loaded = st["process"]["loaded"]
+    srv, lg = loaded.get("server") or {}, loaded.get("loadgen") or {}
+    if srv.get("main_thread_wait_pct") is None:
+        return None
+    return f"{_f(srv['main_thread_wait_pct'], 1)} / {_f(lg.get('main_thread_wait_pct'), 1)}"
 
 
 def _per_step_line(label: str, figures: list[tuple[int, str]]) -> list[str]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,9 +61,6 @@ SILERO_NICE = 0
 
 def _silero_thread_started() -> None:
     if SILERO_NICE > 0:
-        import os
-        import threading
-
         tid = threading.get_native_id()
         with contextlib.suppress(OSError):  # raising niceness needs no privilege
             os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + SILERO_NICE)

@@ -143,12 +143,13 @@ class ModAudioStreamSerializer(FrameSerializer):
         """The first audio message: its length is the module's STREAM_BUFFER_SIZE,
         which is also the voxcom fork's playback buffer (the dialect's lead follows)."""
         self._seen_audio = True
+        secs = nbytes / (2 * self.channels * self.stream_rate)
         lead = self._dialect.lead_secs
-        self._dialect.uplink_message(nbytes / (2 * self.channels * self.stream_rate))
+        self._dialect.uplink_message(secs)
         if self._dialect.lead_secs != lead:
             self._log.info(
                 "caller audio in {} ms messages: playout lead {} ms",
-                round(nbytes * 1000 / (2 * self.channels * self.stream_rate)),
+                round(secs * 1000),
                 round(self._dialect.lead_secs * 1000),
             )
 
