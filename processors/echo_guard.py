@@ -656,6 +656,8 @@ class EchoGuardReference(FrameProcessor):
 
     def __init__(self, guard: EchoGuard, **kwargs: Any) -> None:
         """Bind to the call's guard."""
+        # Direct mode: a synchronous measurement per frame needs no queue or task.
+        kwargs.setdefault("enable_direct_mode", True)
         super().__init__(**kwargs)
         self._guard = guard
 

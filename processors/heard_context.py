@@ -89,6 +89,9 @@ class HeardContextProcessor(FrameProcessor):
     """Appends the heard part of an interrupted utterance to the context."""
 
     def __init__(self, context: LLMContext, **kwargs: Any) -> None:
+        # Direct mode: every bot frame crosses here, and nothing here waits; frames run
+        # through in the output transport's task instead of a queue and a task of our own.
+        kwargs.setdefault("enable_direct_mode", True)
         super().__init__(**kwargs)
         self._context = context
         self._rate = SpeakingRate()

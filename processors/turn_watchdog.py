@@ -239,7 +239,7 @@ class _Ear(FrameProcessor):
     """After the STT: caller speech (VAD), transcripts, and the STT's health."""
 
     def __init__(self, w: TurnWatchdog) -> None:
-        super().__init__(name="watchdog-ear")
+        super().__init__(name="watchdog-ear", enable_direct_mode=True)
         self._w = w
         self._stall_task: asyncio.Task[None] | None = None
         self._revive_task: asyncio.Task[None] | None = None
@@ -396,7 +396,7 @@ class _Head(FrameProcessor):
     """After the user aggregator: the committed turn, and where a retry is injected."""
 
     def __init__(self, w: TurnWatchdog) -> None:
-        super().__init__(name="watchdog-head")
+        super().__init__(name="watchdog-head", enable_direct_mode=True)
         self._w = w
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
@@ -423,7 +423,7 @@ class _Mouth(FrameProcessor):
     """After the LLM: whether the LLM has produced text this turn."""
 
     def __init__(self, w: TurnWatchdog) -> None:
-        super().__init__(name="watchdog-mouth")
+        super().__init__(name="watchdog-mouth", enable_direct_mode=True)
         self._w = w
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
@@ -438,7 +438,7 @@ class _Tail(FrameProcessor):
     """After the TTS: the reply's audio ends the turn; cached phrases are played here."""
 
     def __init__(self, w: TurnWatchdog) -> None:
-        super().__init__(name="watchdog-tail")
+        super().__init__(name="watchdog-tail", enable_direct_mode=True)
         self._w = w
         self.watchdog = w  # how the call controller finds the watchdog (pipeline parts)
         self._timer: asyncio.Task[None] | None = None
