@@ -27,6 +27,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from pipeswitch.config.settings import Settings
 from pipeswitch.config.tenants import Tenant
+from pipeswitch.pipelines.call_worker import CallWorker
 from pipeswitch.pipelines.compose import (
     BuilderError,
     CallContext,
@@ -240,7 +241,7 @@ class CallSessions:
         # Observers from outside (the console, tests) may be read after the call: taking
         # the call apart leaves their data (pipelines/dismantle.py, ``inspect``).
         extra_observers = [o for make in self.observer_factories for o in make(call, tenant)]
-        worker = PipelineWorker(
+        worker = CallWorker(
             cp.pipeline,
             params=PipelineParams(
                 audio_in_sample_rate=rate,
