@@ -4,6 +4,7 @@
   the pipeline's own breakdown; ``--gate-overhead-p95-ms`` for CI.
 * ``capacity`` - sweep concurrent calls until the overhead budget breaks.
 * ``profile``  - py-spy on the Pipeswitch server under N calls; hot spots.
+* ``hops``     - CPU of one frame crossing one Pipecat processor (queued/direct, observers).
 
 Each run writes ``bench/results/<timestamp>-<kind>/`` (results.json, report.md,
 PNG plots) and ``bench/results/latest.json``.
@@ -36,6 +37,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     from pipeswitch.bench.playout import add_playout_arguments
 
     add_playout_arguments(sub.add_parser("playout", help="CPU of the bot-audio path alone"))
+    from pipeswitch.bench.hops import add_hops_arguments
+
+    add_hops_arguments(sub.add_parser("hops", help="CPU of one frame crossing one processor"))
 
 
 async def run_bench(args: argparse.Namespace) -> int:
@@ -64,6 +68,10 @@ async def run_bench(args: argparse.Namespace) -> int:
         from pipeswitch.bench.playout import run_playout
 
         return await run_playout(args)
+    if args.bench_command == "hops":
+        from pipeswitch.bench.hops import run_hops
+
+        return await run_hops(args)
     raise SystemExit(f"unknown bench command {args.bench_command!r}")
 
 

@@ -122,8 +122,10 @@ class ProviderSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_fallbacks(self) -> ProviderSettings:
-        if self.llm_fallback is not None and self.llm_fallback == self.llm and (
-            self.llm_fallback_model in (None, self.llm_model)
+        if (
+            self.llm_fallback is not None
+            and self.llm_fallback == self.llm
+            and (self.llm_fallback_model in (None, self.llm_model))
         ):
             raise ValueError("llm_fallback names the same provider and model as llm")
         if self.stt_fallback_url is not None and self.stt == "whisper-local":

@@ -344,7 +344,9 @@ async def test_audio_that_trickles_in_is_not_held_back_to_fill_a_chunk(
     await _wait(lambda: None in out._media_senders)
     tone = b"\x10\x20" * (FRAME_BYTES // 2)
     for _ in range(40):
-        await call.worker.queue_frame(TTSAudioRawFrame(audio=tone, sample_rate=RATE, num_channels=1))
+        await call.worker.queue_frame(
+            TTSAudioRawFrame(audio=tone, sample_rate=RATE, num_channels=1)
+        )
         await asyncio.sleep(0.015)
     await _wait(lambda: len(call.texts()) == 40)
     arrivals = [t for t, _ in call.received]
