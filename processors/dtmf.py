@@ -21,6 +21,10 @@ DTMF_PREFIX = "The caller pressed the keys: "
 def dtmf_aggregator(timeout_secs: float = 1.5) -> DTMFAggregator:
     """Keys to a TranscriptionFrame the user aggregator takes as the caller's turn.
 
-    Place it after the STT and before the user aggregator.
+    Place it after the STT and before the user aggregator. It runs in Pipecat's direct
+    mode: every frame after the STT crosses it (transcripts, metrics, the speaking
+    ticks going up), and all it does with them is pass them on, so they cross in the
+    pusher's task instead of through a queue and a task of its own. Its digit timer
+    is a task of its own either way.
     """
-    return DTMFAggregator(timeout=timeout_secs, prefix=DTMF_PREFIX)
+    return DTMFAggregator(timeout=timeout_secs, prefix=DTMF_PREFIX, enable_direct_mode=True)
