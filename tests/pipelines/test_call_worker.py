@@ -56,6 +56,19 @@ class _Processes(BaseObserver):
             self.processed.append(data.processor.name)
 
 
+def _worker(
+    procs: list[FrameProcessor], observers: list[BaseObserver], idle: float | None = None
+) -> CallWorker:
+    return CallWorker(
+        Pipeline(procs),
+        params=PipelineParams(),
+        observers=observers,
+        enable_rtvi=False,
+        enable_turn_tracking=False,
+        idle_timeout_secs=idle,
+    )
+
+
 async def _run(worker: CallWorker) -> tuple[WorkerRunner, asyncio.Future[None]]:
     runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
     await runner.add_workers(worker)
@@ -71,14 +84,7 @@ async def _settle(cond, secs: float = 2.0) -> None:  # type: ignore[no-untyped-d
 async def test_processors_get_the_quiet_observer_and_pushes_still_reach_observers() -> None:
     a, b = _Pass(), _Pass()
     pushes = _Pushes()
-    worker = CallWorker(
-        Pipeline([a, b]),
-        params=PipelineParams(),
-        observers=[pushes],
-        enable_rtvi=False,
-        enable_turn_tracking=False,
-        idle_timeout_secs=None,
-    )
+    worker = _worker([a, b], [pushes])
     _, task = await _run(worker)
     await _settle(lambda: a.observer_seen is not None)
     assert isinstance(a.observer_seen, ProcessQuietWorkerObserver)
@@ -112,14 +118,7 @@ async def test_no_process_events_are_queued_while_nobody_reads_them() -> None:
 async def test_an_observer_that_reads_process_events_gets_them_added_early_or_late() -> None:
     a, b = _Pass(), _Pass()
     early = _Processes()
-    worker = CallWorker(
-        Pipeline([a, b]),
-        params=PipelineParams(),
-        observers=[early],
-        enable_rtvi=False,
-        enable_turn_tracking=False,
-        idle_timeout_secs=None,
-    )
+    worker = _worker([a, b], [early])
     _, task = await _run(worker)
     await _settle(lambda: a.observer_seen is not None)
     await a.queue_frame(LLMTextFrame("one"))
@@ -140,13 +139,7 @@ async def test_an_observer_that_reads_process_events_gets_them_added_early_or_la
 
 
 async def test_idle_timeout_still_ends_an_idle_call() -> None:
-    worker = CallWorker(
-        Pipeline([_Pass()]),
-        params=PipelineParams(),
-        enable_rtvi=False,
-        enable_turn_tracking=False,
-        idle_timeout_secs=0.3,
-    )
+    worker = _worker([_Pass()], [], idle=0.3)
     fired = asyncio.Event()
 
     @worker.event_handler("on_idle_timeout")
