@@ -144,19 +144,12 @@ async def run_hops(args: argparse.Namespace) -> int:
     print("|---|---|---|---|")
     rows: list[dict[str, Any]] = []
     for call_worker, direct in itertools.product((False, True), (False, True)):
+        name = "CallWorker" if call_worker else "PipelineWorker"
         cells = []
         for kind in ("text", "audio"):
             v = got[(call_worker, direct, kind)]
             cells.append(f"{min(v):.1f} / {statistics.median(v):.1f}")
-            rows.append(
-                {
-                    "worker": "CallWorker" if call_worker else "PipelineWorker",
-                    "direct": direct,
-                    "frame": kind,
-                    "us_per_hop": v,
-                }
-            )
-        name = "CallWorker" if call_worker else "PipelineWorker"
+            rows.append({"worker": name, "direct": direct, "frame": kind, "us_per_hop": v})
         print(f"| {name} | {'direct' if direct else 'queued'} | {cells[0]} | {cells[1]} |")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -36,21 +36,25 @@ class ProcessQuietWorkerObserver(WorkerObserver):
     def __init__(self, **kwargs: Any) -> None:
         """As ``WorkerObserver``."""
         super().__init__(**kwargs)
-        self._process_listeners = sum(map(wants_process_events, self._observers))
+        self._listening = self._anyone_listening()
+
+    def _anyone_listening(self) -> bool:
+        # Cached: on_process_frame runs on every processor hop of every frame.
+        return any(map(wants_process_events, self._observers))
 
     def add_observer(self, observer: BaseObserver) -> None:
-        """As ``WorkerObserver.add_observer``; counts a process-frame listener."""
+        """As ``WorkerObserver.add_observer``."""
         super().add_observer(observer)
-        self._process_listeners = sum(map(wants_process_events, self._observers))
+        self._listening = self._anyone_listening()
 
     async def remove_observer(self, observer: BaseObserver) -> None:
         """As ``WorkerObserver.remove_observer``."""
         await super().remove_observer(observer)
-        self._process_listeners = sum(map(wants_process_events, self._observers))
+        self._listening = self._anyone_listening()
 
     async def on_process_frame(self, data: FrameProcessed) -> None:
         """Fan out only while an observer implements ``on_process_frame``."""
-        if self._process_listeners:
+        if self._listening:
             await super().on_process_frame(data)
 
 

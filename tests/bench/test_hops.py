@@ -13,7 +13,9 @@ from pipeswitch.bench.hops import add_hops_arguments, run_hops
 pytestmark = pytest.mark.asyncio
 
 
-async def test_every_combination_is_measured_and_saved(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+async def test_every_combination_is_measured_and_saved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     p = argparse.ArgumentParser()
     add_hops_arguments(p)
     args = p.parse_args(

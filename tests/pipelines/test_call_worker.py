@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from pipecat.frames.frames import Frame, LLMTextFrame
@@ -75,7 +76,7 @@ async def _run(worker: CallWorker) -> tuple[WorkerRunner, asyncio.Future[None]]:
     return runner, asyncio.ensure_future(runner.run())
 
 
-async def _settle(cond, secs: float = 2.0) -> None:  # type: ignore[no-untyped-def]
+async def _settle(cond: Callable[[], bool], secs: float = 2.0) -> None:
     end = asyncio.get_running_loop().time() + secs
     while not cond() and asyncio.get_running_loop().time() < end:
         await asyncio.sleep(0.01)
@@ -133,7 +134,7 @@ async def test_an_observer_that_reads_process_events_gets_them_added_early_or_la
     await worker.remove_observer(late)
     await worker.remove_observer(early)
     assert isinstance(a.observer_seen, ProcessQuietWorkerObserver)
-    assert a.observer_seen._process_listeners == 0
+    assert not a.observer_seen._listening
     await worker.cancel()
     await task
 
